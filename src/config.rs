@@ -1,0 +1,481 @@
+//! The one YAML configuration file: pingora's server keys and the load balancer's own,
+//! parsed strictly (unknown keys are errors) so that a typo never falls back to a default.
+//!
+//! Every check that can be made without touching the network or the file system (apart from
+//! reading a CA file) lives here, so `-t`, start-up, the reload command and the packages'
+//! `ExecStartPre` share one validation path.
+
+mod error;
+mod values;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use error::{ConfigError, EXIT_CONFIG};
+pub use values::{
+    AbsolutePath, CaFile, HashKey, HumanDuration, ListenAddress, LogLevel, NonEmpty,
+    SyslogFacility, UpstreamAddress, Weight,
+};
+
+/// The configuration the binary runs when no `-c` is given: the pingora quickstart's
+/// load balancer (round robin over 1.1.1.1 and 1.0.0.1 over TLS, SNI and Host
+/// `one.one.one.one`, TCP health check every second, listening on 0.0.0.0:6188).
+pub const SEED_CONFIG: &str = include_str!("config/seed.yaml");
+
+/// Name used in error messages for [SEED_CONFIG].
+pub const SEED_CONFIG_NAME: &str = "<embedded default config>";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Configuration format version; only 1 exists.
+    #[serde(default = "defaults::version", deserialize_with = "values::version")]
+    pub version: usize,
+    /// Worker threads of the proxy service.
+    #[serde(default = "defaults::threads", deserialize_with = "values::threads")]
+    pub threads: usize,
+    /// Whether idle worker threads may steal work from busy ones (pingora's `work_stealing`).
+    #[serde(default = "defaults::yes")]
+    pub work_stealing: bool,
+    /// Run in the background, as `-d` does.
+    #[serde(default)]
+    pub daemon: bool,
+    /// Where the process writes its pid; none by default.
+    #[serde(default)]
+    pub pid_file: Option<AbsolutePath>,
+    /// Unix socket over which listening sockets are handed to a new process on upgrade.
+    #[serde(default = "defaults::upgrade_sock")]
+    pub upgrade_sock: AbsolutePath,
+    /// Where error (operational) log lines go.
+    #[serde(default)]
+    pub error_log: ErrorLog,
+    /// How the error log reaches syslog when `error_log: syslog`.
+    #[serde(default)]
+    pub syslog: SyslogConfig,
+    /// Least severe level logged; `RUST_LOG` overrides it.
+    #[serde(default)]
+    pub log_level: LogLevel,
+    /// Unprivileged user to switch to after binding, when started as root.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Group to switch to; defaults to the user's primary group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Longest time in-flight requests get to finish after SIGTERM or a handoff.
+    #[serde(default = "defaults::grace_period_seconds")]
+    pub grace_period_seconds: u64,
+    /// Time given to pingora's runtimes to stop once the grace period is over.
+    #[serde(default = "defaults::graceful_shutdown_timeout_seconds")]
+    pub graceful_shutdown_timeout_seconds: u64,
+    /// Idle upstream connections kept for reuse.
+    #[serde(default = "defaults::upstream_keepalive_pool_size")]
+    pub upstream_keepalive_pool_size: usize,
+    /// CA bundle used to verify TLS upstreams that have no `ca_file` of their own.
+    #[serde(default)]
+    pub ca_file: Option<CaFile>,
+    /// Addresses the load balancer accepts client connections on.
+    pub listeners: NonEmpty<ListenAddress>,
+    /// The backends requests are balanced over.
+    pub upstreams: NonEmpty<Upstream>,
+    /// How a backend is chosen for each request.
+    #[serde(default)]
+    pub selection: Selection,
+    /// Active health checking of the backends.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+    /// Upstream timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// How many other backends a request is tried on when connecting to its backend fails.
+    #[serde(default = "defaults::retries", deserialize_with = "values::retries")]
+    pub retries: usize,
+}
+
+/// One backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `IP:port` or `hostname:port`; a host name is resolved when the process starts.
+    pub address: UpstreamAddress,
+    /// Share of the requests relative to the other backends.
+    #[serde(default)]
+    pub weight: Weight,
+    /// Speak TLS to this backend.
+    #[serde(default)]
+    pub tls: bool,
+    /// TLS server name; defaults to the host name of `address`.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// `Host` header sent to this backend instead of the client's.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Verify the backend's certificate chain and name.
+    #[serde(default = "defaults::yes")]
+    pub verify_cert: bool,
+    /// CA bundle for this backend, instead of the global `ca_file` or the system's.
+    #[serde(default)]
+    pub ca_file: Option<CaFile>,
+}
+
+impl Upstream {
+    /// The server name sent in the TLS handshake: the configured one, else the host name of
+    /// the address (an IP address gives none).
+    pub fn effective_sni(&self) -> String {
+        match &self.sni {
+            Some(sni) => sni.clone(),
+            None if self.address.is_host_name() => self.address.host().to_string(),
+            None => String::new(),
+        }
+    }
+}
+
+/// Backend selection algorithm.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(tag = "algorithm", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Selection {
+    /// Weighted round robin: equal weights give strict alternation.
+    #[default]
+    RoundRobin,
+    /// Weighted random choice.
+    Random,
+    /// Consistent (ketama) hashing of a request key, for stickiness.
+    ConsistentHash {
+        /// What part of the request is hashed.
+        #[serde(default)]
+        key: HashKey,
+    },
+}
+
+/// How backends are probed.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// A TCP connection (and TLS handshake for TLS backends) must succeed.
+    #[default]
+    Tcp,
+    /// An HTTP request must get the expected status.
+    Http,
+    /// No active checks: every backend is always in rotation (failover still applies).
+    None,
+}
+
+/// Active health checking.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Kind of probe.
+    #[serde(default)]
+    pub kind: HealthCheckKind,
+    /// Time between two probes of a backend.
+    #[serde(default = "defaults::health_interval")]
+    pub interval: HumanDuration,
+    /// Longest a probe may take.
+    #[serde(default = "defaults::health_timeout")]
+    pub timeout: HumanDuration,
+    /// Consecutive successes that bring a backend back.
+    #[serde(default = "defaults::threshold", deserialize_with = "values::threshold")]
+    pub rise: usize,
+    /// Consecutive failures that take a backend out.
+    #[serde(default = "defaults::threshold", deserialize_with = "values::threshold")]
+    pub fall: usize,
+    /// Path requested by HTTP checks.
+    #[serde(default = "defaults::health_path", deserialize_with = "values::http_path")]
+    pub path: String,
+    /// Status an HTTP check expects.
+    #[serde(default = "defaults::expected_status", deserialize_with = "values::status")]
+    pub expected_status: u16,
+    /// `Host` header of HTTP checks; defaults to the backend's `host` or address.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            kind: HealthCheckKind::default(),
+            interval: defaults::health_interval(),
+            timeout: defaults::health_timeout(),
+            rise: defaults::threshold(),
+            fall: defaults::threshold(),
+            path: defaults::health_path(),
+            expected_status: defaults::expected_status(),
+            host: None,
+        }
+    }
+}
+
+/// Upstream timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// Connecting (TCP and TLS) to a backend; a timeout fails over to another backend.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect: HumanDuration,
+    /// Waiting for data from a backend.
+    #[serde(default = "defaults::read_timeout")]
+    pub read: HumanDuration,
+    /// How long an idle upstream connection is kept for reuse.
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle: HumanDuration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: defaults::connect_timeout(),
+            read: defaults::read_timeout(),
+            idle: defaults::idle_timeout(),
+        }
+    }
+}
+
+/// Destination of the error log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ErrorLog {
+    /// Standard error (the journal, under systemd).
+    #[default]
+    Stderr,
+    /// The local syslog socket.
+    Syslog,
+    /// A file, appended to and reopened on SIGHUP.
+    File(PathBuf),
+}
+
+/// Syslog settings for the error log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogConfig {
+    /// Program name of each line (`journalctl -t IDENTIFIER`).
+    #[serde(default = "defaults::syslog_identifier")]
+    pub identifier: String,
+    /// Syslog facility.
+    #[serde(default)]
+    pub facility: SyslogFacility,
+    /// Socket to write to; `/dev/log` by default.
+    #[serde(default)]
+    pub socket: Option<AbsolutePath>,
+}
+
+impl Default for SyslogConfig {
+    fn default() -> Self {
+        SyslogConfig {
+            identifier: defaults::syslog_identifier(),
+            facility: SyslogFacility::default(),
+            socket: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(&name, e))?;
+        Config::parse(&name, &text)
+    }
+
+    /// Reads `path`, or the embedded seed configuration when there is none.
+    pub fn load_or_seed(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(path) => Config::load(path),
+            None => Config::parse(SEED_CONFIG_NAME, SEED_CONFIG),
+        }
+    }
+
+    /// Parses and validates configuration text; `name` is used in error messages.
+    pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
+        let deserializer = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(deserializer)
+            .map_err(|e| ConfigError::from_serde(name, text, e))?;
+        config.check_consistency(name, text)?;
+        Ok(config)
+    }
+
+    /// Checks that span several keys, which serde cannot express per field.
+    fn check_consistency(&self, name: &str, text: &str) -> Result<(), ConfigError> {
+        let fail = |key: String, message: String| Err(ConfigError::at_key(name, text, key, message));
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if self.listeners[..i].contains(listener) {
+                return fail(
+                    format!("listeners[{i}]"),
+                    format!("{listener} is listed twice; each listening address may appear once"),
+                );
+            }
+        }
+        for (i, upstream) in self.upstreams.iter().enumerate() {
+            if self.upstreams[..i].iter().any(|u| u.address == upstream.address) {
+                return fail(
+                    format!("upstreams[{i}].address"),
+                    format!(
+                        "{} is listed twice; give it a larger weight instead",
+                        upstream.address
+                    ),
+                );
+            }
+            if upstream.tls && upstream.verify_cert && upstream.effective_sni().is_empty() {
+                return fail(
+                    format!("upstreams[{i}].sni"),
+                    format!(
+                        "{} is an IP address with tls on: set `sni` to the name its certificate \
+                         is issued for (or `verify_cert: false` to skip verification)",
+                        upstream.address
+                    ),
+                );
+            }
+            if !upstream.tls && (upstream.sni.is_some() || upstream.ca_file.is_some()) {
+                return fail(
+                    format!("upstreams[{i}].tls"),
+                    "`sni` and `ca_file` only apply with `tls: true`".to_string(),
+                );
+            }
+        }
+        if self.health_check.kind == HealthCheckKind::Http
+            && self.health_check.timeout.0 > self.health_check.interval.0
+        {
+            return fail(
+                "health_check.timeout".to_string(),
+                "must not be longer than health_check.interval".to_string(),
+            );
+        }
+        if self.user.is_none() && self.group.is_some() {
+            return fail(
+                "group".to_string(),
+                "`group` needs `user` as well".to_string(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Default values, named so the configuration reference can point at them.
+mod defaults {
+    use super::{AbsolutePath, HumanDuration};
+    use std::time::Duration;
+
+    pub fn version() -> usize {
+        1
+    }
+    pub fn threads() -> usize {
+        1
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn upgrade_sock() -> AbsolutePath {
+        AbsolutePath("/run/pingora-lb/upgrade.sock".into())
+    }
+    pub fn grace_period_seconds() -> u64 {
+        30
+    }
+    pub fn graceful_shutdown_timeout_seconds() -> u64 {
+        5
+    }
+    pub fn upstream_keepalive_pool_size() -> usize {
+        128
+    }
+    pub fn retries() -> usize {
+        2
+    }
+    pub fn health_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(1))
+    }
+    pub fn health_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(1))
+    }
+    pub fn threshold() -> usize {
+        1
+    }
+    pub fn health_path() -> String {
+        "/".into()
+    }
+    pub fn expected_status() -> u16 {
+        200
+    }
+    pub fn connect_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(3))
+    }
+    pub fn read_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
+    pub fn idle_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
+    pub fn syslog_identifier() -> String {
+        "pingora-lb".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse("test.yaml", text)
+    }
+
+    #[test]
+    fn seed_config_is_the_quickstart() {
+        let config = Config::parse(SEED_CONFIG_NAME, SEED_CONFIG).unwrap();
+        assert_eq!(config.listeners[0].to_string(), "0.0.0.0:6188");
+        let addresses: Vec<String> = config.upstreams.iter().map(|u| u.address.to_string()).collect();
+        assert_eq!(addresses, ["1.1.1.1:443", "1.0.0.1:443"]);
+        assert!(config.upstreams.iter().all(|u| u.tls
+            && u.effective_sni() == "one.one.one.one"
+            && u.host.as_deref() == Some("one.one.one.one")));
+        assert_eq!(config.selection, Selection::RoundRobin);
+        assert_eq!(config.health_check.kind, HealthCheckKind::Tcp);
+        assert_eq!(config.health_check.interval.0, std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_path() {
+        let err = parse("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n    wieght: 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.yaml:4"), "{err}");
+        assert!(err.contains("upstreams[0]"), "{err}");
+        assert!(err.contains("wieght"), "{err}");
+    }
+
+    #[test]
+    fn zero_weight_is_rejected_with_its_key() {
+        let err = parse("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n    weight: 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.yaml:4"), "{err}");
+        assert!(err.contains("upstreams[0].weight"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_upstream_is_located() {
+        let err = parse(
+            "listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n  - address: 127.0.0.1:2\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("test.yaml:4"), "{err}");
+        assert!(err.contains("upstreams[1].address"), "{err}");
+    }
+
+    #[test]
+    fn consistent_hash_takes_a_header_key() {
+        let config = parse(
+            "listeners: [\"127.0.0.1:1\"]\nupstreams: [{address: \"127.0.0.1:2\"}]\nselection:\n  algorithm: consistent_hash\n  key: header:X-User\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.selection,
+            Selection::ConsistentHash { key: HashKey::Header("X-User".into()) }
+        );
+    }
+
+    #[test]
+    fn tls_to_an_ip_needs_a_server_name() {
+        let err = parse("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 10.0.0.1:443\n    tls: true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstreams[0].sni"), "{err}");
+    }
+}

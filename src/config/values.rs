@@ -1,0 +1,488 @@
+//! Value types that check themselves while being parsed, so that a bad value is reported
+//! with the line and key it came from.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::tls::x509::X509;
+use serde::de::{Deserializer, Error};
+use serde::Deserialize;
+
+use super::ErrorLog;
+
+/// Parses a value through its `FromStr`, so the error names what is accepted.
+fn from_string<'de, D: Deserializer<'de>, T: FromStr<Err = String>>(d: D) -> Result<T, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(D::Error::custom)
+}
+
+fn in_range<'de, D: Deserializer<'de>>(
+    d: D,
+    range: std::ops::RangeInclusive<u64>,
+    what: &str,
+) -> Result<u64, D::Error> {
+    let value = u64::deserialize(d)?;
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(D::Error::custom(format!(
+            "{value} is out of range: {what} must be between {} and {}",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
+pub(super) fn version<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    in_range(d, 1..=1, "the configuration version").map(|v| v as usize)
+}
+
+pub(super) fn threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    in_range(d, 1..=1024, "the number of threads").map(|v| v as usize)
+}
+
+pub(super) fn retries<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    in_range(d, 0..=16, "the number of retries").map(|v| v as usize)
+}
+
+pub(super) fn threshold<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    in_range(d, 1..=100, "a rise/fall threshold").map(|v| v as usize)
+}
+
+pub(super) fn status<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    in_range(d, 100..=599, "an HTTP status").map(|v| v as u16)
+}
+
+pub(super) fn http_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let path = String::deserialize(d)?;
+    if path.starts_with('/') && !path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        Ok(path)
+    } else {
+        Err(D::Error::custom(format!(
+            "{path:?} is not a request path: it must start with '/' and contain no spaces"
+        )))
+    }
+}
+
+/// A list that must hold at least one entry.
+#[derive(Debug, Clone)]
+pub struct NonEmpty<T>(Vec<T>);
+
+impl<T> Deref for NonEmpty<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmpty<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let items = Vec::<T>::deserialize(d)?;
+        if items.is_empty() {
+            return Err(D::Error::custom("the list is empty: give at least one entry"));
+        }
+        Ok(NonEmpty(items))
+    }
+}
+
+/// An absolute file system path (a relative one would depend on the working directory,
+/// which differs between a shell, `-d` and systemd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbsolutePath(pub PathBuf);
+
+impl FromStr for AbsolutePath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with('/') && !s.ends_with('/') {
+            Ok(AbsolutePath(s.into()))
+        } else {
+            Err(format!(
+                "{s:?} is not an absolute file path: write the full path, e.g. /run/pingora-lb/{}",
+                s.trim_start_matches("./").trim_end_matches('/')
+            ))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AbsolutePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_string(d)
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorLog {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "stderr" => Ok(ErrorLog::Stderr),
+            "syslog" => Ok(ErrorLog::Syslog),
+            path => match path.parse::<AbsolutePath>() {
+                Ok(path) => Ok(ErrorLog::File(path.0)),
+                Err(_) => Err(D::Error::custom(format!(
+                    "{path:?} is neither `stderr`, `syslog` nor an absolute file path"
+                ))),
+            },
+        }
+    }
+}
+
+/// A readable PEM bundle holding at least one certificate, loaded once while parsing.
+#[derive(Clone)]
+pub struct CaFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The certificates it holds.
+    pub certificates: Arc<Box<[X509]>>,
+}
+
+impl fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaFile({})", self.path.display())
+    }
+}
+
+impl FromStr for CaFile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let AbsolutePath(path) = s.parse()?;
+        let pem = std::fs::read(&path)
+            .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+        let certificates = X509::stack_from_pem(&pem)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| format!("{} holds no PEM certificate", path.display()))?;
+        Ok(CaFile {
+            path,
+            certificates: Arc::new(certificates.into_boxed_slice()),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for CaFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_string(d)
+    }
+}
+
+/// A duration written as `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let unit_ms = match unit.trim() {
+            "ms" => Some(1),
+            "" | "s" => Some(1_000),
+            "m" => Some(60_000),
+            "h" => Some(3_600_000),
+            _ => None,
+        };
+        match (number.parse::<u64>(), unit_ms) {
+            (Ok(n), Some(ms)) if n > 0 => Ok(HumanDuration(Duration::from_millis(n * ms))),
+            _ => Err(format!(
+                "{s:?} is not a positive duration: write e.g. 500ms, 2s, 1m or 1h"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Seconds(n) => n.to_string(),
+            Raw::Text(t) => t,
+        };
+        text.parse().map_err(D::Error::custom)
+    }
+}
+
+/// The request key hashed by consistent hashing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address.
+    #[default]
+    ClientIp,
+    /// The request path (without the query).
+    Path,
+    /// The value of a request header.
+    Header(String),
+}
+
+impl FromStr for HashKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "client_ip" => Ok(HashKey::ClientIp),
+            "path" => Ok(HashKey::Path),
+            _ => match s.strip_prefix("header:") {
+                Some(name) if http::HeaderName::from_str(name).is_ok() => {
+                    Ok(HashKey::Header(name.to_string()))
+                }
+                _ => Err(format!(
+                    "{s:?} is not a hash key: use client_ip, path, or header:NAME"
+                )),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_string(d)
+    }
+}
+
+/// A listening address: an IP literal (v4, or v6 in brackets) with a non-zero port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenAddress(pub SocketAddr);
+
+impl FromStr for ListenAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.parse::<SocketAddr>() {
+            Ok(addr) if addr.port() != 0 => Ok(ListenAddress(addr)),
+            Ok(_) => Err(format!("{s:?} has port 0: give the port to listen on")),
+            Err(_) => Err(format!(
+                "{s:?} is not a listening address: write IP:PORT, e.g. 0.0.0.0:80 or [::]:80"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_string(d)
+    }
+}
+
+/// A backend address: `IP:port`, `[IPv6]:port` or `hostname:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAddress {
+    host: String,
+    port: u16,
+    ip: Option<IpAddr>,
+}
+
+impl UpstreamAddress {
+    /// The host part, without brackets.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether the host is a name to resolve rather than an IP literal.
+    pub fn is_host_name(&self) -> bool {
+        self.ip.is_none()
+    }
+
+    /// Resolves the address; names through the system resolver.
+    pub fn resolve(&self) -> std::io::Result<SocketAddr> {
+        if let Some(ip) = self.ip {
+            return Ok(SocketAddr::new(ip, self.port));
+        }
+        use std::net::ToSocketAddrs;
+        (self.host.as_str(), self.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{self} resolves to no address")))
+    }
+}
+
+impl FromStr for UpstreamAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let invalid = || {
+            format!(
+                "{s:?} is not a backend address: write IP:PORT, [IPv6]:PORT or HOSTNAME:PORT"
+            )
+        };
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            if addr.port() == 0 {
+                return Err(format!("{s:?} has port 0: give the backend's port"));
+            }
+            return Ok(UpstreamAddress {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+                ip: Some(addr.ip()),
+            });
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(invalid)?;
+        let port: u16 = port.parse().ok().filter(|&p| p != 0).ok_or_else(invalid)?;
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        let is_name = host.len() <= 253
+            && host.split('.').all(label_ok)
+            && host.parse::<IpAddr>().is_err()
+            && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+        if !is_name {
+            return Err(invalid());
+        }
+        Ok(UpstreamAddress {
+            host: host.to_string(),
+            port,
+            ip: None,
+        })
+    }
+}
+
+impl fmt::Display for UpstreamAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            Some(ip) => SocketAddr::new(ip, self.port).fmt(f),
+            None => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_string(d)
+    }
+}
+
+/// A backend's weight, 1 to 1000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Weight(pub usize);
+
+impl Default for Weight {
+    fn default() -> Self {
+        Weight(1)
+    }
+}
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        in_range(d, 1..=1000, "a weight").map(|w| Weight(w as usize))
+    }
+}
+
+/// Least severe level of the error log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLevel(pub log::LevelFilter);
+
+impl Default for LogLevel {
+    fn default() -> Self {
+        LogLevel(log::LevelFilter::Info)
+    }
+}
+
+impl FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse().map(LogLevel).map_err(|_| {
+            format!("{s:?} is not a log level: use off, error, warn, info, debug or trace")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_string(d)
+    }
+}
+
+/// A syslog facility by its usual name.
+#[derive(Debug, Clone, Copy)]
+pub struct SyslogFacility(pub syslog::Facility);
+
+impl Default for SyslogFacility {
+    fn default() -> Self {
+        SyslogFacility(syslog::Facility::LOG_DAEMON)
+    }
+}
+
+impl FromStr for SyslogFacility {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        use syslog::Facility::*;
+        let facility = match s {
+            "daemon" => LOG_DAEMON,
+            "user" => LOG_USER,
+            "local0" => LOG_LOCAL0,
+            "local1" => LOG_LOCAL1,
+            "local2" => LOG_LOCAL2,
+            "local3" => LOG_LOCAL3,
+            "local4" => LOG_LOCAL4,
+            "local5" => LOG_LOCAL5,
+            "local6" => LOG_LOCAL6,
+            "local7" => LOG_LOCAL7,
+            _ => {
+                return Err(format!(
+                    "{s:?} is not a syslog facility: use daemon, user or local0 to local7"
+                ))
+            }
+        };
+        Ok(SyslogFacility(facility))
+    }
+}
+
+impl<'de> Deserialize<'de> for SyslogFacility {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_string(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!("500ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(500));
+        assert_eq!("2s".parse::<HumanDuration>().unwrap().0, Duration::from_secs(2));
+        assert_eq!("1m".parse::<HumanDuration>().unwrap().0, Duration::from_secs(60));
+        assert!("0s".parse::<HumanDuration>().is_err());
+        assert!("2 weeks".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn upstream_addresses() {
+        let named: UpstreamAddress = "backend-1.example.com:8443".parse().unwrap();
+        assert!(named.is_host_name());
+        assert_eq!(named.host(), "backend-1.example.com");
+        let v6: UpstreamAddress = "[::1]:80".parse().unwrap();
+        assert_eq!(v6.to_string(), "[::1]:80");
+        for bad in ["1.2.3.4", "1.2.3.4:0", "1.2.3.999:80", "host_name:80", ":80", "a:b:c"] {
+            assert!(bad.parse::<UpstreamAddress>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert!("[::]:80".parse::<ListenAddress>().is_ok());
+        assert!("localhost:80".parse::<ListenAddress>().is_err());
+        assert!("0.0.0.0:0".parse::<ListenAddress>().is_err());
+    }
+
+    #[test]
+    fn hash_keys() {
+        assert_eq!("header:X-User".parse::<HashKey>().unwrap(), HashKey::Header("X-User".into()));
+        assert!("header:bad header".parse::<HashKey>().is_err());
+        assert!("cookie".parse::<HashKey>().is_err());
+    }
+}

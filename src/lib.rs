@@ -1,0 +1,33 @@
+//! pingora-lb: a hardened HTTP load balancer on pingora, built to run under systemd and to
+//! be replaced without dropping a request.
+//!
+//! The binary (`main.rs`) only dispatches the command line to these modules.
+
+/// The command line.
+pub mod cli;
+/// The YAML configuration and its validation.
+pub mod config;
+/// The process's life after start-up: readiness, signals, handoff, draining.
+pub mod lifecycle;
+/// Binding the listening sockets and handing them to pingora.
+pub mod listeners;
+/// The error log: stderr, syslog or a file.
+pub mod logging;
+/// sd_notify messages to systemd.
+pub mod notify;
+/// Giving up root and capabilities after binding.
+pub mod privileges;
+/// The HTTP proxy: selection, failover, headers.
+pub mod proxy;
+/// Start-up reports to a reload command or a `-d` parent.
+pub mod readiness;
+/// The `reload` command.
+pub mod reload;
+/// The pid file and the runtime directory.
+pub mod runtime_files;
+/// The start-up sequence of a serving process.
+pub mod startup;
+/// The socket handoff between an old process and its successor.
+pub mod upgrade;
+/// The backends, their selection and health checks.
+pub mod upstreams;

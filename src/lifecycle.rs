@@ -1,0 +1,238 @@
+//! The running process's life after start-up: announcing readiness, signals, the handoff
+//! to a successor, and draining. See LIFECYCLE.md for the sequence and its failure cases.
+//!
+//! pingora's own signal handling is replaced ([RunArgs::shutdown_signal]) because on
+//! SIGQUIT it shuts down even when the handoff failed, and on SIGTERM it always waits the
+//! whole grace period. Here a failed handoff changes nothing, and draining ends as soon as
+//! the last request has finished.
+//!
+//! [RunArgs::shutdown_signal]: pingora::server::RunArgs
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use log::{error, info, warn};
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::BackgroundService;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::notify;
+use crate::proxy::Traffic;
+use crate::readiness::Readiness;
+use crate::runtime_files::PidFile;
+use crate::upgrade::{self, Predecessor};
+use crate::upstreams::Upstreams;
+
+/// How long responses carry `Connection: close` before accepting stops, so that busy
+/// keep-alive clients move to the new process instead of finding their connection closed.
+const DRAIN_WINDOW: Duration = Duration::from_millis(1000);
+
+/// Makes SIGQUIT and SIGHUP harmless until [Signals] handles them: their default action
+/// would kill a process that is still starting (a reload racing a start, a logrotate).
+/// Call first thing in `main`.
+pub fn ignore_signals_until_ready() {
+    use nix::sys::signal::{signal as set_disposition, SigHandler, Signal};
+    for sig in [Signal::SIGQUIT, Signal::SIGHUP] {
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe { set_disposition(sig, SigHandler::SigIgn) };
+    }
+}
+
+/// State shared by the start-up announcement, the signal handling and the exit.
+pub struct Lifecycle {
+    traffic: Arc<Traffic>,
+    upstreams: Arc<Upstreams>,
+    /// Listening sockets by address, to hand to a successor.
+    sockets: Vec<(String, RawFd)>,
+    upgrade_sock: PathBuf,
+    grace_period: Duration,
+    pid_file: Option<PidFile>,
+    /// The process that handed its sockets to this one, until told we serve.
+    predecessor: Mutex<Option<Predecessor>>,
+    readiness: Mutex<Readiness>,
+}
+
+impl Lifecycle {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        traffic: Arc<Traffic>,
+        upstreams: Arc<Upstreams>,
+        sockets: Vec<(String, RawFd)>,
+        upgrade_sock: PathBuf,
+        grace_period: Duration,
+        pid_file: Option<PidFile>,
+        predecessor: Option<Predecessor>,
+        readiness: Readiness,
+    ) -> Arc<Lifecycle> {
+        Arc::new(Lifecycle {
+            traffic,
+            upstreams,
+            sockets,
+            upgrade_sock,
+            grace_period,
+            pid_file,
+            predecessor: Mutex::new(predecessor),
+            readiness: Mutex::new(readiness),
+        })
+    }
+
+    fn status_line(&self) -> String {
+        let listening: Vec<&str> = self.sockets.iter().map(|(a, _)| a.as_str()).collect();
+        format!(
+            "serving on {}; {}/{} backends healthy",
+            listening.join(", "),
+            self.upstreams.status.healthy(),
+            self.upstreams.status.total()
+        )
+    }
+
+    /// Removes what this process leaves behind; called on every exit path.
+    pub fn clean_up(&self) {
+        if let Some(pid_file) = &self.pid_file {
+            pid_file.remove_if_ours();
+        }
+    }
+
+    /// Stops accepting is pingora's part (after [Signals::recv] returns); this waits for the
+    /// requests in flight and exits as soon as there are none, or when the grace period ends.
+    fn exit_when_idle(self: Arc<Self>) {
+        // Lets pingora's accept loops see the shutdown before counting requests.
+        std::thread::sleep(Duration::from_millis(100));
+        let deadline = Instant::now() + self.grace_period;
+        while self.traffic.in_flight() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let left = self.traffic.in_flight();
+        if left > 0 {
+            warn!("grace period over with {left} requests in flight; exiting");
+        }
+        self.clean_up();
+        info!("exiting");
+        std::process::exit(0);
+    }
+
+    async fn drain(self: &Arc<Self>, handed_over: bool) -> ShutdownSignal {
+        if !handed_over {
+            notify::stopping();
+        }
+        self.traffic.start_draining();
+        tokio::time::sleep(DRAIN_WINDOW.min(self.grace_period)).await;
+        let lifecycle = self.clone();
+        std::thread::spawn(move || lifecycle.exit_when_idle());
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Announces readiness once the process serves, then keeps systemd's status and watchdog
+/// current. Runs after the proxy service has started.
+pub struct Announcer(pub Arc<Lifecycle>);
+
+#[async_trait]
+impl BackgroundService for Announcer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let lifecycle = &self.0;
+        // Readiness means the first health-check round is done: no request is sent to a
+        // backend already known to be down.
+        lifecycle.upstreams.check_health_once().await;
+        let predecessor = lifecycle.predecessor.lock().expect("not poisoned").take();
+        let took_over = predecessor.is_some();
+        if let Some(predecessor) = predecessor {
+            let old = predecessor.pid;
+            if let Err(e) = predecessor.confirm_serving() {
+                error!(
+                    "process {old} gave up the handoff ({e}); it keeps serving, so this process exits"
+                );
+                std::process::exit(1);
+            }
+            info!("took over from process {old}, which now drains");
+        }
+        if let Some(pid_file) = &lifecycle.pid_file {
+            if let Err(e) = pid_file.publish() {
+                warn!("cannot write the pid file: {e}");
+            }
+        }
+        let status = lifecycle.status_line();
+        notify::ready(took_over, &status);
+        lifecycle.readiness.lock().expect("not poisoned").ready();
+        info!("{status}");
+
+        let watchdog = notify::watchdog_interval();
+        let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = lifecycle.upstreams.status.changed.notified() => {
+                    notify::status(&lifecycle.status_line());
+                }
+                _ = tick.tick(), if watchdog.is_some() => notify::watchdog(),
+            }
+        }
+    }
+}
+
+/// Signal handling while serving:
+/// - SIGTERM: drain and exit once idle (at most the grace period);
+/// - SIGINT: exit at once;
+/// - SIGQUIT: hand the sockets to a successor (`-u`); drain once it serves, keep serving if not;
+/// - SIGHUP: reopen the error log file (configuration changes need `pingora-lb reload`).
+pub struct Signals(pub Arc<Lifecycle>);
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let lifecycle = &self.0;
+        let listen = |kind: SignalKind| signal(kind).expect("tokio can install signal handlers");
+        let (mut term, mut int, mut quit, mut hup) = (
+            listen(SignalKind::terminate()),
+            listen(SignalKind::interrupt()),
+            listen(SignalKind::quit()),
+            listen(SignalKind::hangup()),
+        );
+        let mut handoff: Option<tokio::sync::oneshot::Receiver<Result<(), upgrade::HandoffError>>> =
+            None;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    info!("SIGTERM: draining");
+                    return lifecycle.drain(false).await;
+                }
+                _ = int.recv() => {
+                    info!("SIGINT: exiting now");
+                    return ShutdownSignal::FastShutdown;
+                }
+                _ = hup.recv() => {
+                    crate::logging::reopen();
+                    info!("SIGHUP: error log reopened; apply a new configuration with `pingora-lb reload`");
+                }
+                _ = quit.recv() => {
+                    if handoff.is_some() {
+                        info!("SIGQUIT: a handoff is already under way");
+                        continue;
+                    }
+                    info!("SIGQUIT: handing the listening sockets over through {}", lifecycle.upgrade_sock.display());
+                    let (done, result) = tokio::sync::oneshot::channel();
+                    let (path, sockets) = (lifecycle.upgrade_sock.clone(), lifecycle.sockets.clone());
+                    // Blocking code on a plain thread, so that it never holds up the runtime.
+                    std::thread::spawn(move || {
+                        let _ = done.send(upgrade::hand_over(&path, &sockets));
+                    });
+                    handoff = Some(result);
+                }
+                result = async { handoff.as_mut().expect("guarded").await }, if handoff.is_some() => {
+                    handoff = None;
+                    match result {
+                        Ok(Ok(())) => {
+                            info!("the new process serves; this one drains");
+                            return lifecycle.drain(true).await;
+                        }
+                        Ok(Err(e)) => error!("upgrade failed: {e}; this process keeps serving"),
+                        Err(_) => error!("upgrade failed: the handoff thread died; this process keeps serving"),
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Listening sockets are bound here, in `main`, before anything else runs: a busy port is a
+//! clear error at start (not a panic in a pingora service thread), binding happens while
+//! the process may still hold the privilege to do so, and pingora is then handed the
+//! ready sockets through its table of inherited file descriptors.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+
+use async_trait::async_trait;
+use pingora::server::{ListenFds, ShutdownWatch};
+use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
+
+use crate::config::ListenAddress;
+
+/// A listening address that cannot be bound.
+#[derive(Debug)]
+pub struct BindError {
+    pub index: usize,
+    pub address: ListenAddress,
+    pub error: std::io::Error,
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot listen on {} (key `listeners[{}]`): {}",
+            self.address, self.index, self.error
+        )?;
+        match self.error.kind() {
+            std::io::ErrorKind::AddrInUse => write!(f, "; another process holds this port"),
+            std::io::ErrorKind::PermissionDenied => write!(
+                f,
+                "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+            ),
+            std::io::ErrorKind::AddrNotAvailable => {
+                write!(f, "; no interface of this machine has that address")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for BindError {}
+
+/// The process's listening sockets, keyed by the address string pingora is given.
+pub struct ListeningSockets {
+    sockets: Vec<(String, OwnedFd)>,
+}
+
+impl ListeningSockets {
+    /// Takes the sockets a previous process handed over where their address is still
+    /// configured, and binds the rest. Handed-over sockets no longer configured are closed.
+    pub fn open(
+        addresses: &[ListenAddress],
+        mut inherited: HashMap<String, OwnedFd>,
+    ) -> Result<ListeningSockets, BindError> {
+        let mut sockets = Vec::with_capacity(addresses.len());
+        for (index, address) in addresses.iter().enumerate() {
+            let key = address.to_string();
+            let fd = match inherited.remove(&key) {
+                Some(fd) => fd,
+                None => bind(address).map_err(|error| BindError {
+                    index,
+                    address: *address,
+                    error,
+                })?,
+            };
+            sockets.push((key, fd));
+        }
+        for key in inherited.keys() {
+            log::info!("no longer listening on {key}: it left the configuration");
+        }
+        Ok(ListeningSockets { sockets })
+    }
+
+    /// The address strings, in configuration order.
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        self.sockets.iter().map(|(key, _)| key.as_str())
+    }
+
+    /// Keys and raw descriptors, for handing the sockets to a new process.
+    pub fn raw(&self) -> Vec<(String, RawFd)> {
+        self.sockets
+            .iter()
+            .map(|(key, fd)| (key.clone(), fd.as_raw_fd()))
+            .collect()
+    }
+
+    /// Wraps `service` so that, when pingora starts it, these sockets are in pingora's fd
+    /// table under the exact keys the service listens on. pingora then only calls
+    /// `listen()` on them and never binds by itself.
+    pub fn attach(
+        self,
+        service: Box<dyn ServiceWithDependents>,
+    ) -> Box<dyn ServiceWithDependents> {
+        let sockets = self
+            .sockets
+            .into_iter()
+            .map(|(key, fd)| (key, fd.into_raw_fd()))
+            .collect();
+        Box::new(WithListeningSockets { service, sockets })
+    }
+}
+
+fn bind(address: &ListenAddress) -> std::io::Result<OwnedFd> {
+    // std sets SO_REUSEADDR and CLOEXEC and listens at once, so connections queue in the
+    // kernel from here on, before pingora's accept loops run.
+    let listener = TcpListener::bind(address.0)?;
+    // tokio does not make adopted sockets non-blocking.
+    listener.set_nonblocking(true)?;
+    Ok(listener.into())
+}
+
+struct WithListeningSockets {
+    service: Box<dyn ServiceWithDependents>,
+    /// Owned by pingora once inserted into its table.
+    sockets: Vec<(String, RawFd)>,
+}
+
+#[async_trait]
+impl ServiceWithDependents for WithListeningSockets {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+        ready_notifier: ServiceReadyNotifier,
+    ) {
+        let fds = fds.expect("pingora passes its fd table on unix");
+        {
+            let mut table = fds.lock();
+            for (key, fd) in self.sockets.drain(..) {
+                table.add(key, fd);
+            }
+        }
+        self.service
+            .start_service(Some(fds), shutdown, listeners_per_fd, ready_notifier)
+            .await
+    }
+
+    fn name(&self) -> &str {
+        self.service.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.service.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.service.listen_addresses()
+    }
+}

@@ -1,0 +1,39 @@
+//! The `pingora-lb` binary: dispatches the command line.
+
+use clap::Parser;
+
+use pingora_lb::cli::{Cli, Command};
+use pingora_lb::config::{Config, ConfigError, EXIT_CONFIG};
+use pingora_lb::{lifecycle, reload, startup};
+
+fn main() {
+    lifecycle::ignore_signals_until_ready();
+    let cli = Cli::parse();
+    if let Some(Command::Reload { conf, pid, timeout }) = &cli.command {
+        let timeout = std::time::Duration::from_secs(*timeout);
+        match reload::reload(conf.as_deref(), *pid, timeout) {
+            Ok(pid) => println!("pingora-lb: reloaded; process {pid} serves"),
+            Err(e @ reload::ReloadError::Config(_)) => fail(EXIT_CONFIG, &e),
+            Err(e) => fail(1, &format!("reload failed: {e}")),
+        }
+        return;
+    }
+    let config = Config::load_or_seed(cli.conf.as_deref())
+        .unwrap_or_else(|e: ConfigError| fail(EXIT_CONFIG, &format!("configuration error: {e}")));
+    if cli.test {
+        let name = cli.conf.as_ref().map_or(pingora_lb::config::SEED_CONFIG_NAME.into(), |c| {
+            c.display().to_string()
+        });
+        println!("pingora-lb: configuration {name} is valid");
+        return;
+    }
+    if let Err(e) = startup::serve(&cli, config) {
+        log::error!("{e}");
+        fail(1, &e);
+    }
+}
+
+fn fail(code: i32, message: &dyn std::fmt::Display) -> ! {
+    eprintln!("pingora-lb: {message}");
+    std::process::exit(code)
+}

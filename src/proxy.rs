@@ -1,0 +1,188 @@
+//! The HTTP proxy: picks a backend per request, fails over on connect errors, rewrites the
+//! Host header, and closes client connections cleanly while the process drains.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use log::warn;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::{Error, ErrorType, Result};
+
+use crate::config::HashKey;
+use crate::upstreams::Upstreams;
+
+/// Requests in flight and whether the process is draining; shared with the shutdown path.
+#[derive(Default)]
+pub struct Traffic {
+    in_flight: AtomicUsize,
+    draining: AtomicBool,
+}
+
+impl Traffic {
+    /// Requests that have started and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// From now on every response closes its connection, so clients reconnect (to the
+    /// new process, after a handoff) instead of finding their idle connection closed.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request as in flight for as long as its context lives.
+pub struct InFlight(Arc<Traffic>);
+
+impl InFlight {
+    fn new(traffic: &Arc<Traffic>) -> Self {
+        traffic.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(traffic.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Per-request state.
+pub struct RequestContext {
+    /// Backends tried so far, the current one last.
+    tried: Vec<SocketAddr>,
+    _in_flight: InFlight,
+}
+
+/// The load balancer's [ProxyHttp] implementation.
+pub struct LoadBalancer {
+    upstreams: Arc<Upstreams>,
+    retries: usize,
+    traffic: Arc<Traffic>,
+}
+
+impl LoadBalancer {
+    pub fn new(upstreams: Arc<Upstreams>, retries: usize, traffic: Arc<Traffic>) -> Self {
+        LoadBalancer {
+            upstreams,
+            retries,
+            traffic,
+        }
+    }
+}
+
+/// The bytes consistent hashing hashes for this request.
+fn hash_input<'a>(key: &HashKey, session: &'a Session, client_ip: &'a mut [u8; 16]) -> &'a [u8] {
+    match key {
+        HashKey::ClientIp => match session.client_addr().and_then(PingoraAddr::as_inet) {
+            Some(SocketAddr::V4(v4)) => {
+                client_ip[..4].copy_from_slice(&v4.ip().octets());
+                &client_ip[..4]
+            }
+            Some(SocketAddr::V6(v6)) => {
+                client_ip.copy_from_slice(&v6.ip().octets());
+                &client_ip[..]
+            }
+            None => &[],
+        },
+        HashKey::Path => session.req_header().uri.path().as_bytes(),
+        HashKey::Header(name) => session
+            .req_header()
+            .headers
+            .get(name.as_str())
+            .map_or(&[][..], |v| v.as_bytes()),
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for LoadBalancer {
+    type CTX = RequestContext;
+
+    fn new_ctx(&self) -> RequestContext {
+        RequestContext {
+            tried: Vec::new(),
+            _in_flight: InFlight::new(&self.traffic),
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+    ) -> Result<Box<HttpPeer>> {
+        let mut client_ip = [0u8; 16];
+        let key = match self.upstreams.hash_key() {
+            Some(key) => hash_input(key, session, &mut client_ip),
+            None => &[],
+        };
+        let Some(addr) = self.upstreams.select(key, &ctx.tried) else {
+            let reason = if ctx.tried.is_empty() {
+                "no healthy backend"
+            } else {
+                "no other healthy backend to fail over to"
+            };
+            return Error::e_explain(ErrorType::HTTPStatus(503), reason);
+        };
+        ctx.tried.push(addr);
+        let route = self
+            .upstreams
+            .route(&addr)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "selected an unknown backend"))?;
+        Ok(Box::new(route.peer.clone()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestContext,
+    ) -> Result<()> {
+        let host = ctx
+            .tried
+            .last()
+            .and_then(|addr| self.upstreams.route(addr))
+            .and_then(|route| route.host.clone());
+        if let Some(host) = host {
+            upstream_request.insert_header(http::header::HOST, host)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestContext,
+    ) -> Result<()> {
+        if self.traffic.draining() {
+            session.set_keepalive(None);
+            upstream_response.insert_header(http::header::CONNECTION, "close")?;
+        }
+        Ok(())
+    }
+
+    /// Nothing has been sent to a backend that refused or timed out on connect, so any
+    /// request, idempotent or not, can go to another one (bounded by `retries`).
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestContext,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if ctx.tried.len() <= self.retries {
+            warn!("cannot connect to backend {}: {e}; trying another backend", peer.address());
+            e.set_retry(true);
+        }
+        e
+    }
+}

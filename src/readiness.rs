@@ -1,0 +1,156 @@
+//! Telling whoever started this process how far start-up got, through a pipe: the `reload`
+//! command (which passes the pipe's descriptor in [READY_FD_ENV]) and, with `-d`, the
+//! foreground parent that returns the shell prompt only once the daemon serves.
+//!
+//! Each report is one line: `listening PID` once a `-u` process waits on `upgrade_sock`,
+//! `ready` once it serves. A pipe closed without `ready` means start-up failed.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::time::Instant;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+/// Environment variable naming the inherited pipe descriptor to report on.
+pub const READY_FD_ENV: &str = "PINGORA_LB_READY_FD";
+
+/// What a starting process reported.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Report {
+    /// Waiting on `upgrade_sock` for the old process's sockets.
+    Listening(i32),
+    /// Serving.
+    Ready,
+    /// The pipe closed first: start-up failed.
+    Failed,
+    /// Nothing came before the deadline.
+    TimedOut,
+}
+
+/// The pipes this process reports on.
+#[derive(Default)]
+pub struct Readiness {
+    pipes: Vec<File>,
+    daemonized: bool,
+}
+
+impl Readiness {
+    /// Picks up the pipe of a `reload` command, if this process was started by one.
+    pub fn from_env() -> Readiness {
+        let mut readiness = Readiness::default();
+        if let Some(fd) = std::env::var(READY_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+        {
+            // Children of this process must not inherit the variable.
+            std::env::remove_var(READY_FD_ENV);
+            // SAFETY: the reload command made this descriptor for us and nothing else owns it.
+            let pipe = unsafe { File::from_raw_fd(fd) };
+            let _ = nix::fcntl::fcntl(
+                &pipe,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
+            readiness.pipes.push(pipe);
+        }
+        readiness
+    }
+
+    /// Forks into the background. The parent waits for the child's `ready` and exits 0, or
+    /// exits 1 if the child fails first (its error is already on the shared stderr).
+    /// Must run before any thread is started.
+    pub fn daemonize(&mut self) -> std::io::Result<()> {
+        let (reader, writer) = nix::unistd::pipe()?;
+        // SAFETY: no other thread exists yet (see above), so the child is a complete copy.
+        match unsafe { nix::unistd::fork() }? {
+            nix::unistd::ForkResult::Parent { .. } => {
+                drop(writer);
+                let mut reader = File::from(reader);
+                let code = loop {
+                    match read_report(&mut reader, None) {
+                        Report::Ready => break 0,
+                        Report::Listening(_) => continue,
+                        Report::Failed | Report::TimedOut => break 1,
+                    }
+                };
+                std::process::exit(code);
+            }
+            nix::unistd::ForkResult::Child => {
+                drop(reader);
+                nix::unistd::setsid()?;
+                std::env::set_current_dir("/")?;
+                self.pipes.push(File::from(writer));
+                self.daemonized = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// `-u`: waiting for the old process on `upgrade_sock`.
+    pub fn listening(&mut self) {
+        let line = format!("listening {}\n", std::process::id());
+        self.report(&line);
+    }
+
+    /// Serving: the last report; the pipes are closed and a daemon lets go of the terminal.
+    pub fn ready(&mut self) {
+        self.report("ready\n");
+        self.pipes.clear();
+        if self.daemonized {
+            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                for target in 0..=2 {
+                    // SAFETY: 0-2 are the standard descriptors, which stay open.
+                    let mut target = unsafe { OwnedFd::from_raw_fd(target) };
+                    let _ = nix::unistd::dup2(null.as_fd(), &mut target);
+                    std::mem::forget(target);
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, line: &str) {
+        // A reader that went away (a reload command that gave up) is not our problem.
+        for pipe in &mut self.pipes {
+            let _ = pipe.write_all(line.as_bytes());
+        }
+    }
+}
+
+/// Reads the next report, waiting until `deadline` (forever with `None`).
+pub fn read_report(pipe: &mut File, deadline: Option<Instant>) -> Report {
+    let mut line = Vec::new();
+    loop {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Report::TimedOut;
+                }
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return Report::Failed,
+        }
+        let mut byte = [0u8; 1];
+        match pipe.read(&mut byte) {
+            Ok(0) | Err(_) => return Report::Failed,
+            Ok(_) if byte[0] == b'\n' => {
+                let text = String::from_utf8_lossy(&line);
+                if text == "ready" {
+                    return Report::Ready;
+                }
+                if let Some(pid) = text.strip_prefix("listening ").and_then(|p| p.parse().ok()) {
+                    return Report::Listening(pid);
+                }
+                line.clear();
+            }
+            Ok(_) => line.push(byte[0]),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! `pingora-lb reload`: the zero-downtime reload behind `ExecReload` and for people without
+//! systemd. It checks the configuration, starts a new process detached from itself, asks
+//! the running one to hand its sockets over, and returns 0 only once the new process serves.
+//! On any failure the new process is stopped and the running one is left as it was.
+//! See LIFECYCLE.md for the sequence.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::config::Config;
+use crate::readiness::{read_report, Report, READY_FD_ENV};
+use crate::runtime_files::read_pid;
+
+/// Why a reload did not happen. The running process keeps serving in every case.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The new configuration is invalid (exit status 78).
+    Config(crate::config::ConfigError),
+    /// Anything else (exit status 1).
+    Failed(String),
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Config(e) => write!(f, "configuration error: {e}"),
+            ReloadError::Failed(reason) => f.write_str(reason),
+        }
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
+/// Runs the reload; returns the pid of the process now serving.
+pub fn reload(conf: Option<&Path>, pid: Option<i32>, timeout: Duration) -> Result<i32, ReloadError> {
+    let config = Config::load_or_seed(conf).map_err(ReloadError::Config)?;
+    let old = match (pid, &config.pid_file) {
+        (Some(pid), _) => pid,
+        (None, Some(pid_file)) => read_pid(&pid_file.0).map_err(|e| {
+            ReloadError::Failed(format!("cannot tell which process runs: {e}; give --pid"))
+        })?,
+        (None, None) => {
+            return Err(ReloadError::Failed(
+                "cannot tell which process runs: give --pid, or set pid_file".into(),
+            ))
+        }
+    };
+    let old = Pid::from_raw(old);
+    kill(old, None).map_err(|e| {
+        ReloadError::Failed(format!("process {old} is not running ({e}); nothing to reload"))
+    })?;
+
+    let deadline = Instant::now() + timeout;
+    let mut reports = spawn_detached(conf)?;
+    let mut new = None;
+    let outcome = hand_over(&mut reports, old, &mut new, deadline, timeout);
+    match outcome {
+        Ok(new) => Ok(new.as_raw()),
+        Err(reason) => {
+            if let Some(pid) = new {
+                stop(pid);
+            }
+            Err(ReloadError::Failed(reason))
+        }
+    }
+}
+
+/// Follows the new process's reports, signalling the old one once the new one waits for
+/// its sockets. `new` learns the new pid as soon as it is known, for clean-up on failure.
+fn hand_over(
+    reports: &mut File,
+    old: Pid,
+    new: &mut Option<Pid>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Pid, String> {
+    let pid = match read_report(reports, Some(deadline)) {
+        Report::Listening(pid) => Pid::from_raw(pid),
+        Report::Ready => return Err("the new process served without taking over".into()),
+        Report::Failed => {
+            return Err(format!(
+                "the new process exited during start-up (see the error log); process {old} keeps serving"
+            ))
+        }
+        Report::TimedOut => return Err("the new process did not start in time".into()),
+    };
+    *new = Some(pid);
+    kill(old, Signal::SIGQUIT).map_err(|e| format!("cannot signal process {old}: {e}"))?;
+    match read_report(reports, Some(deadline)) {
+        Report::Ready => Ok(pid),
+        Report::Failed => Err(format!(
+            "the new process exited before serving (see the error log); process {old} keeps serving"
+        )),
+        Report::TimedOut => Err(format!(
+            "the new process did not serve within {}s; process {old} keeps serving",
+            timeout.as_secs()
+        )),
+        Report::Listening(_) => Err("unexpected report from the new process".into()),
+    }
+}
+
+/// Starts `pingora-lb -u [-c FILE]` in its own session, not as our child (double fork), so
+/// systemd can adopt it as the main process and no one is left to reap it here. Returns the
+/// read end of its report pipe.
+fn spawn_detached(conf: Option<&Path>) -> Result<File, ReloadError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| ReloadError::Failed(format!("{what}: {e}"));
+    let exe = std::env::current_exe().map_err(|e| fail("cannot find this program", &e))?;
+    let mut args = vec![exe.clone(), PathBuf::from("-u")];
+    if let Some(conf) = conf {
+        let absolute = std::path::absolute(conf).map_err(|e| fail("configuration path", &e))?;
+        args.extend([PathBuf::from("-c"), absolute]);
+    }
+    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| fail("cannot create a pipe", &e))?;
+    let writer_fd = writer.as_raw_fd();
+    let to_c = |s: &std::ffi::OsStr| CString::new(s.as_encoded_bytes()).expect("no NUL in paths");
+    let argv: Vec<CString> = args.iter().map(|a| to_c(a.as_os_str())).collect();
+    let mut envp: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k != READY_FD_ENV)
+        .map(|(k, v)| {
+            let mut pair = k.into_encoded_bytes();
+            pair.push(b'=');
+            pair.extend(v.into_encoded_bytes());
+            CString::new(pair).expect("environment entries hold no NUL")
+        })
+        .collect();
+    envp.push(CString::new(format!("{READY_FD_ENV}={writer_fd}")).expect("no NUL"));
+    let program = to_c(exe.as_os_str());
+
+    // SAFETY: this command is single-threaded; the children only call async-signal-safe
+    // functions (setsid, fork, fcntl, execve, _exit) before exec.
+    match unsafe { fork() }.map_err(|e| fail("cannot fork", &e))? {
+        ForkResult::Child => {
+            let _ = nix::unistd::setsid();
+            if let Ok(ForkResult::Child) = unsafe { fork() } {
+                let _ = nix::fcntl::fcntl(&writer, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()));
+                let _ = nix::unistd::execve(&program, &argv, &envp);
+            }
+            unsafe { nix::libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => {
+            drop(writer);
+            let _ = nix::sys::wait::waitpid(child, None);
+            Ok(File::from(reader))
+        }
+    }
+}
+
+/// Stops a new process that did not make it: SIGTERM, then SIGKILL if it lingers.
+fn stop(pid: Pid) {
+    if kill(pid, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if kill(pid, None).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+}

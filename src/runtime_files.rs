@@ -1,0 +1,99 @@
+//! The pid file and the runtime directory holding it and the upgrade socket. Both are
+//! prepared while the process may still be root, so the unprivileged process can still
+//! update and remove what it owns.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{Gid, Uid};
+
+/// Creates the directory holding `file` when missing (private to `owner`), and refuses a
+/// world-writable one: anyone could then plant an upgrade socket and receive our sockets.
+pub fn prepare_parent(file: &Path, owner: Option<(Uid, Gid)>) -> std::io::Result<()> {
+    let Some(dir) = file.parent() else {
+        return Ok(());
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.mode() & 0o002 != 0 => Err(std::io::Error::other(format!(
+            "{} is writable by everyone; keep {} in a private directory such as /run/pingora-lb",
+            dir.display(),
+            file.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)?;
+            if let Some((uid, gid)) = owner {
+                nix::unistd::chown(dir, Some(uid), Some(gid))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The pid file, opened at start and written once the process serves, so that during a
+/// handoff it names the old process until the new one has taken over.
+pub struct PidFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl PidFile {
+    /// Opens (creating if needed) without changing its content.
+    pub fn open(path: &Path, owner: Option<(Uid, Gid)>) -> std::io::Result<PidFile> {
+        prepare_parent(path, owner)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(path)?;
+        if let Some((uid, gid)) = owner {
+            nix::unistd::chown(path, Some(uid), Some(gid))?;
+        }
+        Ok(PidFile {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
+    /// Writes this process's pid.
+    pub fn publish(&self) -> std::io::Result<()> {
+        let mut file = &self.file;
+        file.set_len(0)?;
+        file.seek(SeekFrom::Start(0))?;
+        writeln!(file, "{}", std::process::id())
+    }
+
+    /// Removes the file if it still names this process (a successor may have rewritten it).
+    pub fn remove_if_ours(&self) {
+        let mut content = String::new();
+        let mut file = &self.file;
+        let ours = file.seek(SeekFrom::Start(0)).is_ok()
+            && file.read_to_string(&mut content).is_ok()
+            && content.trim() == std::process::id().to_string();
+        // The successor opened the same path: if it replaced the file, ours is stale.
+        let same_file = std::fs::metadata(&self.path)
+            .ok()
+            .zip(self.file.metadata().ok())
+            .is_some_and(|(on_disk, open)| on_disk.ino() == open.ino());
+        if ours && same_file && std::fs::remove_file(&self.path).is_err() {
+            // The directory is not ours to write: leave an empty file rather than a wrong pid.
+            let _ = self.file.set_len(0);
+        }
+    }
+}
+
+/// Reads the pid in a pid file.
+pub fn read_pid(path: &Path) -> std::io::Result<i32> {
+    let text = std::fs::read_to_string(path)?;
+    text.trim().parse().map_err(|_| {
+        std::io::Error::other(format!("{} does not hold a pid", path.display()))
+    })
+}

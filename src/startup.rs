@@ -1,0 +1,122 @@
+//! The start-up sequence of a serving process. The order matters:
+//! 1. `-d` forks first, so every later step (and its pid in syslog) belongs to the daemon;
+//! 2. the error log connects (syslog may be unreachable once unprivileged);
+//! 3. with `-u`, the sockets of the old process arrive over `upgrade_sock`;
+//! 4. the remaining listening sockets are bound, the pid file opened, backends resolved;
+//! 5. privileges are dropped, while the process still has a single thread;
+//! 6. pingora runs, with this crate's signal handling and readiness announcement.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::info;
+use nix::unistd::Uid;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
+
+use crate::cli::Cli;
+use crate::config::Config;
+use crate::lifecycle::{Announcer, Lifecycle, Signals};
+use crate::listeners::ListeningSockets;
+use crate::privileges::{drop_privileges, Identity};
+use crate::proxy::{LoadBalancer, Traffic};
+use crate::readiness::Readiness;
+use crate::runtime_files::{prepare_parent, PidFile};
+use crate::upgrade::HandoffSocket;
+use crate::upstreams::Upstreams;
+use crate::logging;
+
+/// Why the process could not start.
+pub type StartError = Box<dyn std::error::Error>;
+
+/// Runs the load balancer until it is told to stop.
+pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
+    let mut readiness = Readiness::from_env();
+    if cli.daemon || config.daemon {
+        readiness.daemonize()?;
+    }
+    logging::init(&config);
+    let identity = Identity::resolve(&config)?;
+    let owner = identity.as_ref().map(|i| (i.uid, i.gid));
+
+    let (inherited, predecessor) = if cli.upgrade {
+        let path = &config.upgrade_sock.0;
+        prepare_parent(path, owner)
+            .map_err(|e| format!("key `upgrade_sock`: {}: {e}", path.display()))?;
+        let socket = HandoffSocket::bind(path, owner)
+            .map_err(|e| format!("key `upgrade_sock`: cannot listen on {}: {e}", path.display()))?;
+        readiness.listening();
+        info!("waiting for the running process's sockets on {}", path.display());
+        let mut trusted = vec![Uid::from_raw(0), Uid::effective()];
+        trusted.extend(identity.as_ref().map(|i| i.uid));
+        let handoff = socket.receive(&trusted).map_err(|e| format!("upgrade failed: {e}"))?;
+        info!(
+            "received {} listening sockets from process {}",
+            handoff.sockets.len(),
+            handoff.from_pid
+        );
+        let (sockets, predecessor) = handoff.into_parts();
+        (sockets, Some(predecessor))
+    } else {
+        Default::default()
+    };
+    let sockets = ListeningSockets::open(&config.listeners, inherited)?;
+    let pid_file = match &config.pid_file {
+        Some(path) => Some(
+            PidFile::open(&path.0, owner)
+                .map_err(|e| format!("key `pid_file`: {}: {e}", path.0.display()))?,
+        ),
+        None => None,
+    };
+    let (upstreams, health_service) = Upstreams::build(&config)?;
+
+    drop_privileges(identity.as_ref())?;
+
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
+    let traffic = Arc::new(Traffic::default());
+    let lifecycle = Lifecycle::new(
+        traffic.clone(),
+        upstreams.clone(),
+        sockets.raw(),
+        config.upgrade_sock.0.clone(),
+        Duration::from_secs(config.grace_period_seconds),
+        pid_file,
+        predecessor,
+        readiness,
+    );
+    let mut proxy = pingora::proxy::http_proxy_service(
+        &server.configuration,
+        LoadBalancer::new(upstreams.clone(), config.retries, traffic),
+    );
+    for address in sockets.addresses() {
+        proxy.add_tcp(address);
+    }
+    let proxy = server.add_boxed_service(sockets.attach(Box::new(proxy)));
+    server.add_boxed_service(health_service);
+    let announcer = server.add_service(background_service("announcer", Announcer(lifecycle.clone())));
+    announcer.add_dependency(&proxy);
+
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals(lifecycle.clone())),
+    });
+    lifecycle.clean_up();
+    Ok(())
+}
+
+/// The part of the configuration pingora itself reads.
+fn server_conf(config: &Config) -> ServerConf {
+    ServerConf {
+        version: config.version,
+        threads: config.threads,
+        work_stealing: config.work_stealing,
+        upgrade_sock: config.upgrade_sock.0.display().to_string(),
+        // Draining is ours (it ends when idle); pingora's wait only backs it up.
+        grace_period_seconds: Some(config.grace_period_seconds + 1),
+        graceful_shutdown_timeout_seconds: Some(config.graceful_shutdown_timeout_seconds),
+        upstream_keepalive_pool_size: config.upstream_keepalive_pool_size,
+        max_retries: config.retries + 1,
+        ..ServerConf::default()
+    }
+}
+

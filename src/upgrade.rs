@@ -1,0 +1,239 @@
+//! The socket handoff between an old process and its successor, over `upgrade_sock`.
+//! See LIFECYCLE.md for the whole sequence and its failure cases.
+//!
+//! Wire format (one connection): the old process sends one message whose payload is the
+//! listening addresses separated by spaces and whose SCM_RIGHTS control message carries the
+//! matching descriptors (pingora's own format); it then waits for the successor to write
+//! one byte, [SERVING], once it serves. Only then does the old process stop accepting, so a
+//! successor that dies at any point before leaves the old process serving.
+
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{
+    getsockopt, recvmsg, sendmsg, sockopt::PeerCredentials, ControlMessage, ControlMessageOwned,
+    MsgFlags,
+};
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::{Gid, Uid};
+
+/// Written by the successor once it serves.
+const SERVING: u8 = b'S';
+/// How long the old process keeps trying to reach a successor after SIGQUIT.
+const CONNECT_WINDOW: Duration = Duration::from_secs(5);
+/// How long a successor started with `-u` waits for the old process to connect.
+pub const ACCEPT_WINDOW: Duration = Duration::from_secs(10);
+/// How long the old process waits for the successor to serve once it has the sockets.
+const SERVING_WINDOW: Duration = Duration::from_secs(60);
+/// More listening sockets than any configuration has.
+const MAX_SOCKETS: usize = 64;
+
+/// Why a handoff did not happen; the old process keeps serving in every case.
+#[derive(Debug)]
+pub struct HandoffError(pub String);
+
+impl std::fmt::Display for HandoffError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HandoffError {}
+
+/// Old process: sends the listening sockets to the successor listening on `path`, then
+/// waits (bounded) until the successor says it serves. Blocking: run it on its own thread.
+pub fn hand_over(path: &Path, sockets: &[(String, RawFd)]) -> Result<(), HandoffError> {
+    let deadline = Instant::now() + CONNECT_WINDOW;
+    let mut stream = loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(HandoffError(format!(
+                    "no new process listens on {} ({e}); start one with `-u` or use `pingora-lb reload`",
+                    path.display()
+                )))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let keys = sockets.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(" ");
+    let fds: Vec<RawFd> = sockets.iter().map(|(_, fd)| *fd).collect();
+    sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(keys.as_bytes())],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| HandoffError(format!("cannot send the listening sockets: {e}")))?;
+    stream
+        .set_read_timeout(Some(SERVING_WINDOW))
+        .map_err(|e| HandoffError(e.to_string()))?;
+    let mut reply = [0u8; 1];
+    match stream.read(&mut reply) {
+        Ok(1) if reply[0] == SERVING => Ok(()),
+        Ok(_) => Err(HandoffError(
+            "the new process exited before serving".to_string(),
+        )),
+        Err(e) => Err(HandoffError(format!(
+            "the new process did not report serving within {}s ({e})",
+            SERVING_WINDOW.as_secs()
+        ))),
+    }
+}
+
+/// New process: the bound `upgrade_sock`, waiting for the old process to connect.
+pub struct HandoffSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// Sockets received from the old process, and the line back to it.
+pub struct Handoff {
+    pub sockets: HashMap<String, OwnedFd>,
+    /// Pid of the process that sent them.
+    pub from_pid: i32,
+    connection: UnixStream,
+}
+
+impl HandoffSocket {
+    /// Binds `path` readable and writable by its owner only, owned by `owner` when given
+    /// (the user the old process runs as, so it can connect).
+    pub fn bind(path: &Path, owner: Option<(Uid, Gid)>) -> std::io::Result<HandoffSocket> {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(std::io::Error::other(format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(path)?;
+        }
+        // The socket is created with these permissions, with no moment of wider access.
+        let previous = umask(Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(path);
+        umask(previous);
+        let listener = bound?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = owner {
+            nix::unistd::chown(path, Some(uid), Some(gid))?;
+        }
+        Ok(HandoffSocket {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Waits up to [ACCEPT_WINDOW] for the old process and receives its sockets. Only a
+    /// peer running as one of `trusted` may hand sockets over.
+    pub fn receive(self, trusted: &[Uid]) -> Result<Handoff, HandoffError> {
+        let result = self.accept_and_receive(trusted);
+        let _ = std::fs::remove_file(&self.path);
+        result
+    }
+
+    fn accept_and_receive(&self, trusted: &[Uid]) -> Result<Handoff, HandoffError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| HandoffError(format!("{what}: {e}"));
+        self.listener
+            .set_nonblocking(true)
+            .map_err(|e| fail("upgrade socket", &e))?;
+        let deadline = Instant::now() + ACCEPT_WINDOW;
+        let connection = loop {
+            match self.listener.accept() {
+                Ok((connection, _)) => break connection,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(HandoffError(format!(
+                            "no running process handed its sockets over within {}s: send it SIGQUIT",
+                            ACCEPT_WINDOW.as_secs()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(fail("accepting on the upgrade socket", &e)),
+            }
+        };
+        connection
+            .set_nonblocking(false)
+            .map_err(|e| fail("upgrade connection", &e))?;
+        let peer = getsockopt(&connection, PeerCredentials)
+            .map_err(|e| fail("reading the peer's credentials", &e))?;
+        if !trusted.contains(&Uid::from_raw(peer.uid())) {
+            return Err(HandoffError(format!(
+                "refusing sockets from pid {} running as uid {}: only the service's user or root may hand them over",
+                peer.pid(),
+                peer.uid()
+            )));
+        }
+        let mut payload = vec![0u8; 4096];
+        let mut control = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
+        let (length, fds) = {
+            let mut iov = [IoSliceMut::new(&mut payload)];
+            let message = recvmsg::<()>(
+                connection.as_raw_fd(),
+                &mut iov,
+                Some(&mut control),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(|e| fail("receiving the sockets", &e))?;
+            let mut fds = Vec::new();
+            for cmsg in message.cmsgs().map_err(|e| fail("receiving the sockets", &e))? {
+                if let ControlMessageOwned::ScmRights(received) = cmsg {
+                    fds.extend(received);
+                }
+            }
+            (message.bytes, fds)
+        };
+        // SAFETY: the kernel just installed these descriptors in this process for us.
+        let owned: Vec<OwnedFd> = fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+        let keys = std::str::from_utf8(&payload[..length])
+            .map_err(|e| fail("the list of addresses received", &e))?;
+        let keys: Vec<&str> = keys.split(' ').filter(|k| !k.is_empty()).collect();
+        if keys.len() != owned.len() {
+            return Err(HandoffError(format!(
+                "received {} addresses but {} sockets",
+                keys.len(),
+                owned.len()
+            )));
+        }
+        Ok(Handoff {
+            sockets: keys.into_iter().map(String::from).zip(owned).collect(),
+            from_pid: peer.pid(),
+            connection,
+        })
+    }
+}
+
+/// Held by a process that took over, to tell the old one to stop.
+pub struct Predecessor {
+    connection: UnixStream,
+    pub pid: i32,
+}
+
+impl Handoff {
+    /// Splits the received sockets from the line back to the old process.
+    pub fn into_parts(self) -> (HashMap<String, OwnedFd>, Predecessor) {
+        (
+            self.sockets,
+            Predecessor {
+                connection: self.connection,
+                pid: self.from_pid,
+            },
+        )
+    }
+}
+
+impl Predecessor {
+    /// Tells the old process this one serves, so it stops accepting and drains. Fails if
+    /// the old process gave up waiting: it then keeps serving and this one must not.
+    pub fn confirm_serving(mut self) -> std::io::Result<()> {
+        self.connection.write_all(&[SERVING])?;
+        self.connection.flush()
+    }
+}

@@ -1,0 +1,207 @@
+//! The backends: address resolution, the selection algorithm, and how each backend is
+//! reached (TLS, SNI, Host header, timeouts).
+
+pub mod health;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use pingora::lb::discovery::Static;
+use pingora::lb::selection::{Consistent, Random, RoundRobin};
+use pingora::lb::{Backend, Backends, LoadBalancer};
+use pingora::services::background::background_service;
+use pingora::services::ServiceWithDependents;
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::{Config, HashKey, Selection, Upstream};
+use health::{BackendHealth, HealthStatus};
+
+/// How requests reach one backend, prepared once at start.
+pub struct Route {
+    /// Cloned for every request to this backend.
+    pub peer: HttpPeer,
+    /// `Host` header replacing the client's, if configured.
+    pub host: Option<http::HeaderValue>,
+    /// The address as configured, for log lines.
+    pub name: String,
+    /// Whether the backend speaks TLS.
+    pub tls: bool,
+}
+
+/// The configured selection algorithm over the backends; each variant is pingora's
+/// [LoadBalancer] with a different [pingora::lb::selection::BackendSelection].
+enum Selector {
+    RoundRobin(Arc<LoadBalancer<RoundRobin>>),
+    Random(Arc<LoadBalancer<Random>>),
+    Consistent(Arc<LoadBalancer<Consistent>>),
+}
+
+/// Everything the proxy needs to choose and reach a backend.
+pub struct Upstreams {
+    selector: Selector,
+    routes: HashMap<SocketAddr, Route>,
+    hash_key: Option<HashKey>,
+    /// Healthy/total counts, kept current by the health checks.
+    pub status: Arc<HealthStatus>,
+}
+
+/// A backend address that could not be resolved at start.
+#[derive(Debug)]
+pub struct ResolveError {
+    pub key: String,
+    pub address: String,
+    pub error: std::io::Error,
+}
+
+impl std::fmt::Display for ResolveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot resolve backend {} (key `{}`): {}",
+            self.address, self.key, self.error
+        )
+    }
+}
+
+impl std::error::Error for ResolveError {}
+
+impl Upstreams {
+    /// Resolves the backends and builds the selector and the health-check service that
+    /// keeps it current. The service must be added to the server.
+    pub fn build(
+        config: &Config,
+    ) -> Result<(Arc<Upstreams>, Box<dyn ServiceWithDependents>), ResolveError> {
+        let mut routes = HashMap::new();
+        let mut backends = BTreeSet::new();
+        for (i, upstream) in config.upstreams.iter().enumerate() {
+            let addr = upstream.address.resolve().map_err(|error| ResolveError {
+                key: format!("upstreams[{i}].address"),
+                address: upstream.address.to_string(),
+                error,
+            })?;
+            backends.insert(Backend {
+                addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+                weight: upstream.weight.0,
+                ext: Default::default(),
+            });
+            routes.insert(addr, route(config, upstream, addr));
+        }
+        let status = Arc::new(HealthStatus::new(backends.len()));
+        let mut pool = Backends::new(Static::new(backends));
+        if let Some(check) = BackendHealth::build(config, &routes, status.clone()) {
+            pool.set_health_check(Box::new(check));
+        }
+
+        fn start<S>(
+            config: &Config,
+            pool: Backends,
+        ) -> (Arc<LoadBalancer<S>>, Box<dyn ServiceWithDependents>)
+        where
+            S: pingora::lb::selection::BackendSelection + Send + Sync + 'static,
+            S::Iter: pingora::lb::selection::BackendIter,
+        {
+            let mut lb = LoadBalancer::<S>::from_backends(pool);
+            // Static discovery never waits: the selector is filled before the first request.
+            lb.update()
+                .now_or_never()
+                .expect("static discovery does not block")
+                .expect("static discovery does not fail");
+            lb.health_check_frequency = Some(config.health_check.interval.0);
+            lb.parallel_health_check = true;
+            let service = background_service("health check", lb);
+            (service.task(), Box::new(service))
+        }
+
+        let (selector, service) = match config.selection {
+            Selection::RoundRobin => {
+                let (lb, service) = start::<RoundRobin>(config, pool);
+                (Selector::RoundRobin(lb), service)
+            }
+            Selection::Random => {
+                let (lb, service) = start::<Random>(config, pool);
+                (Selector::Random(lb), service)
+            }
+            Selection::ConsistentHash { .. } => {
+                let (lb, service) = start::<Consistent>(config, pool);
+                (Selector::Consistent(lb), service)
+            }
+        };
+        let hash_key = match &config.selection {
+            Selection::ConsistentHash { key } => Some(key.clone()),
+            _ => None,
+        };
+        let upstreams = Upstreams {
+            selector,
+            routes,
+            hash_key,
+            status,
+        };
+        Ok((Arc::new(upstreams), service))
+    }
+
+    /// What consistent hashing hashes, if it is in use.
+    pub fn hash_key(&self) -> Option<&HashKey> {
+        self.hash_key.as_ref()
+    }
+
+    /// Picks a healthy backend not in `excluded`, following the selection algorithm.
+    pub fn select(&self, key: &[u8], excluded: &[SocketAddr]) -> Option<SocketAddr> {
+        // Bounds the walk over the selector's ring or list; it holds each backend once per
+        // unit of weight, so this covers every backend.
+        const MAX_ITERATIONS: usize = 1024;
+        let accept = |backend: &Backend, healthy: bool| {
+            healthy
+                && backend
+                    .addr
+                    .as_inet()
+                    .is_some_and(|addr| !excluded.contains(addr))
+        };
+        let backend = match &self.selector {
+            Selector::RoundRobin(lb) => lb.select_with(key, MAX_ITERATIONS, accept),
+            Selector::Random(lb) => lb.select_with(key, MAX_ITERATIONS, accept),
+            Selector::Consistent(lb) => lb.select_with(key, MAX_ITERATIONS, accept),
+        }?;
+        backend.addr.as_inet().copied()
+    }
+
+    /// How to reach a backend returned by [Self::select].
+    pub fn route(&self, addr: &SocketAddr) -> Option<&Route> {
+        self.routes.get(addr)
+    }
+
+    /// Runs one round of health checks now (used before announcing readiness).
+    pub async fn check_health_once(&self) {
+        match &self.selector {
+            Selector::RoundRobin(lb) => lb.backends().run_health_check(true).await,
+            Selector::Random(lb) => lb.backends().run_health_check(true).await,
+            Selector::Consistent(lb) => lb.backends().run_health_check(true).await,
+        }
+    }
+}
+
+/// Builds the peer template and Host override of one backend.
+fn route(config: &Config, upstream: &Upstream, addr: SocketAddr) -> Route {
+    let mut peer = HttpPeer::new(addr, upstream.tls, upstream.effective_sni());
+    let options = &mut peer.options;
+    options.connection_timeout = Some(config.timeouts.connect.0);
+    options.total_connection_timeout = Some(config.timeouts.connect.0);
+    options.read_timeout = Some(config.timeouts.read.0);
+    options.write_timeout = Some(config.timeouts.read.0);
+    options.idle_timeout = Some(config.timeouts.idle.0);
+    options.verify_cert = upstream.verify_cert;
+    options.verify_hostname = upstream.verify_cert;
+    if let Some(ca) = upstream.ca_file.as_ref().or(config.ca_file.as_ref()) {
+        options.ca = Some(ca.certificates.clone());
+    }
+    Route {
+        peer,
+        host: upstream
+            .host
+            .as_deref()
+            .and_then(|h| http::HeaderValue::from_str(h).ok()),
+        name: upstream.address.to_string(),
+        tls: upstream.tls,
+    }
+}
