@@ -125,12 +125,12 @@ impl ProxyHttp for LoadBalancer {
             None => &[],
         };
         let Some(addr) = self.upstreams.select(key, &ctx.tried) else {
-            let reason = if ctx.tried.is_empty() {
-                "no healthy backend"
+            // Like nginx: 503 when no backend is in rotation, 502 when those tried failed.
+            return if ctx.tried.is_empty() {
+                Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend")
             } else {
-                "no other healthy backend to fail over to"
+                Error::e_explain(ErrorType::HTTPStatus(502), "every backend tried failed")
             };
-            return Error::e_explain(ErrorType::HTTPStatus(503), reason);
         };
         ctx.tried.push(addr);
         let route = self

@@ -37,14 +37,21 @@ impl ConfigError {
         let path = error.path().to_string();
         let key = if path == "." { String::new() } else { path };
         let inner = error.into_inner();
-        let line = inner
-            .location()
-            .map(|l| l.line())
-            .or_else(|| locate_key(text, &key));
+        // serde_yaml places errors raised while checking a value at the start of the
+        // enclosing mapping; the key's own line, when found, is more precise.
+        let line = match (inner.location().map(|l| l.line()), locate_key(text, &key)) {
+            (Some(reported), Some(found)) => Some(reported.max(found)),
+            (reported, found) => reported.or(found),
+        };
         let mut message = inner.to_string();
-        // serde_yaml appends the position it already gave us through `location()`.
+        // serde_yaml appends the position and prefixes its own path: both are given apart.
         if let Some(cut) = message.find(" at line ") {
             message.truncate(cut);
+        }
+        if let Some((prefix, rest)) = message.split_once(": ") {
+            if !prefix.contains(' ') && !prefix.contains('`') {
+                message = rest.to_string();
+            }
         }
         ConfigError {
             file: file.to_string(),

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Comparisons behind tests/nix/check.sh: the Nix side of the packaging against dist/.
+
+Subcommands (each exits 1 with one line per difference):
+  unit UNIT_JSON UNIT_FILE          nixos-module/unit-settings.nix (evaluated) == the unit file
+  config DEFAULTS_JSON YAML_FILE    nixos-module/config-defaults.nix == the packaged config
+  yaml-to-json YAML_FILE OUT_JSON   the packaged config as JSON, for tests/nix/eval-module.nix
+  module EVAL_JSON UNIT_FILE YAML_FILE
+                                    the module evaluated with lib.evalModules
+                                    (tests/nix/eval-module.nix) against dist/ and its own
+                                    promises (reload-not-restart, firewall, users, ...)
+  render RENDER_JSON OUT_DIR        writes the VM test's Python script and load script out of
+                                    an evaluation, for py_compile, pyflakes and shellcheck
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+# Keys of dist/pingora-lb.yaml that the module deliberately does not default.
+NOT_DEFAULTED = {
+    "upstreams": "site-specific: the packaged file has placeholders, the module requires a value",
+}
+
+# Directives whose value is a list of names: NixOS writes its lists on one line, the unit file
+# may spread them over several. Compared as multisets of words.
+WORD_LISTS = {"Wants", "Requires", "After", "Before", "WantedBy", "RequiredBy", "Documentation"}
+
+TRUE = {"yes", "true", "on"}
+FALSE = {"no", "false", "off"}
+
+
+class Failures(list):
+    def check(self, ok, message):
+        if not ok:
+            self.append(message)
+
+    def finish(self, what):
+        for failure in self:
+            print(f"FAIL {what}: {failure}")
+        if self:
+            sys.exit(1)
+        print(f"ok   {what}")
+
+
+def parse_unit(path):
+    """A systemd unit file as {section: {key: [value per line]}}, as systemd reads it:
+    comments, backslash continuations, and an empty assignment resetting the list."""
+    sections = {}
+    current = None
+    pending = ""
+    for raw in Path(path).read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line[0] in "#;"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        if current is None or "=" not in line:
+            raise SystemExit(f"{path}: cannot parse line {raw!r}")
+        key, value = (part.strip() for part in line.split("=", 1))
+        if value == "":
+            current[key] = []
+        else:
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+def nix_lines(value):
+    """The lines NixOS writes for one serviceConfig/unitConfig value."""
+    values = value if isinstance(value, list) else [value]
+    out = []
+    for v in values:
+        if isinstance(v, bool):
+            out.append("yes" if v else "no")
+        else:
+            out.append(str(v))
+    return out
+
+
+def canonical(value):
+    low = value.lower()
+    if low in TRUE:
+        return "yes"
+    if low in FALSE:
+        return "no"
+    return value
+
+
+def compare_section(failures, label, nix, dist):
+    """nix: {key: nix value}; dist: {key: [lines]}."""
+    for key in sorted(set(nix) | set(dist)):
+        if key not in dist:
+            failures.append(f"[{label}] {key}= is set on the Nix side but not in the unit file")
+            continue
+        if key not in nix:
+            failures.append(f"[{label}] {key}={' / '.join(dist[key])} is in the unit file but not on the Nix side")
+            continue
+        ours = [canonical(v) for v in nix_lines(nix[key])]
+        theirs = [canonical(v) for v in dist[key]]
+        if key in WORD_LISTS:
+            ours = sorted(" ".join(ours).split())
+            theirs = sorted(" ".join(theirs).split())
+        if ours != theirs:
+            failures.append(f"[{label}] {key}: Nix side {ours} != unit file {theirs}")
+
+
+def cmd_unit(unit_json, unit_file):
+    nix = json.loads(Path(unit_json).read_text())
+    dist = parse_unit(unit_file)
+    failures = Failures()
+    failures.check(set(dist) == set(nix),
+                   f"sections differ: Nix side {sorted(nix)}, unit file {sorted(dist)}")
+    for section in sorted(set(nix) & set(dist)):
+        compare_section(failures, section, nix[section], dist[section])
+    failures.finish(f"nixos-module/unit-settings.nix matches {unit_file}")
+
+
+def compare_values(failures, path, ours, theirs):
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        for key in sorted(set(ours) | set(theirs)):
+            where = f"{path}.{key}" if path else key
+            if key not in theirs:
+                failures.append(f"{where} is on the Nix side but not in the YAML file")
+            elif key not in ours:
+                failures.append(f"{where} is in the YAML file but not on the Nix side")
+            else:
+                compare_values(failures, where, ours[key], theirs[key])
+    elif ours != theirs or type(ours) is not type(theirs):
+        failures.append(f"{path}: Nix side {ours!r} != YAML file {theirs!r}")
+
+
+def cmd_config(defaults_json, yaml_file):
+    ours = json.loads(Path(defaults_json).read_text())
+    theirs = yaml.safe_load(Path(yaml_file).read_text())
+    failures = Failures()
+    for key in NOT_DEFAULTED:
+        failures.check(key not in ours, f"{key} is defaulted, though listed in NOT_DEFAULTED")
+        failures.check(key in theirs, f"{key} is listed in NOT_DEFAULTED but not in the YAML file")
+    compare_values(failures, "", ours, {k: v for k, v in theirs.items() if k not in NOT_DEFAULTED})
+    failures.finish(f"nixos-module/config-defaults.nix matches {yaml_file}")
+
+
+def cmd_yaml_to_json(yaml_file, out_json):
+    Path(out_json).write_text(json.dumps(yaml.safe_load(Path(yaml_file).read_text())))
+
+
+def listener_port(address):
+    return int(address.rsplit(":", 1)[1])
+
+
+def cmd_module(eval_json, unit_file, yaml_file):
+    result = json.loads(Path(eval_json).read_text())
+    dist_unit = parse_unit(unit_file)
+    dist_config = yaml.safe_load(Path(yaml_file).read_text())
+    failures = Failures()
+    check = failures.check
+
+    # The defaults: the unit NixOS writes is the packaged one, the config file the packaged one.
+    d = result["defaults"]
+    check(d["failedAssertions"] == [], f"defaults: assertions fail: {d['failedAssertions']}")
+    compare_section(failures, "Service (module)", d["serviceConfig"], dist_unit["Service"])
+    unit = d["unit"]
+    compare_section(failures, "Unit (module)", {
+        "Description": unit["description"],
+        "Documentation": unit["documentation"],
+        "Wants": unit["wants"],
+        "After": unit["after"],
+    }, dist_unit["Unit"])
+    compare_section(failures, "Install (module)", {"WantedBy": unit["wantedBy"]}, dist_unit["Install"])
+    compare_values(failures, "generated config", d["generated"], dist_config)
+    check(d["firewall"] == sorted({listener_port(a) for a in dist_config["listeners"]}),
+          f"openFirewall opens {d['firewall']}, listeners are {dist_config['listeners']}")
+    check(d["users"] == ["pingora-lb"] and d["groups"] == ["pingora-lb"],
+          f"default account not created: users {d['users']}, groups {d['groups']}")
+    account = d["userAccount"] or {}
+    check(account.get("isSystemUser") is True and account.get("group") == "pingora-lb",
+          f"pingora-lb is not a system user in group pingora-lb: {account}")
+    check(d["checkScript"] is not None and f"pingora-lb -t -c {d['configFile']}" in d["checkScript"],
+          "the generated config is not checked with `pingora-lb -t -c` at build time")
+    check(d["etcSource"] != d["configFile"],
+          "/etc/pingora-lb/pingora-lb.yaml is not the checked file")
+    check(d["reloadTriggers"] == [d["etcSource"]],
+          f"reloadTriggers {d['reloadTriggers']} != [the config in /etc]")
+    check(d["restartTriggers"] == ["/usr"], f"restartTriggers {d['restartTriggers']} != [the package]")
+    check(result["disabled"] == {}, "a disabled module defines systemd services")
+
+    # Variations.
+    check("LogsDirectory" in result["fileLog"]["serviceConfig"],
+          "error_log in /var/log/pingora-lb/ does not get LogsDirectory=")
+    check(result["otherLog"]["serviceConfig"].get("ReadWritePaths") == ["/srv/log"],
+          "error_log elsewhere does not get its directory in ReadWritePaths=")
+    check(result["badSocket"]["failedAssertions"] != [],
+          "upgrade_sock outside /run/pingora-lb/ passes the assertions")
+    other = result["otherUser"]
+    check(other["users"] == [] and other["groups"] == [], "a custom account is created")
+    check(other["serviceConfig"]["User"] == "www" and other["generated"]["user"] == "www"
+          and other["serviceConfig"]["Group"] == "www" and other["generated"]["group"] == "www",
+          "User=/Group= and the config's user/group do not follow services.pingora-lb.user/group")
+    check(result["extraArgs"]["serviceConfig"]["ExecStart"]
+          == d["serviceConfig"]["ExecStart"] + ' "--flag" "50%% of $$HOME"',
+          f"extraArgs badly escaped: {result['extraArgs']['serviceConfig']['ExecStart']}")
+    runtime = result["runtimeFile"]
+    check(runtime["etcSource"] == "/var/lib/pingora-lb/pingora-lb.yaml" and runtime["checkScript"] is None,
+          "a config file outside the store is not linked as is (or is checked at build time)")
+    check(result["unchecked"]["etcSource"] == result["unchecked"]["configFile"],
+          "checkConfig = false still checks")
+    health = result["oneHealthKey"]["generated"]
+    check(health["health_check"] == dict(dist_config["health_check"], kind="http"),
+          f"setting one health_check key lost the others: {health['health_check']}")
+    check("retries" not in health, "a setting set to null is not left out")
+    check(result["twoListeners"]["firewall"] == [80, 8443],
+          f"ports of several listeners: {result['twoListeners']['firewall']}")
+
+    # The VM test's machine: its specialisations differ from it only in what a reload applies.
+    vm = result["vmTest"]
+    base = vm["machine"]
+    check(base["failedAssertions"] == [], f"VM test machine: assertions fail: {base['failedAssertions']}")
+    specs = vm["specialisations"]
+    check(set(specs) == {"only-backend-b", "runtime-config"}, f"specialisations: {sorted(specs)}")
+    for name, spec in specs.items():
+        for key in ("serviceConfig", "unit", "restartTriggers"):
+            check(spec[key] == base[key],
+                  f"specialisation {name} changes {key}: switching to it would restart, not reload")
+        check(spec["reloadTriggers"] != base["reloadTriggers"],
+              f"specialisation {name} does not change reloadTriggers: switching to it would not reload")
+    check([u["address"] for u in specs["only-backend-b"]["generated"]["upstreams"]] == ["127.0.0.1:8082"],
+          "specialisation only-backend-b does not replace the upstreams")
+    check(specs["runtime-config"]["etcSource"] == "/var/lib/pingora-lb-test/pingora-lb.yaml",
+          "specialisation runtime-config does not link the mutable file")
+    failures.finish("the NixOS module evaluated with lib.evalModules")
+
+
+def cmd_render(render_json, out_dir):
+    rendered = json.loads(Path(render_json).read_text())
+    out = Path(out_dir)
+    # What the NixOS test driver puts in scope of every test script.
+    prelude = (
+        "from typing import Any\n"
+        "machine: Any = None\n"
+        "def start_all() -> None: ...\n"
+        "def subtest(name: str) -> Any: ...\n"
+    )
+    (out / "testscript.py").write_text(rendered["testScript"])
+    (out / "testscript-with-driver-names.py").write_text(prelude + rendered["testScript"])
+    # writeShellApplication's preamble.
+    (out / "lb-load.sh").write_text(
+        "#!/usr/bin/env bash\nset -o errexit\nset -o nounset\nset -o pipefail\n\n" + rendered["loadScript"]
+    )
+
+
+COMMANDS = {
+    "unit": cmd_unit,
+    "config": cmd_config,
+    "yaml-to-json": cmd_yaml_to_json,
+    "module": cmd_module,
+    "render": cmd_render,
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        raise SystemExit(__doc__)
+    COMMANDS[sys.argv[1]](*sys.argv[2:])
