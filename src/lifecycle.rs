@@ -99,11 +99,18 @@ impl Lifecycle {
     /// Stops accepting is pingora's part (after [Signals::recv] returns); this waits for the
     /// requests in flight and exits as soon as there are none, or when the grace period ends.
     fn exit_when_idle(self: Arc<Self>) {
-        // Lets pingora's accept loops see the shutdown before counting requests.
-        std::thread::sleep(Duration::from_millis(100));
+        // A connection accepted just before accepting stopped holds no request until its
+        // headers are read, which a loaded machine may delay: the process is idle only
+        // once no request is in flight and none has started for a while.
+        const QUIET: Duration = Duration::from_millis(250);
         let deadline = Instant::now() + self.grace_period;
-        while self.traffic.in_flight() > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        loop {
+            let started = self.traffic.started();
+            std::thread::sleep(QUIET);
+            let idle = self.traffic.in_flight() == 0 && self.traffic.started() == started;
+            if idle || Instant::now() >= deadline {
+                break;
+            }
         }
         let left = self.traffic.in_flight();
         if left > 0 {

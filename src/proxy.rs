@@ -20,6 +20,7 @@ use crate::upstreams::Upstreams;
 #[derive(Default)]
 pub struct Traffic {
     in_flight: AtomicUsize,
+    started: AtomicUsize,
     draining: AtomicBool,
 }
 
@@ -27,6 +28,11 @@ impl Traffic {
     /// Requests that have started and not finished.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Requests started since the process started (wrapping).
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::Acquire)
     }
 
     /// From now on every response closes its connection, so clients reconnect (to the
@@ -46,6 +52,7 @@ pub struct InFlight(Arc<Traffic>);
 impl InFlight {
     fn new(traffic: &Arc<Traffic>) -> Self {
         traffic.in_flight.fetch_add(1, Ordering::AcqRel);
+        traffic.started.fetch_add(1, Ordering::Release);
         InFlight(traffic.clone())
     }
 }

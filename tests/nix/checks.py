@@ -9,6 +9,7 @@ Subcommands (each exits 1 with one line per difference):
                                     the module evaluated with lib.evalModules
                                     (tests/nix/eval-module.nix) against dist/ and its own
                                     promises (reload-not-restart, firewall, users, ...)
+  outputs WORK_DIR                  the flake's outputs (drvPaths from `nix eval`) are complete
   render RENDER_JSON OUT_DIR        writes the VM test's Python script and load script out of
                                     an evaluation, for py_compile, pyflakes and shellcheck
 """
@@ -239,7 +240,10 @@ def cmd_module(eval_json, unit_file, yaml_file):
 
 def cmd_render(render_json, out_dir):
     rendered = json.loads(Path(render_json).read_text())
+    # tests/nix/eval-module.nix's output has it under vmTest; render-test.nix's at the top.
+    rendered = rendered.get("vmTest", rendered)
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     # What the NixOS test driver puts in scope of every test script.
     prelude = (
         "from typing import Any\n"
@@ -255,7 +259,36 @@ def cmd_render(render_json, out_dir):
     )
 
 
+def cmd_outputs(work_dir):
+    """The drvPaths `nix eval` printed for each output kind (tests/nix/check.sh) cover the
+    outputs the flake promises, for both systems."""
+    expected = {
+        "packages": {"default", "pingora-lb"},
+        "checks": {"package", "vm-test", "config-check"},
+        "devShells": {"default"},
+        "formatter": set(),
+    }
+    failures = Failures()
+    count = 0
+    for output, names in expected.items():
+        per_system = json.loads((Path(work_dir) / f"{output}.json").read_text())
+        for system in ("x86_64-linux", "aarch64-linux"):
+            got = per_system.get(system)
+            if got is None:
+                failures.append(f"no {output}.{system}")
+                continue
+            got = {"": got} if isinstance(got, str) else got
+            count += len(got)
+            for name in sorted(names - set(got)):
+                failures.append(f"no {output}.{system}.{name}")
+            for name, drv in got.items():
+                failures.check(drv.startswith("/nix/store/") and drv.endswith(".drv"),
+                               f"{output}.{system}.{name} is not a derivation: {drv}")
+    failures.finish(f"{count} derivations of packages, checks, devShells and formatter instantiate")
+
+
 COMMANDS = {
+    "outputs": cmd_outputs,
     "unit": cmd_unit,
     "config": cmd_config,
     "yaml-to-json": cmd_yaml_to_json,

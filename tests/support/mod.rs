@@ -366,6 +366,10 @@ impl NotifySocket {
     pub fn new(dir: &Path) -> NotifySocket {
         let path = dir.join("notify.sock");
         let socket = UnixDatagram::bind(&path).unwrap();
+        // Like systemd's, reachable by a process that dropped to an unprivileged user.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         NotifySocket {
             path,
             socket,
@@ -402,6 +406,14 @@ impl NotifySocket {
     }
 }
 
+/// What `pingora-lb reload` did.
+#[derive(Debug)]
+pub struct ReloadOutcome {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
 /// A pingora-lb process started by the test, killed when dropped.
 pub struct Lb {
     pub child: Option<Child>,
@@ -415,14 +427,27 @@ pub struct Lb {
 }
 
 /// A configuration file in a fresh private directory, with the runtime files inside it.
+/// `body` may override any of the defaults set here.
 pub fn write_config(dir: &Path, body: &str) -> PathBuf {
     let config = dir.join("pingora-lb.yaml");
-    let text = format!(
-        "pid_file: {dir}/run/pingora-lb.pid\nupgrade_sock: {dir}/run/upgrade.sock\nerror_log: {dir}/error.log\ngrace_period_seconds: 5\n{user}{body}",
-        dir = dir.display(),
-        // Tests that are about privileges write their own `user`; the others stay who they are.
-        user = if is_root() && !body.contains("\nuser:") && !body.starts_with("user:") { "user: root\n" } else { "" },
-    );
+    let dir = dir.display();
+    let defaults = [
+        format!("pid_file: {dir}/run/pingora-lb.pid"),
+        format!("upgrade_sock: {dir}/run/upgrade.sock"),
+        format!("error_log: {dir}/error.log"),
+        "grace_period_seconds: 5".to_string(),
+        // Tests about privileges set `user`; the others stay who they are.
+        if is_root() { "user: root".to_string() } else { String::new() },
+    ];
+    let mut text = String::new();
+    for line in defaults.iter().filter(|l| !l.is_empty()) {
+        let key = line.split(':').next().unwrap();
+        if !body.starts_with(&format!("{key}:")) && !body.contains(&format!("\n{key}:")) {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    text.push_str(body);
     std::fs::write(&config, text).unwrap();
     config
 }
@@ -467,26 +492,37 @@ impl Lb {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
 
-    /// Runs `pingora-lb reload` against the current main process.
-    pub fn reload(&mut self, extra: &[&str]) -> std::process::Output {
-        let output = Command::new(BINARY)
+    /// Runs `pingora-lb reload` against the current main process. The new process inherits
+    /// the command's stdout and stderr, so they go to files rather than pipes read to EOF.
+    pub fn reload(&mut self, extra: &[&str]) -> ReloadOutcome {
+        let out = self.dir.path().join("reload.out");
+        let err = self.dir.path().join("reload.err");
+        let status = Command::new(BINARY)
             .args(["reload", "-c"])
             .arg(&self.config)
             .args(["--pid", &self.pid.to_string()])
             .args(extra)
             .env("NOTIFY_SOCKET", &self.notify.path)
-            .output()
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .status()
             .unwrap();
-        if output.status.success() {
-            let text = String::from_utf8_lossy(&output.stdout);
-            let pid: i32 = text
+        let outcome = ReloadOutcome {
+            code: status.code().unwrap_or(-1),
+            stdout: std::fs::read_to_string(&out).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&err).unwrap_or_default(),
+        };
+        if status.success() {
+            let pid: i32 = outcome
+                .stdout
                 .split_whitespace()
                 .find_map(|w| w.parse().ok())
                 .expect("reload prints the new pid");
             self.successors.push(pid);
             self.pid = pid;
         }
-        output
+        outcome
     }
 
     pub fn get(&self, path: &str) -> std::io::Result<Response> {
@@ -497,7 +533,7 @@ impl Lb {
 impl Drop for Lb {
     fn drop(&mut self) {
         for pid in self.successors.iter().chain(std::iter::once(&self.pid)) {
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
+            unsafe { nix::libc::kill(*pid, nix::libc::SIGKILL) };
         }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -507,7 +543,7 @@ impl Drop for Lb {
 }
 
 pub fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
+    unsafe { nix::libc::geteuid() == 0 }
 }
 
 /// Whether a process exists (and is not a zombie).
