@@ -175,16 +175,28 @@ pub struct HealthCheck {
     #[serde(default = "defaults::health_timeout")]
     pub timeout: HumanDuration,
     /// Consecutive successes that bring a backend back.
-    #[serde(default = "defaults::threshold", deserialize_with = "values::threshold")]
+    #[serde(
+        default = "defaults::threshold",
+        deserialize_with = "values::threshold"
+    )]
     pub rise: usize,
     /// Consecutive failures that take a backend out.
-    #[serde(default = "defaults::threshold", deserialize_with = "values::threshold")]
+    #[serde(
+        default = "defaults::threshold",
+        deserialize_with = "values::threshold"
+    )]
     pub fall: usize,
     /// Path requested by HTTP checks.
-    #[serde(default = "defaults::health_path", deserialize_with = "values::http_path")]
+    #[serde(
+        default = "defaults::health_path",
+        deserialize_with = "values::http_path"
+    )]
     pub path: String,
     /// Status an HTTP check expects.
-    #[serde(default = "defaults::expected_status", deserialize_with = "values::status")]
+    #[serde(
+        default = "defaults::expected_status",
+        deserialize_with = "values::status"
+    )]
     pub expected_status: u16,
     /// `Host` header of HTTP checks; defaults to the backend's `host` or address.
     #[serde(default)]
@@ -295,7 +307,8 @@ impl Config {
 
     /// Checks that span several keys, which serde cannot express per field.
     fn check_consistency(&self, name: &str, text: &str) -> Result<(), ConfigError> {
-        let fail = |key: String, message: String| Err(ConfigError::at_key(name, text, key, message));
+        let fail =
+            |key: String, message: String| Err(ConfigError::at_key(name, text, key, message));
         for (i, listener) in self.listeners.iter().enumerate() {
             if self.listeners[..i].contains(listener) {
                 return fail(
@@ -305,7 +318,10 @@ impl Config {
             }
         }
         for (i, upstream) in self.upstreams.iter().enumerate() {
-            if self.upstreams[..i].iter().any(|u| u.address == upstream.address) {
+            if self.upstreams[..i]
+                .iter()
+                .any(|u| u.address == upstream.address)
+            {
                 return fail(
                     format!("upstreams[{i}].address"),
                     format!(
@@ -324,6 +340,16 @@ impl Config {
                     ),
                 );
             }
+            if upstream
+                .host
+                .as_deref()
+                .is_some_and(|h| http::HeaderValue::from_str(h).is_err() || h.is_empty())
+            {
+                return fail(
+                    format!("upstreams[{i}].host"),
+                    "is not a valid Host header value".to_string(),
+                );
+            }
             if !upstream.tls && (upstream.sni.is_some() || upstream.ca_file.is_some()) {
                 return fail(
                     format!("upstreams[{i}].tls"),
@@ -337,6 +363,17 @@ impl Config {
             return fail(
                 "health_check.timeout".to_string(),
                 "must not be longer than health_check.interval".to_string(),
+            );
+        }
+        if self
+            .health_check
+            .host
+            .as_deref()
+            .is_some_and(|h| http::HeaderValue::from_str(h).is_err() || h.is_empty())
+        {
+            return fail(
+                "health_check.host".to_string(),
+                "is not a valid Host header value".to_string(),
             );
         }
         if self.user.is_none() && self.group.is_some() {
@@ -419,21 +456,30 @@ mod tests {
     fn seed_config_is_the_quickstart() {
         let config = Config::parse(SEED_CONFIG_NAME, SEED_CONFIG).unwrap();
         assert_eq!(config.listeners[0].to_string(), "0.0.0.0:6188");
-        let addresses: Vec<String> = config.upstreams.iter().map(|u| u.address.to_string()).collect();
+        let addresses: Vec<String> = config
+            .upstreams
+            .iter()
+            .map(|u| u.address.to_string())
+            .collect();
         assert_eq!(addresses, ["1.1.1.1:443", "1.0.0.1:443"]);
         assert!(config.upstreams.iter().all(|u| u.tls
             && u.effective_sni() == "one.one.one.one"
             && u.host.as_deref() == Some("one.one.one.one")));
         assert_eq!(config.selection, Selection::RoundRobin);
         assert_eq!(config.health_check.kind, HealthCheckKind::Tcp);
-        assert_eq!(config.health_check.interval.0, std::time::Duration::from_secs(1));
+        assert_eq!(
+            config.health_check.interval.0,
+            std::time::Duration::from_secs(1)
+        );
     }
 
     #[test]
     fn unknown_key_names_line_and_path() {
-        let err = parse("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n    wieght: 3\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n    wieght: 3\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("test.yaml:4"), "{err}");
         assert!(err.contains("upstreams[0]"), "{err}");
         assert!(err.contains("wieght"), "{err}");
@@ -441,9 +487,11 @@ mod tests {
 
     #[test]
     fn zero_weight_is_rejected_with_its_key() {
-        let err = parse("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n    weight: 0\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n    weight: 0\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("test.yaml:4"), "{err}");
         assert!(err.contains("upstreams[0].weight"), "{err}");
     }
@@ -467,15 +515,19 @@ mod tests {
         .unwrap();
         assert_eq!(
             config.selection,
-            Selection::ConsistentHash { key: HashKey::Header("X-User".into()) }
+            Selection::ConsistentHash {
+                key: HashKey::Header("X-User".into())
+            }
         );
     }
 
     #[test]
     fn tls_to_an_ip_needs_a_server_name() {
-        let err = parse("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 10.0.0.1:443\n    tls: true\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 10.0.0.1:443\n    tls: true\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("upstreams[0].sni"), "{err}");
     }
 }

@@ -30,10 +30,9 @@ impl std::fmt::Display for BindError {
         )?;
         match self.error.kind() {
             std::io::ErrorKind::AddrInUse => write!(f, "; another process holds this port"),
-            std::io::ErrorKind::PermissionDenied => write!(
-                f,
-                "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
-            ),
+            std::io::ErrorKind::PermissionDenied => {
+                write!(f, "; ports below 1024 need root or CAP_NET_BIND_SERVICE")
+            }
             std::io::ErrorKind::AddrNotAvailable => {
                 write!(f, "; no interface of this machine has that address")
             }
@@ -91,10 +90,7 @@ impl ListeningSockets {
     /// Wraps `service` so that, when pingora starts it, these sockets are in pingora's fd
     /// table under the exact keys the service listens on. pingora then only calls
     /// `listen()` on them and never binds by itself.
-    pub fn attach(
-        self,
-        service: Box<dyn ServiceWithDependents>,
-    ) -> Box<dyn ServiceWithDependents> {
+    pub fn attach(self, service: Box<dyn ServiceWithDependents>) -> Box<dyn ServiceWithDependents> {
         let sockets = self
             .sockets
             .into_iter()

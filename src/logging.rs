@@ -47,7 +47,9 @@ impl Filter {
                 }
             }
         }
-        filter.by_target.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
+        filter
+            .by_target
+            .sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
         filter
     }
 
@@ -206,6 +208,9 @@ mod tests {
         assert_eq!(filter.level_for("pingora_core::server"), LevelFilter::Warn);
         assert_eq!(filter.level_for("pingora_lb::proxy"), LevelFilter::Debug);
         assert_eq!(filter.max(), LevelFilter::Debug);
-        assert_eq!(Filter::new(LevelFilter::Info, None).max(), LevelFilter::Info);
+        assert_eq!(
+            Filter::new(LevelFilter::Info, None).max(),
+            LevelFilter::Info
+        );
     }
 }

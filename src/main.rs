@@ -21,9 +21,12 @@ fn main() {
     let config = Config::load_or_seed(cli.conf.as_deref())
         .unwrap_or_else(|e: ConfigError| fail(EXIT_CONFIG, &format!("configuration error: {e}")));
     if cli.test {
-        let name = cli.conf.as_ref().map_or(pingora_lb::config::SEED_CONFIG_NAME.into(), |c| {
-            c.display().to_string()
-        });
+        let name = cli
+            .conf
+            .as_ref()
+            .map_or(pingora_lb::config::SEED_CONFIG_NAME.into(), |c| {
+                c.display().to_string()
+            });
         println!("pingora-lb: configuration {name} is valid");
         return;
     }

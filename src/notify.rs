@@ -18,7 +18,11 @@ fn send(states: &[NotifyState]) {
 pub fn ready(took_over: bool, status: &str) {
     let pid = std::process::id();
     if took_over {
-        send(&[NotifyState::MainPid(pid), NotifyState::Ready, NotifyState::Status(status)]);
+        send(&[
+            NotifyState::MainPid(pid),
+            NotifyState::Ready,
+            NotifyState::Status(status),
+        ]);
     } else {
         send(&[NotifyState::Ready, NotifyState::Status(status)]);
     }

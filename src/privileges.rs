@@ -58,7 +58,9 @@ impl Identity {
         let user = User::from_name(&name)
             .map_err(|e| PrivilegeError(format!("key `user`: cannot look up user {name:?}: {e}")))?
             .ok_or_else(|| {
-                PrivilegeError(format!("key `user`: no user {name:?} exists on this system"))
+                PrivilegeError(format!(
+                    "key `user`: no user {name:?} exists on this system"
+                ))
             })?;
         let gid = match &config.group {
             None => user.gid,
@@ -68,7 +70,9 @@ impl Identity {
                         PrivilegeError(format!("key `group`: cannot look up group {group:?}: {e}"))
                     })?
                     .ok_or_else(|| {
-                        PrivilegeError(format!("key `group`: no group {group:?} exists on this system"))
+                        PrivilegeError(format!(
+                            "key `group`: no group {group:?} exists on this system"
+                        ))
                     })?
                     .gid
             }

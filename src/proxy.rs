@@ -140,10 +140,9 @@ impl ProxyHttp for LoadBalancer {
             };
         };
         ctx.tried.push(addr);
-        let route = self
-            .upstreams
-            .route(&addr)
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "selected an unknown backend"))?;
+        let route = self.upstreams.route(&addr).ok_or_else(|| {
+            Error::explain(ErrorType::InternalError, "selected an unknown backend")
+        })?;
         Ok(Box::new(route.peer.clone()))
     }
 
@@ -187,7 +186,10 @@ impl ProxyHttp for LoadBalancer {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if ctx.tried.len() <= self.retries {
-            warn!("cannot connect to backend {}: {e}; trying another backend", peer.address());
+            warn!(
+                "cannot connect to backend {}: {e}; trying another backend",
+                peer.address()
+            );
             e.set_retry(true);
         }
         e

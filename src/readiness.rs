@@ -97,7 +97,11 @@ impl Readiness {
         self.report("ready\n");
         self.pipes.clear();
         if self.daemonized {
-            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
                 for target in 0..=2 {
                     // SAFETY: 0-2 are the standard descriptors, which stay open.
                     let mut target = unsafe { OwnedFd::from_raw_fd(target) };

@@ -38,7 +38,11 @@ impl std::fmt::Display for ReloadError {
 impl std::error::Error for ReloadError {}
 
 /// Runs the reload; returns the pid of the process now serving.
-pub fn reload(conf: Option<&Path>, pid: Option<i32>, timeout: Duration) -> Result<i32, ReloadError> {
+pub fn reload(
+    conf: Option<&Path>,
+    pid: Option<i32>,
+    timeout: Duration,
+) -> Result<i32, ReloadError> {
     let config = Config::load_or_seed(conf).map_err(ReloadError::Config)?;
     let old = match (pid, &config.pid_file) {
         (Some(pid), _) => pid,
@@ -53,7 +57,9 @@ pub fn reload(conf: Option<&Path>, pid: Option<i32>, timeout: Duration) -> Resul
     };
     let old = Pid::from_raw(old);
     kill(old, None).map_err(|e| {
-        ReloadError::Failed(format!("process {old} is not running ({e}); nothing to reload"))
+        ReloadError::Failed(format!(
+            "process {old} is not running ({e}); nothing to reload"
+        ))
     })?;
 
     let deadline = Instant::now() + timeout;
@@ -139,7 +145,10 @@ fn spawn_detached(conf: Option<&Path>) -> Result<File, ReloadError> {
         ForkResult::Child => {
             let _ = nix::unistd::setsid();
             if let Ok(ForkResult::Child) = unsafe { fork() } {
-                let _ = nix::fcntl::fcntl(&writer, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()));
+                let _ = nix::fcntl::fcntl(
+                    &writer,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                );
                 let _ = nix::unistd::execve(&program, &argv, &envp);
             }
             unsafe { nix::libc::_exit(0) }

@@ -93,7 +93,7 @@ impl PidFile {
 /// Reads the pid in a pid file.
 pub fn read_pid(path: &Path) -> std::io::Result<i32> {
     let text = std::fs::read_to_string(path)?;
-    text.trim().parse().map_err(|_| {
-        std::io::Error::other(format!("{} does not hold a pid", path.display()))
-    })
+    text.trim()
+        .parse()
+        .map_err(|_| std::io::Error::other(format!("{} does not hold a pid", path.display())))
 }

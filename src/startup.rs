@@ -19,13 +19,13 @@ use crate::cli::Cli;
 use crate::config::Config;
 use crate::lifecycle::{Announcer, Lifecycle, Signals};
 use crate::listeners::ListeningSockets;
+use crate::logging;
 use crate::privileges::{drop_privileges, Identity};
 use crate::proxy::{LoadBalancer, Traffic};
 use crate::readiness::Readiness;
 use crate::runtime_files::{prepare_parent, PidFile};
 use crate::upgrade::HandoffSocket;
 use crate::upstreams::Upstreams;
-use crate::logging;
 
 /// Why the process could not start.
 pub type StartError = Box<dyn std::error::Error>;
@@ -44,13 +44,22 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
         let path = &config.upgrade_sock.0;
         prepare_parent(path, owner)
             .map_err(|e| format!("key `upgrade_sock`: {}: {e}", path.display()))?;
-        let socket = HandoffSocket::bind(path, owner)
-            .map_err(|e| format!("key `upgrade_sock`: cannot listen on {}: {e}", path.display()))?;
+        let socket = HandoffSocket::bind(path, owner).map_err(|e| {
+            format!(
+                "key `upgrade_sock`: cannot listen on {}: {e}",
+                path.display()
+            )
+        })?;
         readiness.listening();
-        info!("waiting for the running process's sockets on {}", path.display());
+        info!(
+            "waiting for the running process's sockets on {}",
+            path.display()
+        );
         let mut trusted = vec![Uid::from_raw(0), Uid::effective()];
         trusted.extend(identity.as_ref().map(|i| i.uid));
-        let handoff = socket.receive(&trusted).map_err(|e| format!("upgrade failed: {e}"))?;
+        let handoff = socket
+            .receive(&trusted)
+            .map_err(|e| format!("upgrade failed: {e}"))?;
         info!(
             "received {} listening sockets from process {}",
             handoff.sockets.len(),
@@ -94,7 +103,10 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
     }
     let proxy = server.add_boxed_service(sockets.attach(Box::new(proxy)));
     server.add_boxed_service(health_service);
-    let announcer = server.add_service(background_service("announcer", Announcer(lifecycle.clone())));
+    let announcer = server.add_service(background_service(
+        "announcer",
+        Announcer(lifecycle.clone()),
+    ));
     announcer.add_dependency(&proxy);
 
     server.run(RunArgs {
@@ -119,4 +131,3 @@ fn server_conf(config: &Config) -> ServerConf {
         ..ServerConf::default()
     }
 }
-

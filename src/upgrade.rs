@@ -61,7 +61,11 @@ pub fn hand_over(path: &Path, sockets: &[(String, RawFd)]) -> Result<(), Handoff
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     };
-    let keys = sockets.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(" ");
+    let keys = sockets
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
     let fds: Vec<RawFd> = sockets.iter().map(|(_, fd)| *fd).collect();
     sendmsg::<()>(
         stream.as_raw_fd(),
@@ -183,7 +187,10 @@ impl HandoffSocket {
             )
             .map_err(|e| fail("receiving the sockets", &e))?;
             let mut fds = Vec::new();
-            for cmsg in message.cmsgs().map_err(|e| fail("receiving the sockets", &e))? {
+            for cmsg in message
+                .cmsgs()
+                .map_err(|e| fail("receiving the sockets", &e))?
+            {
                 if let ControlMessageOwned::ScmRights(received) = cmsg {
                     fds.extend(received);
                 }
@@ -191,7 +198,10 @@ impl HandoffSocket {
             (message.bytes, fds)
         };
         // SAFETY: the kernel just installed these descriptors in this process for us.
-        let owned: Vec<OwnedFd> = fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+        let owned: Vec<OwnedFd> = fds
+            .into_iter()
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
         let keys = std::str::from_utf8(&payload[..length])
             .map_err(|e| fail("the list of addresses received", &e))?;
         let keys: Vec<&str> = keys.split(' ').filter(|k| !k.is_empty()).collect();

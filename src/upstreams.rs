@@ -200,7 +200,7 @@ fn route(config: &Config, upstream: &Upstream, addr: SocketAddr) -> Route {
         host: upstream
             .host
             .as_deref()
-            .and_then(|h| http::HeaderValue::from_str(h).ok()),
+            .map(|h| http::HeaderValue::from_str(h).expect("validated with the configuration")),
         name: upstream.address.to_string(),
         tls: upstream.tls,
     }

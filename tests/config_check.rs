@@ -14,8 +14,14 @@ fn check(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, text).unwrap();
-    let output = Command::new(BINARY).arg("-t").arg("-c").arg(&path).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr).replace(&path.display().to_string(), "FILE");
+    let output = Command::new(BINARY)
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr =
+        String::from_utf8_lossy(&output.stderr).replace(&path.display().to_string(), "FILE");
     (output.status.code().unwrap_or(-1), stderr)
 }
 
@@ -41,11 +47,20 @@ fn bad_configurations_name_file_line_and_key() {
     for (text, line, key, words) in table {
         let (code, stderr) = check(text);
         assert_eq!(code, 78, "{text}\n{stderr}");
-        assert!(stderr.contains(&format!("FILE:{line}:")), "expected line {line} for:\n{text}\ngot: {stderr}");
+        assert!(
+            stderr.contains(&format!("FILE:{line}:")),
+            "expected line {line} for:\n{text}\ngot: {stderr}"
+        );
         if !key.is_empty() {
-            assert!(stderr.contains(&format!("key `{key}")), "expected key {key} for:\n{text}\ngot: {stderr}");
+            assert!(
+                stderr.contains(&format!("key `{key}")),
+                "expected key {key} for:\n{text}\ngot: {stderr}"
+            );
         }
-        assert!(stderr.contains(words), "expected {words:?} for:\n{text}\ngot: {stderr}");
+        assert!(
+            stderr.contains(words),
+            "expected {words:?} for:\n{text}\ngot: {stderr}"
+        );
     }
 }
 
@@ -54,7 +69,12 @@ fn check_binds_nothing_and_writes_nothing() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &GOOD.replace("PORT", &port.to_string()));
-    let output = Command::new(BINARY).arg("-t").arg("-c").arg(&config).output().unwrap();
+    let output = Command::new(BINARY)
+        .arg("-t")
+        .arg("-c")
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stdout).contains("is valid"));
     // The port is still free and no runtime file was created.
@@ -73,8 +93,15 @@ fn the_embedded_default_is_valid() {
 fn a_bad_configuration_starts_nothing() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &format!("listeners: [\"127.0.0.1:{port}\"]\nupstreams: []\n"));
-    let output = Command::new(BINARY).arg("-c").arg(&config).output().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("listeners: [\"127.0.0.1:{port}\"]\nupstreams: []\n"),
+    );
+    let output = Command::new(BINARY)
+        .arg("-c")
+        .arg(&config)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(78));
     TcpListener::bind(("127.0.0.1", port)).expect("the port was bound");
 }
@@ -85,10 +112,18 @@ fn a_busy_port_is_a_clear_error() {
     let port = busy.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &GOOD.replace("PORT", &port.to_string()));
-    let output = Command::new(BINARY).arg("-c").arg(&config).output().unwrap();
+    let output = Command::new(BINARY)
+        .arg("-c")
+        .arg(&config)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")) && stderr.contains("listeners[0]"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}"))
+            && stderr.contains("listeners[0]"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -36,14 +36,26 @@ fn privileged_port() -> u16 {
 
 #[test]
 fn started_as_root_it_serves_a_low_port_as_an_unprivileged_user_without_capabilities() {
-    assert!(is_root(), "privilege tests run as root (CI runs the suite as root)");
+    assert!(
+        is_root(),
+        "privilege tests run as root (CI runs the suite as root)"
+    );
     let backend = Backend::start("a");
     let addr: SocketAddr = format!("127.0.0.1:{}", privileged_port()).parse().unwrap();
-    let lb = Lb::start(addr, &format!("user: nobody\nupstreams:\n  - address: {}\n", backend.addr));
+    let lb = Lb::start(
+        addr,
+        &format!("user: nobody\nupstreams:\n  - address: {}\n", backend.addr),
+    );
     assert_eq!(lb.get("/").unwrap().status, 200);
     let status = proc_status(lb.pid);
-    assert!(status["Uid"].split_whitespace().all(|id| id == "65534"), "{status:?}");
-    assert!(status["Gid"].split_whitespace().all(|id| id == "65534"), "{status:?}");
+    assert!(
+        status["Uid"].split_whitespace().all(|id| id == "65534"),
+        "{status:?}"
+    );
+    assert!(
+        status["Gid"].split_whitespace().all(|id| id == "65534"),
+        "{status:?}"
+    );
     assert_eq!(status["Groups"], "65534");
     for set in ["CapEff", "CapPrm", "CapAmb", "CapInh", "CapBnd"] {
         assert_eq!(status[set], "0000000000000000", "{set}: {status:?}");
@@ -59,7 +71,10 @@ fn started_as_root_it_serves_a_low_port_as_an_unprivileged_user_without_capabili
 
 #[test]
 fn started_as_root_without_user_it_drops_to_nobody() {
-    assert!(is_root(), "privilege tests run as root (CI runs the suite as root)");
+    assert!(
+        is_root(),
+        "privilege tests run as root (CI runs the suite as root)"
+    );
     let backend = Backend::start("a");
     let dir = tempfile::tempdir().unwrap();
     // `user` is left out on purpose; write_config would otherwise add `user: root`.
@@ -67,7 +82,10 @@ fn started_as_root_without_user_it_drops_to_nobody() {
     let port = free_port();
     std::fs::write(
         &config,
-        format!("listeners: [\"127.0.0.1:{port}\"]\nupstreams:\n  - address: {}\n", backend.addr),
+        format!(
+            "listeners: [\"127.0.0.1:{port}\"]\nupstreams:\n  - address: {}\n",
+            backend.addr
+        ),
     )
     .unwrap();
     let mut child = std::process::Command::new(BINARY)
@@ -77,7 +95,8 @@ fn started_as_root_without_user_it_drops_to_nobody() {
         .spawn()
         .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(eventually(Duration::from_secs(5), || get(addr, "/", &[]).is_ok_and(|r| r.status == 200)));
+    assert!(eventually(Duration::from_secs(5), || get(addr, "/", &[])
+        .is_ok_and(|r| r.status == 200)));
     let status = proc_status(child.id() as i32);
     assert!(status["Uid"].starts_with("65534"), "{status:?}");
     child.kill().unwrap();
@@ -88,14 +107,32 @@ fn started_as_root_without_user_it_drops_to_nobody() {
 #[test]
 fn systemd_hears_ready_status_and_stopping() {
     let backend = Backend::start("a");
-    let mut lb = Lb::start(listen(), &format!("upstreams:\n  - address: {}\n", backend.addr));
+    let mut lb = Lb::start(
+        listen(),
+        &format!("upstreams:\n  - address: {}\n", backend.addr),
+    );
     // READY came first (Lb::start waited for it): a connection is accepted right away.
     assert_eq!(lb.get("/").unwrap().status, 200);
-    let ready = lb.notify.messages.iter().find(|m| m.contains("READY=1")).unwrap().clone();
-    assert!(!ready.contains("MAINPID"), "a fresh start does not claim MAINPID: {ready}");
-    assert!(ready.contains("STATUS=serving on") && ready.contains("1/1 backends healthy"), "{ready}");
+    let ready = lb
+        .notify
+        .messages
+        .iter()
+        .find(|m| m.contains("READY=1"))
+        .unwrap()
+        .clone();
+    assert!(
+        !ready.contains("MAINPID"),
+        "a fresh start does not claim MAINPID: {ready}"
+    );
+    assert!(
+        ready.contains("STATUS=serving on") && ready.contains("1/1 backends healthy"),
+        "{ready}"
+    );
     signal(lb.pid, nix::libc::SIGTERM);
-    assert!(lb.notify.wait_for("STOPPING=1", Duration::from_secs(5)).is_some());
+    assert!(lb
+        .notify
+        .wait_for("STOPPING=1", Duration::from_secs(5))
+        .is_some());
     let mut child = lb.child.take().unwrap();
     assert!(child.wait().unwrap().success());
 }
@@ -106,7 +143,9 @@ fn the_error_log_reaches_syslog_with_the_configured_identifier() {
     let dir = tempfile::tempdir().unwrap();
     let socket_path = dir.path().join("log.sock");
     let syslog = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    syslog.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    syslog
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let lb = Lb::start(
         listen(),
         &format!(
@@ -127,16 +166,25 @@ fn the_error_log_reaches_syslog_with_the_configured_identifier() {
             break;
         }
     }
-    let serving = lines.iter().find(|l| l.contains("serving on")).unwrap_or_else(|| panic!("{lines:?}"));
+    let serving = lines
+        .iter()
+        .find(|l| l.contains("serving on"))
+        .unwrap_or_else(|| panic!("{lines:?}"));
     // RFC 3164: <PRI> with local3 (19) * 8 + info (6) = 158, then "lb-test[PID]:".
     assert!(serving.starts_with("<158>"), "{serving}");
-    assert!(serving.contains(&format!("lb-test[{}]", lb.pid)), "{serving}");
+    assert!(
+        serving.contains(&format!("lb-test[{}]", lb.pid)),
+        "{serving}"
+    );
 }
 
 #[test]
 fn sighup_does_not_kill_and_sigterm_lets_a_slow_request_finish() {
     let backend = Backend::start("a");
-    let mut lb = Lb::start(listen(), &format!("upstreams:\n  - address: {}\n", backend.addr));
+    let mut lb = Lb::start(
+        listen(),
+        &format!("upstreams:\n  - address: {}\n", backend.addr),
+    );
     signal(lb.pid, nix::libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(200));
     assert!(alive(lb.pid));
@@ -147,25 +195,43 @@ fn sighup_does_not_kill_and_sigterm_lets_a_slow_request_finish() {
     std::thread::sleep(Duration::from_millis(300));
     let signalled = Instant::now();
     signal(lb.pid, nix::libc::SIGTERM);
-    let response = slow.join().unwrap().expect("the in-flight request finished");
+    let response = slow
+        .join()
+        .unwrap()
+        .expect("the in-flight request finished");
     assert_eq!(response.status, 200);
     let mut child = lb.child.take().unwrap();
     assert!(child.wait().unwrap().success());
     let took = signalled.elapsed();
     // The request needed ~1.7 s more; exit follows at once, far from the 5 s grace period.
-    assert!(took >= Duration::from_millis(1500) && took < Duration::from_millis(3000), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_millis(3000),
+        "{took:?}"
+    );
 }
 
 #[test]
 fn sigterm_on_an_idle_process_exits_promptly() {
     let backend = Backend::start("a");
-    let mut lb = Lb::start(listen(), &format!("upstreams:\n  - address: {}\n", backend.addr));
+    let mut lb = Lb::start(
+        listen(),
+        &format!("upstreams:\n  - address: {}\n", backend.addr),
+    );
     let signalled = Instant::now();
     signal(lb.pid, nix::libc::SIGTERM);
     let mut child = lb.child.take().unwrap();
     assert!(child.wait().unwrap().success());
-    assert!(signalled.elapsed() < Duration::from_millis(2000), "{:?}", signalled.elapsed());
-    assert!(!lb.dir.path().join("run/pingora-lb.pid").exists() || std::fs::read_to_string(lb.dir.path().join("run/pingora-lb.pid")).unwrap().is_empty());
+    assert!(
+        signalled.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        signalled.elapsed()
+    );
+    assert!(
+        !lb.dir.path().join("run/pingora-lb.pid").exists()
+            || std::fs::read_to_string(lb.dir.path().join("run/pingora-lb.pid"))
+                .unwrap()
+                .is_empty()
+    );
 }
 
 #[test]
@@ -175,14 +241,26 @@ fn daemon_mode_returns_once_serving() {
     let port = free_port();
     let config = write_config(
         dir.path(),
-        &format!("listeners: [\"127.0.0.1:{port}\"]\nupstreams:\n  - address: {}\n", backend.addr),
+        &format!(
+            "listeners: [\"127.0.0.1:{port}\"]\nupstreams:\n  - address: {}\n",
+            backend.addr
+        ),
     );
-    let status = std::process::Command::new(BINARY).arg("-d").arg("-c").arg(&config).status().unwrap();
+    let status = std::process::Command::new(BINARY)
+        .arg("-d")
+        .arg("-c")
+        .arg(&config)
+        .status()
+        .unwrap();
     assert!(status.success());
     // No waiting: it serves as soon as -d returns.
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert_eq!(get(addr, "/", &[]).unwrap().status, 200);
-    let pid: i32 = std::fs::read_to_string(dir.path().join("run/pingora-lb.pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(dir.path().join("run/pingora-lb.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(alive(pid));
     signal(pid, nix::libc::SIGTERM);
     assert!(eventually(Duration::from_secs(5), || !alive(pid)));
@@ -204,7 +282,15 @@ impl Load {
         let failures: Arc<Mutex<Vec<String>>> = Default::default();
         let deadline = Instant::now() + limit;
         let mut threads = Vec::new();
-        for kind in ["keepalive", "keepalive", "keepalive", "new", "new", "slow", "slow"] {
+        for kind in [
+            "keepalive",
+            "keepalive",
+            "keepalive",
+            "new",
+            "new",
+            "slow",
+            "slow",
+        ] {
             let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
             threads.push(std::thread::spawn(move || {
                 let mut client: Option<Client> = None;
@@ -228,7 +314,10 @@ impl Load {
                         Ok(r) if r.status == 200 => {
                             ok.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(r) => failures.lock().unwrap().push(format!("{kind}: status {}", r.status)),
+                        Ok(r) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{kind}: status {}", r.status)),
                         Err(e) => {
                             failures.lock().unwrap().push(format!("{kind}: {e}"));
                             client = None;
@@ -237,7 +326,12 @@ impl Load {
                 }
             }));
         }
-        Load { stop, ok, failures, threads }
+        Load {
+            stop,
+            ok,
+            failures,
+            threads,
+        }
     }
 
     fn finish(self) -> (usize, Vec<String>) {
@@ -245,7 +339,10 @@ impl Load {
         for t in self.threads {
             t.join().unwrap();
         }
-        (self.ok.load(Ordering::Relaxed), self.failures.lock().unwrap().clone())
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failures.lock().unwrap().clone(),
+        )
     }
 }
 
@@ -254,7 +351,10 @@ fn twenty_reloads_under_load_fail_no_request() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
     let mut lb = Lb::start(
         listen(),
-        &format!("upstreams:\n  - address: {}\n  - address: {}\n", a.addr, b.addr),
+        &format!(
+            "upstreams:\n  - address: {}\n  - address: {}\n",
+            a.addr, b.addr
+        ),
     );
     let first = lb.pid;
     let load = Load::start(lb.listen, Duration::from_secs(120));
@@ -263,24 +363,48 @@ fn twenty_reloads_under_load_fail_no_request() {
     for round in 0..20 {
         let old = lb.pid;
         let outcome = lb.reload(&[]);
-        assert_eq!(outcome.code, 0, "reload {round}: {outcome:?}\n{}", lb.error_log());
+        assert_eq!(
+            outcome.code,
+            0,
+            "reload {round}: {outcome:?}\n{}",
+            lb.error_log()
+        );
         assert_ne!(lb.pid, old);
         pids.push(lb.pid);
         // The new process announced itself as the main process, and the old one drains
         // without telling systemd it stops.
         let mainpid = format!("MAINPID={}", lb.pid);
-        assert!(lb.notify.wait_for(&mainpid, Duration::from_secs(2)).is_some(), "{:?}", lb.notify.messages);
+        assert!(
+            lb.notify
+                .wait_for(&mainpid, Duration::from_secs(2))
+                .is_some(),
+            "{:?}",
+            lb.notify.messages
+        );
         std::thread::sleep(Duration::from_millis(150));
     }
     std::thread::sleep(Duration::from_millis(500));
     let (ok, failures) = load.finish();
-    assert!(failures.is_empty(), "{} failed of {}: {failures:?}", failures.len(), ok + failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {failures:?}",
+        failures.len(),
+        ok + failures.len()
+    );
     assert!(ok > 200, "too little load: {ok}");
     let messages = lb.notify.drain(Duration::from_millis(200));
-    assert!(!messages.iter().any(|m| m.contains("STOPPING=1")), "{messages:?}");
-    assert_eq!(messages.iter().filter(|m| m.contains("READY=1")).count(), 21);
+    assert!(
+        !messages.iter().any(|m| m.contains("STOPPING=1")),
+        "{messages:?}"
+    );
+    assert_eq!(
+        messages.iter().filter(|m| m.contains("READY=1")).count(),
+        21
+    );
     // Every old process has drained and gone.
-    assert!(eventually(Duration::from_secs(10), || pids[..20].iter().all(|p| !alive(*p))));
+    assert!(eventually(Duration::from_secs(10), || pids[..20]
+        .iter()
+        .all(|p| !alive(*p))));
     assert!(alive(lb.pid));
 }
 
@@ -295,7 +419,10 @@ fn assert_untouched(lb: &Lb, pid: i32) {
 #[test]
 fn a_reload_with_a_broken_config_changes_nothing() {
     let backend = Backend::start("a");
-    let mut lb = Lb::start(listen(), &format!("upstreams:\n  - address: {}\n", backend.addr));
+    let mut lb = Lb::start(
+        listen(),
+        &format!("upstreams:\n  - address: {}\n", backend.addr),
+    );
     let pid = lb.pid;
     let good = std::fs::read_to_string(&lb.config).unwrap();
     std::fs::write(&lb.config, good.replace("upstreams:", "upstreamz:")).unwrap();
@@ -308,7 +435,10 @@ fn a_reload_with_a_broken_config_changes_nothing() {
 #[test]
 fn a_new_process_that_dies_before_taking_the_sockets_changes_nothing() {
     let backend = Backend::start("a");
-    let mut lb = Lb::start(listen(), &format!("upstreams:\n  - address: {}\n", backend.addr));
+    let mut lb = Lb::start(
+        listen(),
+        &format!("upstreams:\n  - address: {}\n", backend.addr),
+    );
     let pid = lb.pid;
     let good = std::fs::read_to_string(&lb.config).unwrap();
     // Valid for the config check, fatal at start: the user does not exist.
@@ -316,14 +446,20 @@ fn a_new_process_that_dies_before_taking_the_sockets_changes_nothing() {
     std::fs::write(&lb.config, broken).unwrap();
     let outcome = lb.reload(&[]);
     assert_eq!(outcome.code, 1, "{outcome:?}");
-    assert!(outcome.stderr.contains("exited during start-up"), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("exited during start-up"),
+        "{outcome:?}"
+    );
     assert_untouched(&lb, pid);
 }
 
 #[test]
 fn a_new_process_that_dies_after_taking_the_sockets_changes_nothing() {
     let backend = Backend::start("a");
-    let mut lb = Lb::start(listen(), &format!("upstreams:\n  - address: {}\n", backend.addr));
+    let mut lb = Lb::start(
+        listen(),
+        &format!("upstreams:\n  - address: {}\n", backend.addr),
+    );
     let pid = lb.pid;
     let good = std::fs::read_to_string(&lb.config).unwrap();
     // Valid for the config check, fatal after the handoff: the name does not resolve.
@@ -331,10 +467,15 @@ fn a_new_process_that_dies_after_taking_the_sockets_changes_nothing() {
     std::fs::write(&lb.config, broken).unwrap();
     let outcome = lb.reload(&[]);
     assert_eq!(outcome.code, 1, "{outcome:?}");
-    assert!(outcome.stderr.contains("exited before serving"), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("exited before serving"),
+        "{outcome:?}"
+    );
     assert_untouched(&lb, pid);
     assert!(
-        eventually(Duration::from_secs(2), || lb.error_log().contains("keeps serving")),
+        eventually(Duration::from_secs(2), || lb
+            .error_log()
+            .contains("keeps serving")),
         "{}",
         lb.error_log()
     );
@@ -343,16 +484,30 @@ fn a_new_process_that_dies_after_taking_the_sockets_changes_nothing() {
 #[test]
 fn an_unreachable_upgrade_socket_fails_the_reload_and_changes_nothing() {
     let backend = Backend::start("a");
-    let mut lb = Lb::start(listen(), &format!("upstreams:\n  - address: {}\n", backend.addr));
+    let mut lb = Lb::start(
+        listen(),
+        &format!("upstreams:\n  - address: {}\n", backend.addr),
+    );
     let pid = lb.pid;
     let good = std::fs::read_to_string(&lb.config).unwrap();
     // The new process waits on a socket the running one does not know about.
-    std::fs::write(&lb.config, good.replace("run/upgrade.sock", "elsewhere/upgrade.sock")).unwrap();
+    std::fs::write(
+        &lb.config,
+        good.replace("run/upgrade.sock", "elsewhere/upgrade.sock"),
+    )
+    .unwrap();
     let started = Instant::now();
     let outcome = lb.reload(&["--timeout", "7"]);
     assert_eq!(outcome.code, 1, "{outcome:?}");
-    assert!(outcome.stderr.contains("did not serve within 7s"), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("did not serve within 7s"),
+        "{outcome:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_untouched(&lb, pid);
-    assert!(lb.error_log().contains("upgrade failed"), "{}", lb.error_log());
+    assert!(
+        lb.error_log().contains("upgrade failed"),
+        "{}",
+        lb.error_log()
+    );
 }

@@ -64,7 +64,10 @@ fn random_selection_uses_every_backend() {
         &format!("{}selection:\n  algorithm: random\n", upstreams(&[&a, &b])),
     );
     let counts = count_backends(&lb, 60, &[]);
-    assert!(counts.get("a").is_some_and(|&n| n > 5) && counts.get("b").is_some_and(|&n| n > 5), "{counts:?}");
+    assert!(
+        counts.get("a").is_some_and(|&n| n > 5) && counts.get("b").is_some_and(|&n| n > 5),
+        "{counts:?}"
+    );
 }
 
 #[test]
@@ -82,11 +85,18 @@ fn consistent_hashing_is_stable_for_a_key() {
     for user in 0..20 {
         let user = format!("user-{user}");
         let counts = count_backends(&lb, 5, &[("X-User", &user)]);
-        assert_eq!(counts.len(), 1, "user {user} moved between backends: {counts:?}");
+        assert_eq!(
+            counts.len(),
+            1,
+            "user {user} moved between backends: {counts:?}"
+        );
         chosen.insert(user, counts.into_keys().next().unwrap());
     }
     let distinct: std::collections::HashSet<_> = chosen.values().collect();
-    assert!(distinct.len() >= 2, "every key went to one backend: {chosen:?}");
+    assert!(
+        distinct.len() >= 2,
+        "every key went to one backend: {chosen:?}"
+    );
 }
 
 #[test]
@@ -94,7 +104,10 @@ fn host_header_override_reaches_the_backend() {
     let a = Backend::start("a");
     let lb = Lb::start(
         format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        &format!("upstreams:\n  - address: {}\n    host: backend.internal\n", a.addr),
+        &format!(
+            "upstreams:\n  - address: {}\n    host: backend.internal\n",
+            a.addr
+        ),
     );
     let response = lb.get("/").unwrap();
     assert_eq!(response.headers["x-seen-host"], "backend.internal");
@@ -133,7 +146,10 @@ fn tls_backend_gets_sni_and_is_verified_against_the_ca_file() {
     let before = backend.requests.load(std::sync::atomic::Ordering::Relaxed);
     let response = unverified.get("/").unwrap();
     assert_eq!(response.status, 502, "{response:?}");
-    assert_eq!(backend.requests.load(std::sync::atomic::Ordering::Relaxed), before);
+    assert_eq!(
+        backend.requests.load(std::sync::atomic::Ordering::Relaxed),
+        before
+    );
 }
 
 #[test]
@@ -170,25 +186,53 @@ fn health_checks_remove_and_restore_a_backend() {
     b.stop();
     let stopped = Instant::now();
     assert!(
-        eventually(Duration::from_secs(3), || lb.error_log().contains(&format!("backend {b_addr} becomes unhealthy"))),
+        eventually(Duration::from_secs(3), || lb
+            .error_log()
+            .contains(&format!("backend {b_addr} becomes unhealthy"))),
         "{}",
         lb.error_log()
     );
     // interval x fall, plus one probe's timeout and scheduling slack.
-    assert!(stopped.elapsed() < Duration::from_millis(2 * 200 + 200 + 600), "{:?}", stopped.elapsed());
+    assert!(
+        stopped.elapsed() < Duration::from_millis(2 * 200 + 200 + 600),
+        "{:?}",
+        stopped.elapsed()
+    );
     let counts = count_backends(&lb, 6, &[]);
     assert_eq!(counts.get("a"), Some(&6), "{counts:?}");
-    let status = lb.notify.wait_for("1/2 backends healthy", Duration::from_secs(2));
-    assert!(status.is_some(), "no STATUS update: {:?}", lb.notify.messages);
+    let status = lb
+        .notify
+        .wait_for("1/2 backends healthy", Duration::from_secs(2));
+    assert!(
+        status.is_some(),
+        "no STATUS update: {:?}",
+        lb.notify.messages
+    );
 
     let back = Backend::start_at("b", b_addr);
     let restarted = Instant::now();
-    assert!(eventually(Duration::from_secs(3), || lb.error_log().contains(&format!("backend {b_addr} becomes healthy"))));
-    assert!(restarted.elapsed() < Duration::from_millis(2 * 200 + 800), "{:?}", restarted.elapsed());
+    assert!(eventually(Duration::from_secs(3), || lb
+        .error_log()
+        .contains(&format!("backend {b_addr} becomes healthy"))));
+    assert!(
+        restarted.elapsed() < Duration::from_millis(2 * 200 + 800),
+        "{:?}",
+        restarted.elapsed()
+    );
     assert_eq!(count_backends(&lb, 4, &[]).len(), 2);
     let log = lb.error_log();
-    assert_eq!(log.matches(&format!("backend {b_addr} becomes unhealthy")).count(), 1, "{log}");
-    assert_eq!(log.matches(&format!("backend {b_addr} becomes healthy")).count(), 1, "{log}");
+    assert_eq!(
+        log.matches(&format!("backend {b_addr} becomes unhealthy"))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(&format!("backend {b_addr} becomes healthy"))
+            .count(),
+        1,
+        "{log}"
+    );
     drop(back);
 }
 
@@ -204,6 +248,13 @@ fn all_backends_down_is_answered_fast() {
     );
     let started = Instant::now();
     let response = lb.get("/").unwrap();
-    assert!(response.status == 502 || response.status == 503, "{response:?}");
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        response.status == 502 || response.status == 503,
+        "{response:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }

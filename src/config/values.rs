@@ -60,7 +60,10 @@ pub(super) fn status<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
 
 pub(super) fn http_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let path = String::deserialize(d)?;
-    if path.starts_with('/') && !path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    if path.starts_with('/')
+        && !path
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
     {
         Ok(path)
     } else {
@@ -85,7 +88,9 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmpty<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let items = Vec::<T>::deserialize(d)?;
         if items.is_empty() {
-            return Err(D::Error::custom("the list is empty: give at least one entry"));
+            return Err(D::Error::custom(
+                "the list is empty: give at least one entry",
+            ));
         }
         Ok(NonEmpty(items))
     }
@@ -312,9 +317,7 @@ impl FromStr for UpstreamAddress {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let invalid = || {
-            format!(
-                "{s:?} is not a backend address: write IP:PORT, [IPv6]:PORT or HOSTNAME:PORT"
-            )
+            format!("{s:?} is not a backend address: write IP:PORT, [IPv6]:PORT or HOSTNAME:PORT")
         };
         if let Ok(addr) = s.parse::<SocketAddr>() {
             if addr.port() == 0 {
@@ -453,9 +456,18 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!("500ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(500));
-        assert_eq!("2s".parse::<HumanDuration>().unwrap().0, Duration::from_secs(2));
-        assert_eq!("1m".parse::<HumanDuration>().unwrap().0, Duration::from_secs(60));
+        assert_eq!(
+            "500ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            "2s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            "1m".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(60)
+        );
         assert!("0s".parse::<HumanDuration>().is_err());
         assert!("2 weeks".parse::<HumanDuration>().is_err());
     }
@@ -467,7 +479,14 @@ mod tests {
         assert_eq!(named.host(), "backend-1.example.com");
         let v6: UpstreamAddress = "[::1]:80".parse().unwrap();
         assert_eq!(v6.to_string(), "[::1]:80");
-        for bad in ["1.2.3.4", "1.2.3.4:0", "1.2.3.999:80", "host_name:80", ":80", "a:b:c"] {
+        for bad in [
+            "1.2.3.4",
+            "1.2.3.4:0",
+            "1.2.3.999:80",
+            "host_name:80",
+            ":80",
+            "a:b:c",
+        ] {
             assert!(bad.parse::<UpstreamAddress>().is_err(), "{bad}");
         }
     }
@@ -481,7 +500,10 @@ mod tests {
 
     #[test]
     fn hash_keys() {
-        assert_eq!("header:X-User".parse::<HashKey>().unwrap(), HashKey::Header("X-User".into()));
+        assert_eq!(
+            "header:X-User".parse::<HashKey>().unwrap(),
+            HashKey::Header("X-User".into())
+        );
         assert!("header:bad header".parse::<HashKey>().is_err());
         assert!("cookie".parse::<HashKey>().is_err());
     }

@@ -93,7 +93,12 @@ impl BackendHealth {
                         let host = settings
                             .host
                             .clone()
-                            .or_else(|| route.host.as_ref().and_then(|h| h.to_str().ok().map(String::from)))
+                            .or_else(|| {
+                                route
+                                    .host
+                                    .as_ref()
+                                    .and_then(|h| h.to_str().ok().map(String::from))
+                            })
                             .unwrap_or_else(|| route.name.clone());
                         let mut probe = HttpHealthCheck::new(&host, route.tls);
                         let mut peer = route.peer.clone();
@@ -101,8 +106,9 @@ impl BackendHealth {
                         peer.options.total_connection_timeout = Some(settings.timeout.0);
                         peer.options.read_timeout = Some(settings.timeout.0);
                         probe.peer_template = peer;
-                        let mut request = RequestHeader::build("GET", settings.path.as_bytes(), None)
-                            .expect("the path was validated with the configuration");
+                        let mut request =
+                            RequestHeader::build("GET", settings.path.as_bytes(), None)
+                                .expect("the path was validated with the configuration");
                         request
                             .insert_header(http::header::HOST, host)
                             .expect("a host name is a valid header value");
@@ -113,7 +119,10 @@ impl BackendHealth {
                                 Ok(())
                             } else {
                                 Error::e_explain(
-                                    ErrorType::CustomCode("unexpected status", response.status.as_u16()),
+                                    ErrorType::CustomCode(
+                                        "unexpected status",
+                                        response.status.as_u16(),
+                                    ),
                                     format!("health check expected status {expected}"),
                                 )
                             }

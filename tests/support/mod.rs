@@ -17,7 +17,11 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_pingora-lb");
 /// A free TCP port on loopback (bound and released; the kernel does not hand it out again
 /// at once).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// What a backend saw of one request.
@@ -75,18 +79,29 @@ impl Backend {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         stream.set_nonblocking(false).unwrap();
-                        let (name, seen, requests, stop, tls) =
-                            (name.clone(), seen.clone(), requests.clone(), stop.clone(), tls.clone());
+                        let (name, seen, requests, stop, tls) = (
+                            name.clone(),
+                            seen.clone(),
+                            requests.clone(),
+                            stop.clone(),
+                            tls.clone(),
+                        );
                         std::thread::spawn(move || {
                             let _ = match tls {
-                                None => serve_connection(stream, &name, None, &seen, &requests, &stop),
+                                None => {
+                                    serve_connection(stream, &name, None, &seen, &requests, &stop)
+                                }
                                 Some(acceptor) => {
-                                    let Ok(tls_stream) = acceptor.accept(stream) else { return };
+                                    let Ok(tls_stream) = acceptor.accept(stream) else {
+                                        return;
+                                    };
                                     let sni = tls_stream
                                         .ssl()
                                         .servername(openssl::ssl::NameType::HOST_NAME)
                                         .map(String::from);
-                                    serve_connection(tls_stream, &name, sni, &seen, &requests, &stop)
+                                    serve_connection(
+                                        tls_stream, &name, sni, &seen, &requests, &stop,
+                                    )
                                 }
                             };
                         });
@@ -129,7 +144,11 @@ fn serve_connection<S: Read + Write>(
         if reader.read_line(&mut request_line)? == 0 {
             return Ok(());
         }
-        let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .to_string();
         let mut headers = HashMap::new();
         loop {
             let mut line = String::new();
@@ -142,7 +161,10 @@ fn serve_connection<S: Read + Write>(
                 headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
             }
         }
-        let length: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+        let length: usize = headers
+            .get("content-length")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0);
         let mut body = vec![0; length];
         reader.read_exact(&mut body)?;
         if let Some(ms) = path.strip_prefix("/slow/").and_then(|m| m.parse().ok()) {
@@ -155,7 +177,9 @@ fn serve_connection<S: Read + Write>(
             path: path.clone(),
         });
         let close = stop.load(Ordering::Relaxed)
-            || headers.get("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+            || headers
+                .get("connection")
+                .is_some_and(|c| c.eq_ignore_ascii_case("close"));
         let forwarded = headers.get("x-forwarded-for").cloned().unwrap_or_default();
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Backend: {name}\r\nX-Seen-Host: {}\r\nX-Seen-Forwarded-For: {forwarded}\r\n{}\r\n{name}",
@@ -197,27 +221,41 @@ impl TlsMaterial {
         let ca_key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
         let mut ca = X509::builder().unwrap();
         ca.set_version(2).unwrap();
-        ca.set_serial_number(&BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap()).unwrap();
+        ca.set_serial_number(&BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap())
+            .unwrap();
         ca.set_subject_name(&name("pingora-lb test CA")).unwrap();
         ca.set_issuer_name(&name("pingora-lb test CA")).unwrap();
         ca.set_pubkey(&ca_key).unwrap();
-        ca.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
-        ca.set_not_after(&Asn1Time::days_from_now(2).unwrap()).unwrap();
-        ca.append_extension(BasicConstraints::new().critical().ca().build().unwrap()).unwrap();
-        ca.append_extension(KeyUsage::new().critical().key_cert_sign().crl_sign().build().unwrap())
+        ca.set_not_before(&Asn1Time::days_from_now(0).unwrap())
             .unwrap();
+        ca.set_not_after(&Asn1Time::days_from_now(2).unwrap())
+            .unwrap();
+        ca.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+            .unwrap();
+        ca.append_extension(
+            KeyUsage::new()
+                .critical()
+                .key_cert_sign()
+                .crl_sign()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
         ca.sign(&ca_key, MessageDigest::sha256()).unwrap();
         let ca = ca.build();
 
         let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
         let mut cert = X509::builder().unwrap();
         cert.set_version(2).unwrap();
-        cert.set_serial_number(&BigNum::from_u32(2).unwrap().to_asn1_integer().unwrap()).unwrap();
+        cert.set_serial_number(&BigNum::from_u32(2).unwrap().to_asn1_integer().unwrap())
+            .unwrap();
         cert.set_subject_name(&name(dns_name)).unwrap();
         cert.set_issuer_name(ca.subject_name()).unwrap();
         cert.set_pubkey(&key).unwrap();
-        cert.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
-        cert.set_not_after(&Asn1Time::days_from_now(2).unwrap()).unwrap();
+        cert.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        cert.set_not_after(&Asn1Time::days_from_now(2).unwrap())
+            .unwrap();
         let san = SubjectAlternativeName::new()
             .dns(dns_name)
             .build(&cert.x509v3_context(Some(&ca), None))
@@ -255,7 +293,11 @@ impl Response {
 }
 
 /// One HTTP/1.1 request on a new connection.
-pub fn get(addr: SocketAddr, path: &str, extra_headers: &[(&str, &str)]) -> std::io::Result<Response> {
+pub fn get(
+    addr: SocketAddr,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+) -> std::io::Result<Response> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut client = Client::over(stream);
@@ -321,11 +363,15 @@ impl Client {
                 headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
             }
         }
-        let body = if let Some(length) = headers.get("content-length").and_then(|l| l.parse().ok()) {
+        let body = if let Some(length) = headers.get("content-length").and_then(|l| l.parse().ok())
+        {
             let mut body = vec![0; length];
             self.reader.read_exact(&mut body)?;
             body
-        } else if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        } else if headers
+            .get("transfer-encoding")
+            .is_some_and(|t| t.contains("chunked"))
+        {
             let mut body = Vec::new();
             loop {
                 let mut size = String::new();
@@ -344,7 +390,10 @@ impl Client {
             self.reader.read_to_end(&mut body)?;
             body
         };
-        if headers.get("connection").is_some_and(|c| c.eq_ignore_ascii_case("close")) {
+        if headers
+            .get("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+        {
             self.closed_by_server = true;
         }
         Ok(Response {
@@ -386,7 +435,11 @@ impl NotifySocket {
         let mut buf = vec![0u8; 4096];
         while Instant::now() < deadline {
             self.socket
-                .set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))
+                .set_read_timeout(Some(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                ))
                 .unwrap();
             if let Ok(n) = self.socket.recv(&mut buf) {
                 let message = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -437,7 +490,11 @@ pub fn write_config(dir: &Path, body: &str) -> PathBuf {
         format!("error_log: {dir}/error.log"),
         "grace_period_seconds: 5".to_string(),
         // Tests about privileges set `user`; the others stay who they are.
-        if is_root() { "user: root".to_string() } else { String::new() },
+        if is_root() {
+            "user: root".to_string()
+        } else {
+            String::new()
+        },
     ];
     let mut text = String::new();
     for line in defaults.iter().filter(|l| !l.is_empty()) {
@@ -549,7 +606,13 @@ pub fn is_root() -> bool {
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 
