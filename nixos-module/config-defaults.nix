@@ -1,0 +1,46 @@
+# The values of dist/pingora-lb.yaml, the packaged default config, that the NixOS module uses
+# as the defaults of services.pingora-lb.settings. tests/nix/check.sh compares this file with
+# the YAML file key by key and fails on any difference; the one key deliberately left out is
+# `upstreams` (the YAML file has placeholders, the module makes you name your backends).
+{
+  version = 1;
+  threads = 2;
+
+  pid_file = "/run/pingora-lb/pingora-lb.pid";
+  upgrade_sock = "/run/pingora-lb/upgrade.sock";
+
+  error_log = "syslog";
+  syslog = {
+    identifier = "pingora-lb";
+    facility = "daemon";
+  };
+  log_level = "info";
+
+  user = "pingora-lb";
+  group = "pingora-lb";
+
+  grace_period_seconds = 30;
+  graceful_shutdown_timeout_seconds = 5;
+
+  listeners = [ "0.0.0.0:8080" ];
+
+  selection = {
+    algorithm = "round_robin";
+  };
+
+  health_check = {
+    kind = "tcp";
+    interval = "1s";
+    timeout = "1s";
+    rise = 1;
+    fall = 1;
+  };
+
+  timeouts = {
+    connect = "2s";
+    read = "60s";
+    idle = "60s";
+  };
+
+  retries = 2;
+}

@@ -1,0 +1,364 @@
+# NixOS module: services.pingora-lb, the HTTP load balancer with zero-downtime reload.
+#
+#   imports = [ pingora-lb.nixosModules.default ];   # from this repository's flake
+#   services.pingora-lb = {
+#     enable = true;
+#     openFirewall = true;
+#     settings.listeners = [ "0.0.0.0:80" ];
+#     settings.upstreams = [ { address = "10.0.0.11:8080"; } { address = "10.0.0.12:8080"; } ];
+#   };
+#
+# The unit is dist/pingora-lb.service, the one every package ships: its directives come from
+# ./unit-settings.nix, which tests/nix/check.sh keeps equal to that file. The settings default
+# to dist/pingora-lb.yaml (./config-defaults.nix, checked the same way). A configuration
+# change is applied by `systemctl reload` (socket handoff to a new process, no connection
+# lost), never by a restart; a configuration the daemon refuses fails the build, or, for a
+# file outside the Nix store, the reload, while the running process keeps serving.
+{ config
+, lib
+, pkgs
+, ...
+}:
+
+let
+  cfg = config.services.pingora-lb;
+
+  format = pkgs.formats.yaml { };
+
+  # The packaged default config (dist/pingora-lb.yaml) as Nix values.
+  defaults = import ./config-defaults.nix;
+
+  # Every directive and the reload command read the config at this path. Its target changes
+  # with each generation while the path stays put, so the `systemctl reload` that
+  # switch-to-configuration runs (after /etc has been updated) starts a process that reads
+  # the new file.
+  configPath = "/etc/pingora-lb/pingora-lb.yaml";
+
+  # Runtime directory of the unit (RuntimeDirectory=pingora-lb): with ProtectSystem=strict
+  # the only place the service can create its pid file and upgrade socket.
+  runtimeDir = "/run/pingora-lb";
+
+  # The directives of dist/pingora-lb.service, with this system's paths and accounts.
+  unit = import ./unit-settings.nix {
+    bin = lib.getExe cfg.package;
+    configFile = configPath;
+    inherit (cfg) user group;
+  };
+
+  # A setting set to null is left out of the file: the binary's own default applies.
+  generatedConfig = format.generate "pingora-lb.yaml"
+    (lib.filterAttrsRecursive (_: value: value != null) cfg.settings);
+
+  # A path outside the Nix store (a mutable or secret file) cannot be read by a build: it is
+  # only checked when the service starts (ExecStartPre) and by the reload command.
+  isRuntimeFile = builtins.isString cfg.configFile
+    && !lib.hasPrefix "${builtins.storeDir}/" cfg.configFile;
+
+  checkedConfig =
+    if cfg.checkConfig && !isRuntimeFile
+      && pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform
+    then
+      pkgs.runCommand "pingora-lb-checked.yaml"
+        {
+          nativeBuildInputs = [ cfg.package ];
+          preferLocalBuild = true;
+        }
+        ''
+          # The same check as ExecStartPre and the reload command: a config the daemon
+          # would refuse fails the build, with the file, line and key in the message.
+          pingora-lb -t -c ${cfg.configFile}
+          ln -s ${cfg.configFile} "$out"
+        ''
+    else cfg.configFile;
+
+  # One argument of an Exec*= line: quoted, with systemd's specifier and variable
+  # characters escaped.
+  systemdArg = arg: lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON arg);
+
+  listenerPort = address: lib.toInt (lib.last (lib.splitString ":" address));
+
+  errorLogIsFile = lib.hasPrefix "/" cfg.settings.error_log;
+  logsDir = "/var/log/pingora-lb/";
+
+  inRuntimeDir = path: path == null || lib.hasPrefix "${runtimeDir}/" path;
+
+  settingsOptions = {
+    threads = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = defaults.threads;
+      description = "Worker threads of the proxy service.";
+    };
+
+    pid_file = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = defaults.pid_file;
+      description = ''
+        Where the daemon writes its pid. It must be in {file}`${runtimeDir}`, the only
+        directory the sandboxed service can write to; `null` writes none.
+      '';
+    };
+
+    upgrade_sock = lib.mkOption {
+      type = lib.types.str;
+      default = defaults.upgrade_sock;
+      description = ''
+        Unix socket over which the listening sockets are handed to the new process on
+        reload. It must be in {file}`${runtimeDir}` (owned by the service user, mode 0750).
+      '';
+    };
+
+    error_log = lib.mkOption {
+      type = lib.types.str;
+      default = defaults.error_log;
+      example = "/var/log/pingora-lb/error.log";
+      description = ''
+        `syslog` (read by journald: `journalctl -t pingora-lb`), `stderr` (the unit's
+        journal), or an absolute file path. A file in {file}`${logsDir}` gets that directory
+        as the unit's `LogsDirectory=`; a file elsewhere gets its directory added to
+        `ReadWritePaths=`.
+      '';
+    };
+
+    log_level = lib.mkOption {
+      type = lib.types.enum [ "off" "error" "warn" "info" "debug" "trace" ];
+      default = defaults.log_level;
+      description = "Least severe level logged; `RUST_LOG` in the service's environment overrides it.";
+    };
+
+    user = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = cfg.user;
+      defaultText = lib.literalExpression "config.services.pingora-lb.user";
+      description = ''
+        Account the daemon runs as. systemd already starts it as
+        {option}`services.pingora-lb.user`: keep the two in agreement.
+      '';
+    };
+
+    group = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = cfg.group;
+      defaultText = lib.literalExpression "config.services.pingora-lb.group";
+      description = "Group the daemon runs as; keep it equal to {option}`services.pingora-lb.group`.";
+    };
+
+    grace_period_seconds = lib.mkOption {
+      type = lib.types.ints.unsigned;
+      default = defaults.grace_period_seconds;
+      description = ''
+        How long in-flight requests may still finish after a stop or a handoff. The unit
+        gives a stop 45 s (`TimeoutStopSec=`), enough for the default 30 + 5: raise
+        `systemd.services.pingora-lb.serviceConfig.TimeoutStopSec` with it.
+      '';
+    };
+
+    graceful_shutdown_timeout_seconds = lib.mkOption {
+      type = lib.types.ints.unsigned;
+      default = defaults.graceful_shutdown_timeout_seconds;
+      description = "Time given to the runtimes to stop once the grace period is over.";
+    };
+
+    listeners = lib.mkOption {
+      type = lib.types.nonEmptyListOf
+        (lib.types.strMatching "([0-9]{1,3}(\\.[0-9]{1,3}){3}|\\[[0-9a-fA-F:.]+]):[0-9]{1,5}");
+      default = defaults.listeners;
+      example = [ "0.0.0.0:80" "[::1]:80" ];
+      description = ''
+        `IP:PORT` addresses to accept HTTP on (`[IPv6]:PORT` for IPv6). Ports below 1024 work:
+        the unit grants `CAP_NET_BIND_SERVICE`, which the daemon drops once they are bound.
+        {option}`services.pingora-lb.openFirewall` opens these ports.
+      '';
+    };
+
+    upstreams = lib.mkOption {
+      type = lib.types.nonEmptyListOf (lib.types.submodule {
+        freeformType = format.type;
+        options.address = lib.mkOption {
+          type = lib.types.str;
+          example = "10.0.0.11:8080";
+          description = "`IP:port` or `hostname:port` of the backend.";
+        };
+      });
+      example = [
+        { address = "10.0.0.11:8080"; }
+        { address = "10.0.0.12:8080"; weight = 2; }
+        { address = "api.internal:443"; tls = true; }
+      ];
+      description = ''
+        The backends requests are spread over, each with the keys `address`, `weight`, `tls`,
+        `sni`, `host`, `verify_cert` and `ca_file`. There is no default: the packaged config
+        only has placeholders.
+      '';
+    };
+  };
+in
+{
+  options.services.pingora-lb = {
+    enable = lib.mkEnableOption "pingora-lb, an HTTP load balancer with zero-downtime reload";
+
+    package = lib.mkPackageOption pkgs "pingora-lb" {
+      extraDescription = ''
+        pingora-lb is not in nixpkgs: add the pingora-lb flake's `overlays.default` to
+        {option}`nixpkgs.overlays`, or import the flake's `nixosModules.default`, which falls
+        back to the flake's own build.
+      '';
+    };
+
+    user = lib.mkOption {
+      type = lib.types.str;
+      default = "pingora-lb";
+      description = ''
+        User the service runs as (`User=`). The default account is created; any other
+        must exist already.
+      '';
+    };
+
+    group = lib.mkOption {
+      type = lib.types.str;
+      default = "pingora-lb";
+      description = ''
+        Group the service runs as (`Group=`). The default group is created; any other
+        must exist already.
+      '';
+    };
+
+    settings = lib.mkOption {
+      type = lib.types.submodule {
+        freeformType = format.type;
+        options = settingsOptions;
+      };
+      default = { };
+      example = lib.literalExpression ''
+        {
+          listeners = [ "0.0.0.0:80" ];
+          upstreams = [
+            { address = "10.0.0.11:8080"; }
+            { address = "10.0.0.12:8080"; }
+          ];
+          selection.algorithm = "consistent_hash";
+          selection.key = "header:X-User";
+          health_check = {
+            kind = "http";
+            path = "/healthz";
+          };
+        }
+      '';
+      description = ''
+        The configuration file {file}`${configPath}`, as Nix values. The defaults are those
+        of the packaged config (dist/pingora-lb.yaml); set at least `upstreams`. Unknown keys
+        are rejected by the daemon, and so by the build (see
+        {option}`services.pingora-lb.checkConfig`). A value set to `null` is left out.
+        Every key is described in the project's README, section "Configuration reference".
+      '';
+    };
+
+    configFile = lib.mkOption {
+      type = lib.types.path;
+      default = generatedConfig;
+      defaultText = lib.literalMD "a file generated from {option}`services.pingora-lb.settings`";
+      example = "/var/lib/secrets/pingora-lb.yaml";
+      description = ''
+        The configuration file, instead of one generated from
+        {option}`services.pingora-lb.settings`. It is linked to {file}`${configPath}`, the
+        path the unit reads. A file in the Nix store is checked at build time; a path outside
+        it (kept up to date by other means) is only checked when the service starts or
+        reloads (give such a path as a string, so that it is not copied into the store), and
+        a change to its contents is applied by `systemctl reload pingora-lb`, not by a system
+        switch.
+      '';
+    };
+
+    checkConfig = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        Check the configuration file with `pingora-lb -t` when the system is built, so that
+        a config the daemon would refuse fails the build instead of the reload. Turn it off
+        when the file refers to something a build cannot read, such as a `ca_file` outside
+        the Nix store.
+      '';
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Open the TCP ports of {option}`services.pingora-lb.settings.listeners` in the
+        firewall. With {option}`services.pingora-lb.configFile` set, keep `settings.listeners`
+        in step with it or open the ports yourself.
+      '';
+    };
+
+    extraArgs = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      description = ''
+        Extra command-line arguments of the daemon started by the unit (`ExecStart=`). A
+        process started by a reload gets its arguments from `pingora-lb reload`, not from
+        here: put lasting settings in the configuration file.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    # Defaults of the keys without a typed option, leaf by leaf, so that setting one key of
+    # a section (health_check.kind, say) keeps the packaged values of the others.
+    services.pingora-lb.settings = lib.mapAttrsRecursive (_: lib.mkDefault) {
+      inherit (defaults) version syslog selection health_check timeouts retries;
+    };
+
+    assertions = [
+      {
+        assertion = inRuntimeDir cfg.settings.upgrade_sock && inRuntimeDir cfg.settings.pid_file;
+        message = ''
+          services.pingora-lb.settings.upgrade_sock and pid_file must be in ${runtimeDir}/:
+          the service's file system is read-only everywhere else (ProtectSystem=strict).
+        '';
+      }
+    ];
+
+    environment.systemPackages = [ cfg.package ];
+
+    environment.etc."pingora-lb/pingora-lb.yaml".source = checkedConfig;
+
+    systemd.services.pingora-lb = {
+      description = unit.Unit.Description;
+      documentation = unit.Unit.Documentation;
+      wants = unit.Unit.Wants;
+      after = unit.Unit.After;
+      wantedBy = unit.Install.WantedBy;
+
+      # A new config is applied by a reload (socket handoff, no connection lost), never by
+      # a restart: the unit file itself does not change, only this trigger and the /etc
+      # link it reads. A new package changes ExecStart and restarts the service.
+      reloadTriggers = [ checkedConfig ];
+      restartTriggers = [ cfg.package ];
+
+      serviceConfig = unit.Service // {
+        ExecStart = unit.Service.ExecStart + lib.concatMapStrings (arg: " " + systemdArg arg) cfg.extraArgs;
+      }
+        // lib.optionalAttrs (errorLogIsFile && lib.hasPrefix logsDir cfg.settings.error_log) {
+        LogsDirectory = "pingora-lb";
+        LogsDirectoryMode = "0750";
+      }
+        // lib.optionalAttrs (errorLogIsFile && !lib.hasPrefix logsDir cfg.settings.error_log) {
+        ReadWritePaths = [ (dirOf cfg.settings.error_log) ];
+      };
+    };
+
+    users.users = lib.optionalAttrs (cfg.user == "pingora-lb") {
+      pingora-lb = {
+        isSystemUser = true;
+        inherit (cfg) group;
+        description = "pingora-lb load balancer";
+      };
+    };
+
+    users.groups = lib.optionalAttrs (cfg.group == "pingora-lb") {
+      pingora-lb = { };
+    };
+
+    networking.firewall.allowedTCPPorts =
+      lib.mkIf cfg.openFirewall (lib.unique (map listenerPort cfg.settings.listeners));
+  };
+}
