@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: lint, unit and integration tests on the real binary
+# (as root: privilege tests need it), the .deb built and linted, the .rpm built, linted and
+# installed into a scratch root, the Nix files checked, and the .deb installed and reloaded
+# under load in a real systemd booted in a container.
+#
+# Usage: sudo bash tests/run-all.sh        (installs what a fresh Debian machine lacks)
+# SKIP_SYSTEM=1 leaves out the systemd container test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step() { printf '\n==> %s (%ss)\n' "$*" "$SECONDS"; }
+
+[ "$(id -u)" = 0 ] || { echo "run as root: the privilege and packaging tests need it" >&2; exit 1; }
+
+step "system packages"
+packages=(build-essential cmake pkg-config libssl-dev debhelper fakeroot lintian rpm rpmlint
+          nix-bin mmdebstrap systemd-container curl python3 wrk haproxy nginx-light)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The packaged haproxy and nginx are only used by the benchmark: keep them stopped.
+systemctl disable --now haproxy nginx >/dev/null 2>&1 || true
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test --release (unit and integration tests)"
+cargo test --release --locked
+
+step "Debian package: dpkg-buildpackage and lintian"
+rm -rf "$CARGO_TARGET_DIR/debian-out"
+bash tests/packaging/deb-build.sh "$CARGO_TARGET_DIR/debian-out"
+
+step "RPM package: rpmbuild, rpmlint, install into a scratch root"
+bash rpm/build-and-check.sh
+
+step "Nix: parse, deadnix, nixpkgs-fmt, flake evaluation, unit drift"
+for tool in deadnix nixpkgs-fmt; do
+    command -v "$tool" >/dev/null || cargo install --locked --quiet "$tool"
+done
+bash tests/nix/check.sh
+
+if [ "${SKIP_SYSTEM:-}" != 1 ]; then
+    step "systemd: apt install, reload under load, package upgrade, purge"
+    bash tests/system/deb-in-systemd.sh "$CARGO_TARGET_DIR"/debian-out/pingora-lb_*.deb
+fi
+
+step "all tests passed"
