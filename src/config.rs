@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 pub use error::{ConfigError, EXIT_CONFIG};
 pub use values::{
-    AbsolutePath, CaFile, HashKey, HumanDuration, ListenAddress, LogLevel, NonEmpty,
+    AbsolutePath, CaFile, Cidr, HashKey, HumanDuration, ListenAddress, LogLevel, NonEmpty,
     SyslogFacility, UpstreamAddress, Weight,
 };
 
@@ -91,6 +91,94 @@ pub struct Config {
     /// How many other backends a request is tried on when connecting to its backend fails.
     #[serde(default = "defaults::retries", deserialize_with = "values::retries")]
     pub retries: usize,
+    /// Headers telling backends who the client is.
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    /// One line per request.
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+    /// The Prometheus and status endpoint.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// Headers telling backends who the client is.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forwarding {
+    /// Send `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host`.
+    #[serde(default)]
+    pub x_forwarded: bool,
+    /// Send the RFC 7239 `Forwarded` header.
+    #[serde(default)]
+    pub forwarded: bool,
+    /// Clients whose own forwarding headers are kept and appended to; anyone else's are
+    /// replaced, so a client cannot pose as another.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AccessLogDestination {
+    /// No access log.
+    #[default]
+    Off,
+    /// The local syslog socket.
+    Syslog,
+    /// A file, reopened on SIGHUP.
+    File(PathBuf),
+}
+
+/// Format of access log lines.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// The combined log format, with the upstream, durations and retries appended.
+    #[default]
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The access log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// `off`, `syslog` or an absolute file path.
+    #[serde(default)]
+    pub destination: AccessLogDestination,
+    /// Line format.
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// Fraction of requests logged, from 0 (none) to 1 (all).
+    #[serde(
+        default = "defaults::sample_rate",
+        deserialize_with = "values::sample_rate"
+    )]
+    pub sample_rate: f64,
+    /// Syslog settings, apart from the error log's.
+    #[serde(default = "defaults::access_syslog")]
+    pub syslog: SyslogConfig,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            destination: AccessLogDestination::Off,
+            format: AccessLogFormat::Combined,
+            sample_rate: defaults::sample_rate(),
+            syslog: defaults::access_syslog(),
+        }
+    }
+}
+
+/// The Prometheus (`/metrics`) and backend status (`/status`) endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where it listens; keep it on a private address.
+    pub listen: ListenAddress,
 }
 
 /// One backend.
@@ -309,6 +397,17 @@ impl Config {
     fn check_consistency(&self, name: &str, text: &str) -> Result<(), ConfigError> {
         let fail =
             |key: String, message: String| Err(ConfigError::at_key(name, text, key, message));
+        if let Some(metrics) = &self.metrics {
+            if self.listeners.contains(&metrics.listen) {
+                return fail(
+                    "metrics.listen".to_string(),
+                    format!(
+                        "{} is also a proxy listener; give the metrics endpoint its own port",
+                        metrics.listen
+                    ),
+                );
+            }
+        }
         for (i, listener) in self.listeners.iter().enumerate() {
             if self.listeners[..i].contains(listener) {
                 return fail(
@@ -441,6 +540,15 @@ mod defaults {
     }
     pub fn syslog_identifier() -> String {
         "pingora-lb".into()
+    }
+    pub fn sample_rate() -> f64 {
+        1.0
+    }
+    pub fn access_syslog() -> super::SyslogConfig {
+        super::SyslogConfig {
+            identifier: "pingora-lb-access".into(),
+            ..super::SyslogConfig::default()
+        }
     }
 }
 

@@ -3,16 +3,22 @@
 //!
 //! The binary (`main.rs`) only dispatches the command line to these modules.
 
+/// The access log and its writer thread.
+pub mod access_log;
 /// The command line.
 pub mod cli;
 /// The YAML configuration and its validation.
 pub mod config;
+/// X-Forwarded-* and Forwarded headers.
+pub mod forwarding;
 /// The process's life after start-up: readiness, signals, handoff, draining.
 pub mod lifecycle;
 /// Binding the listening sockets and handing them to pingora.
 pub mod listeners;
 /// The error log: stderr, syslog or a file.
 pub mod logging;
+/// Prometheus metrics and the status endpoint.
+pub mod metrics;
 /// sd_notify messages to systemd.
 pub mod notify;
 /// Giving up root and capabilities after binding.

@@ -19,6 +19,7 @@ use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::access_log::AccessLog;
 use crate::notify;
 use crate::proxy::Traffic;
 use crate::readiness::Readiness;
@@ -53,6 +54,9 @@ pub struct Lifecycle {
     /// The process that handed its sockets to this one, until told we serve.
     predecessor: Mutex<Option<Predecessor>>,
     readiness: Mutex<Readiness>,
+    /// 1 for a fresh start, one more than the predecessor's after a handoff.
+    generation: u64,
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl Lifecycle {
@@ -66,6 +70,8 @@ impl Lifecycle {
         pid_file: Option<PidFile>,
         predecessor: Option<Predecessor>,
         readiness: Readiness,
+        generation: u64,
+        access_log: Option<Arc<AccessLog>>,
     ) -> Arc<Lifecycle> {
         Arc::new(Lifecycle {
             traffic,
@@ -76,6 +82,8 @@ impl Lifecycle {
             pid_file,
             predecessor: Mutex::new(predecessor),
             readiness: Mutex::new(readiness),
+            generation,
+            access_log,
         })
     }
 
@@ -84,8 +92,8 @@ impl Lifecycle {
         format!(
             "serving on {}; {}/{} backends healthy",
             listening.join(", "),
-            self.upstreams.status.healthy(),
-            self.upstreams.status.total()
+            self.upstreams.healthy(),
+            self.upstreams.total()
         )
     }
 
@@ -171,7 +179,7 @@ impl BackgroundService for Announcer {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = lifecycle.upstreams.status.changed.notified() => {
+                _ = lifecycle.upstreams.health_changed.notified() => {
                     notify::status(&lifecycle.status_line());
                 }
                 _ = tick.tick(), if watchdog.is_some() => notify::watchdog(),
@@ -212,7 +220,10 @@ impl ShutdownSignalWatch for Signals {
                 }
                 _ = hup.recv() => {
                     crate::logging::reopen();
-                    info!("SIGHUP: error log reopened; apply a new configuration with `pingora-lb reload`");
+                    if let Some(access_log) = &lifecycle.access_log {
+                        access_log.reopen();
+                    }
+                    info!("SIGHUP: log files reopened; apply a new configuration with `pingora-lb reload`");
                 }
                 _ = quit.recv() => {
                     if handoff.is_some() {
@@ -222,9 +233,10 @@ impl ShutdownSignalWatch for Signals {
                     info!("SIGQUIT: handing the listening sockets over through {}", lifecycle.upgrade_sock.display());
                     let (done, result) = tokio::sync::oneshot::channel();
                     let (path, sockets) = (lifecycle.upgrade_sock.clone(), lifecycle.sockets.clone());
+                    let generation = lifecycle.generation;
                     // Blocking code on a plain thread, so that it never holds up the runtime.
                     std::thread::spawn(move || {
-                        let _ = done.send(upgrade::hand_over(&path, &sockets));
+                        let _ = done.send(upgrade::hand_over(&path, &sockets, generation));
                     });
                     handoff = Some(result);
                 }

@@ -74,6 +74,16 @@ impl ListeningSockets {
         Ok(ListeningSockets { sockets })
     }
 
+    /// Takes the socket of `address` out of this set, to attach it to another service.
+    pub fn split_off(&mut self, address: &ListenAddress) -> ListeningSockets {
+        let key = address.to_string();
+        let (taken, kept) = std::mem::take(&mut self.sockets)
+            .into_iter()
+            .partition(|(k, _)| *k == key);
+        self.sockets = kept;
+        ListeningSockets { sockets: taken }
+    }
+
     /// The address strings, in configuration order.
     pub fn addresses(&self) -> impl Iterator<Item = &str> {
         self.sockets.iter().map(|(key, _)| key.as_str())

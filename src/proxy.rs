@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use log::warn;
@@ -13,7 +14,9 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorType, Result};
 
-use crate::config::HashKey;
+use crate::access_log::{AccessLog, Entry};
+use crate::config::{Forwarding, HashKey};
+use crate::metrics::Metrics;
 use crate::upstreams::Upstreams;
 
 /// Requests in flight and whether the process is draining; shared with the shutdown path.
@@ -67,24 +70,24 @@ impl Drop for InFlight {
 pub struct RequestContext {
     /// Backends tried so far, the current one last.
     tried: Vec<SocketAddr>,
+    started: Instant,
+    /// When the current backend was chosen.
+    upstream_started: Option<Instant>,
+    /// From choosing the backend to its response header.
+    upstream_time: Option<Duration>,
+    /// Whether this request goes to the access log.
+    logged: bool,
     _in_flight: InFlight,
 }
 
 /// The load balancer's [ProxyHttp] implementation.
 pub struct LoadBalancer {
-    upstreams: Arc<Upstreams>,
-    retries: usize,
-    traffic: Arc<Traffic>,
-}
-
-impl LoadBalancer {
-    pub fn new(upstreams: Arc<Upstreams>, retries: usize, traffic: Arc<Traffic>) -> Self {
-        LoadBalancer {
-            upstreams,
-            retries,
-            traffic,
-        }
-    }
+    pub upstreams: Arc<Upstreams>,
+    pub retries: usize,
+    pub traffic: Arc<Traffic>,
+    pub forwarding: Forwarding,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// The bytes consistent hashing hashes for this request.
@@ -117,6 +120,10 @@ impl ProxyHttp for LoadBalancer {
     fn new_ctx(&self) -> RequestContext {
         RequestContext {
             tried: Vec::new(),
+            started: Instant::now(),
+            upstream_started: None,
+            upstream_time: None,
+            logged: self.access_log.as_ref().is_some_and(|log| log.sample()),
             _in_flight: InFlight::new(&self.traffic),
         }
     }
@@ -140,6 +147,7 @@ impl ProxyHttp for LoadBalancer {
             };
         };
         ctx.tried.push(addr);
+        ctx.upstream_started = Some(Instant::now());
         let route = self.upstreams.route(&addr).ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "selected an unknown backend")
         })?;
@@ -148,10 +156,17 @@ impl ProxyHttp for LoadBalancer {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestContext,
     ) -> Result<()> {
+        if self.forwarding.enabled() {
+            let client = session
+                .client_addr()
+                .and_then(PingoraAddr::as_inet)
+                .map(|a| a.ip());
+            self.forwarding.apply(client, upstream_request)?;
+        }
         let host = ctx
             .tried
             .last()
@@ -160,6 +175,16 @@ impl ProxyHttp for LoadBalancer {
         if let Some(host) = host {
             upstream_request.insert_header(http::header::HOST, host)?;
         }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestContext,
+    ) -> Result<()> {
+        ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
         Ok(())
     }
 
@@ -185,13 +210,63 @@ impl ProxyHttp for LoadBalancer {
         ctx: &mut RequestContext,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if let Some(route) = ctx.tried.last().and_then(|addr| self.upstreams.route(addr)) {
+            route.metrics.connect_failed();
+        }
         if ctx.tried.len() <= self.retries {
             warn!(
                 "cannot connect to backend {}: {e}; trying another backend",
                 peer.address()
             );
+            self.metrics.retried();
             e.set_retry(true);
         }
         e
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestContext) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let total = ctx.started.elapsed();
+        let route = ctx.tried.last().and_then(|addr| self.upstreams.route(addr));
+        // 0: the client went away before any response.
+        if status != 0 {
+            self.metrics
+                .request_done(route.map(|r| &r.metrics), status, total, ctx.upstream_time);
+        }
+        if !ctx.logged {
+            return;
+        }
+        let Some(access_log) = &self.access_log else {
+            return;
+        };
+        let request = session.req_header();
+        let header = |name: http::header::HeaderName| {
+            request
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        };
+        access_log.record(Entry {
+            time: SystemTime::now() - total,
+            client: session
+                .client_addr()
+                .and_then(PingoraAddr::as_inet)
+                .copied(),
+            method: request.method.clone(),
+            target: request
+                .uri
+                .path_and_query()
+                .map_or_else(|| request.uri.path().to_string(), |p| p.to_string()),
+            version: request.version,
+            status,
+            bytes: session.body_bytes_sent(),
+            referer: header(http::header::REFERER),
+            user_agent: header(http::header::USER_AGENT),
+            upstream: route.map(|r| r.name.clone()),
+            total,
+            upstream_time: ctx.upstream_time,
+            retries: ctx.tried.len().saturating_sub(1),
+        });
     }
 }

@@ -15,11 +15,13 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 
+use crate::access_log::{AccessLog, Sink};
 use crate::cli::Cli;
-use crate::config::Config;
+use crate::config::{Config, ListenAddress};
 use crate::lifecycle::{Announcer, Lifecycle, Signals};
 use crate::listeners::ListeningSockets;
 use crate::logging;
+use crate::metrics::{Metrics, MetricsEndpoint};
 use crate::privileges::{drop_privileges, Identity};
 use crate::proxy::{LoadBalancer, Traffic};
 use crate::readiness::Readiness;
@@ -40,7 +42,7 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
     let identity = Identity::resolve(&config)?;
     let owner = identity.as_ref().map(|i| (i.uid, i.gid));
 
-    let (inherited, predecessor) = if cli.upgrade {
+    let (inherited, predecessor, generation) = if cli.upgrade {
         let path = &config.upgrade_sock.0;
         prepare_parent(path, owner)
             .map_err(|e| format!("key `upgrade_sock`: {}: {e}", path.display()))?;
@@ -65,12 +67,28 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
             handoff.sockets.len(),
             handoff.from_pid
         );
+        let generation = handoff.from_generation + 1;
         let (sockets, predecessor) = handoff.into_parts();
-        (sockets, Some(predecessor))
+        (sockets, Some(predecessor), generation)
     } else {
-        Default::default()
+        (Default::default(), None, 1)
     };
-    let sockets = ListeningSockets::open(&config.listeners, inherited)?;
+    let addresses: Vec<ListenAddress> = config
+        .listeners
+        .iter()
+        .chain(config.metrics.as_ref().map(|m| &m.listen))
+        .copied()
+        .collect();
+    let mut sockets = ListeningSockets::open(&addresses, inherited)?;
+    let metrics_socket = config
+        .metrics
+        .as_ref()
+        .map(|m| sockets.split_off(&m.listen));
+    let handed_over = sockets
+        .raw()
+        .into_iter()
+        .chain(metrics_socket.iter().flat_map(|m| m.raw()))
+        .collect();
     let pid_file = match &config.pid_file {
         Some(path) => Some(
             PidFile::open(&path.0, owner)
@@ -78,31 +96,60 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
         ),
         None => None,
     };
-    let (upstreams, health_service) = Upstreams::build(&config)?;
+    let metrics = Arc::new(Metrics::new(generation));
+    let (upstreams, health_service) = Upstreams::build(&config, &metrics)?;
+    let access_log_sink =
+        Sink::open(&config.access_log).map_err(|e| format!("key `access_log.destination`: {e}"))?;
 
     drop_privileges(identity.as_ref())?;
 
+    let access_log = access_log_sink
+        .map(|sink| Arc::new(AccessLog::start(&config.access_log, sink, metrics.clone())));
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     let traffic = Arc::new(Traffic::default());
     let lifecycle = Lifecycle::new(
         traffic.clone(),
         upstreams.clone(),
-        sockets.raw(),
+        handed_over,
         config.upgrade_sock.0.clone(),
         Duration::from_secs(config.grace_period_seconds),
         pid_file,
         predecessor,
         readiness,
+        generation,
+        access_log.clone(),
     );
     let mut proxy = pingora::proxy::http_proxy_service(
         &server.configuration,
-        LoadBalancer::new(upstreams.clone(), config.retries, traffic),
+        LoadBalancer {
+            upstreams: upstreams.clone(),
+            retries: config.retries,
+            traffic: traffic.clone(),
+            forwarding: config.forwarding.clone(),
+            metrics: metrics.clone(),
+            access_log,
+        },
     );
     for address in sockets.addresses() {
         proxy.add_tcp(address);
     }
     let proxy = server.add_boxed_service(sockets.attach(Box::new(proxy)));
     server.add_boxed_service(health_service);
+    if let Some(socket) = metrics_socket {
+        let endpoint = MetricsEndpoint {
+            metrics,
+            upstreams,
+            traffic,
+        };
+        let mut service = pingora::services::listening::Service::new(
+            "metrics".to_string(),
+            pingora::apps::http_app::HttpServer::new_app(endpoint),
+        );
+        for address in socket.addresses() {
+            service.add_tcp(address);
+        }
+        server.add_boxed_service(socket.attach(Box::new(service)));
+    }
     let announcer = server.add_service(background_service(
         "announcer",
         Announcer(lifecycle.clone()),

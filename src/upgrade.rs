@@ -2,8 +2,9 @@
 //! See LIFECYCLE.md for the whole sequence and its failure cases.
 //!
 //! Wire format (one connection): the old process sends one message whose payload is the
-//! listening addresses separated by spaces and whose SCM_RIGHTS control message carries the
-//! matching descriptors (pingora's own format); it then waits for the successor to write
+//! listening addresses separated by spaces (pingora's own format), a newline and its reload
+//! generation, and whose SCM_RIGHTS control message carries the matching descriptors; it
+//! then waits for the successor to write
 //! one byte, [SERVING], once it serves. Only then does the old process stop accepting, so a
 //! successor that dies at any point before leaves the old process serving.
 
@@ -47,7 +48,11 @@ impl std::error::Error for HandoffError {}
 
 /// Old process: sends the listening sockets to the successor listening on `path`, then
 /// waits (bounded) until the successor says it serves. Blocking: run it on its own thread.
-pub fn hand_over(path: &Path, sockets: &[(String, RawFd)]) -> Result<(), HandoffError> {
+pub fn hand_over(
+    path: &Path,
+    sockets: &[(String, RawFd)],
+    generation: u64,
+) -> Result<(), HandoffError> {
     let deadline = Instant::now() + CONNECT_WINDOW;
     let mut stream = loop {
         match UnixStream::connect(path) {
@@ -66,10 +71,11 @@ pub fn hand_over(path: &Path, sockets: &[(String, RawFd)]) -> Result<(), Handoff
         .map(|(k, _)| k.as_str())
         .collect::<Vec<_>>()
         .join(" ");
+    let payload = format!("{keys}\n{generation}");
     let fds: Vec<RawFd> = sockets.iter().map(|(_, fd)| *fd).collect();
     sendmsg::<()>(
         stream.as_raw_fd(),
-        &[IoSlice::new(keys.as_bytes())],
+        &[IoSlice::new(payload.as_bytes())],
         &[ControlMessage::ScmRights(&fds)],
         MsgFlags::empty(),
         None,
@@ -102,6 +108,8 @@ pub struct Handoff {
     pub sockets: HashMap<String, OwnedFd>,
     /// Pid of the process that sent them.
     pub from_pid: i32,
+    /// Reload generation of the process that sent them.
+    pub from_generation: u64,
     connection: UnixStream,
 }
 
@@ -202,8 +210,9 @@ impl HandoffSocket {
             .into_iter()
             .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
             .collect();
-        let keys = std::str::from_utf8(&payload[..length])
+        let text = std::str::from_utf8(&payload[..length])
             .map_err(|e| fail("the list of addresses received", &e))?;
+        let (keys, generation) = text.split_once('\n').unwrap_or((text, "0"));
         let keys: Vec<&str> = keys.split(' ').filter(|k| !k.is_empty()).collect();
         if keys.len() != owned.len() {
             return Err(HandoffError(format!(
@@ -215,6 +224,7 @@ impl HandoffSocket {
         Ok(Handoff {
             sockets: keys.into_iter().map(String::from).zip(owned).collect(),
             from_pid: peer.pid(),
+            from_generation: generation.trim().parse().unwrap_or(0),
             connection,
         })
     }

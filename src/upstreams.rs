@@ -15,8 +15,11 @@ use pingora::services::background::background_service;
 use pingora::services::ServiceWithDependents;
 use pingora::upstreams::peer::HttpPeer;
 
+use tokio::sync::Notify;
+
 use crate::config::{Config, HashKey, Selection, Upstream};
-use health::{BackendHealth, HealthStatus};
+use crate::metrics::{BackendMetrics, BackendState, Metrics};
+use health::BackendHealth;
 
 /// How requests reach one backend, prepared once at start.
 pub struct Route {
@@ -28,6 +31,10 @@ pub struct Route {
     pub name: String,
     /// Whether the backend speaks TLS.
     pub tls: bool,
+    /// Health as checks last found it.
+    pub state: Arc<BackendState>,
+    /// Request-path metrics.
+    pub metrics: BackendMetrics,
 }
 
 /// The configured selection algorithm over the backends; each variant is pingora's
@@ -43,8 +50,10 @@ pub struct Upstreams {
     selector: Selector,
     routes: HashMap<SocketAddr, Route>,
     hash_key: Option<HashKey>,
-    /// Healthy/total counts, kept current by the health checks.
-    pub status: Arc<HealthStatus>,
+    /// Backends in configuration order, for status reports.
+    order: Vec<SocketAddr>,
+    /// Woken on every health transition.
+    pub health_changed: Arc<Notify>,
 }
 
 /// A backend address that could not be resolved at start.
@@ -72,8 +81,10 @@ impl Upstreams {
     /// keeps it current. The service must be added to the server.
     pub fn build(
         config: &Config,
+        metrics: &Metrics,
     ) -> Result<(Arc<Upstreams>, Box<dyn ServiceWithDependents>), ResolveError> {
         let mut routes = HashMap::new();
+        let mut order = Vec::new();
         let mut backends = BTreeSet::new();
         for (i, upstream) in config.upstreams.iter().enumerate() {
             let addr = upstream.address.resolve().map_err(|error| ResolveError {
@@ -86,11 +97,12 @@ impl Upstreams {
                 weight: upstream.weight.0,
                 ext: Default::default(),
             });
-            routes.insert(addr, route(config, upstream, addr));
+            routes.insert(addr, route(config, upstream, addr, metrics));
+            order.push(addr);
         }
-        let status = Arc::new(HealthStatus::new(backends.len()));
+        let health_changed = Arc::new(Notify::new());
         let mut pool = Backends::new(Static::new(backends));
-        if let Some(check) = BackendHealth::build(config, &routes, status.clone()) {
+        if let Some(check) = BackendHealth::build(config, &routes, health_changed.clone()) {
             pool.set_health_check(Box::new(check));
         }
 
@@ -136,7 +148,8 @@ impl Upstreams {
             selector,
             routes,
             hash_key,
-            status,
+            order,
+            health_changed,
         };
         Ok((Arc::new(upstreams), service))
     }
@@ -171,6 +184,21 @@ impl Upstreams {
         self.routes.get(addr)
     }
 
+    /// Every backend's state, in configuration order.
+    pub fn states(&self) -> impl Iterator<Item = &BackendState> {
+        self.order.iter().map(|addr| &*self.routes[addr].state)
+    }
+
+    /// Backends in rotation.
+    pub fn healthy(&self) -> usize {
+        self.states().filter(|s| s.healthy()).count()
+    }
+
+    /// All backends.
+    pub fn total(&self) -> usize {
+        self.order.len()
+    }
+
     /// Runs one round of health checks now (used before announcing readiness).
     pub async fn check_health_once(&self) {
         match &self.selector {
@@ -182,7 +210,8 @@ impl Upstreams {
 }
 
 /// Builds the peer template and Host override of one backend.
-fn route(config: &Config, upstream: &Upstream, addr: SocketAddr) -> Route {
+fn route(config: &Config, upstream: &Upstream, addr: SocketAddr, metrics: &Metrics) -> Route {
+    let name = upstream.address.to_string();
     let mut peer = HttpPeer::new(addr, upstream.tls, upstream.effective_sni());
     let options = &mut peer.options;
     options.connection_timeout = Some(config.timeouts.connect.0);
@@ -201,7 +230,9 @@ fn route(config: &Config, upstream: &Upstream, addr: SocketAddr) -> Route {
             .host
             .as_deref()
             .map(|h| http::HeaderValue::from_str(h).expect("validated with the configuration")),
-        name: upstream.address.to_string(),
         tls: upstream.tls,
+        state: Arc::new(metrics.backend_state(&name, upstream.weight.0)),
+        metrics: metrics.backend(&name),
+        name,
     }
 }

@@ -18,7 +18,7 @@ step() { printf '\n==> %s (%ss)\n' "$*" "$SECONDS"; }
 
 step "system packages"
 packages=(build-essential cmake pkg-config libssl-dev debhelper fakeroot lintian rpm rpmlint
-          nix-bin mmdebstrap systemd-container curl python3 wrk haproxy nginx-light)
+          nix-bin shellcheck mmdebstrap systemd-container curl python3 wrk haproxy nginx-light)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -51,7 +51,7 @@ step "Nix: parse, deadnix, nixpkgs-fmt, flake evaluation, unit drift"
 for tool in deadnix nixpkgs-fmt; do
     command -v "$tool" >/dev/null || cargo install --locked --quiet "$tool"
 done
-bash tests/nix/check.sh
+PINGORA_LB_BIN="$CARGO_TARGET_DIR/release/pingora-lb" bash tests/nix/check.sh
 
 if [ "${SKIP_SYSTEM:-}" != 1 ]; then
     step "systemd: apt install, reload under load, package upgrade, purge"

@@ -13,7 +13,7 @@ use pingora::tls::x509::X509;
 use serde::de::{Deserializer, Error};
 use serde::Deserialize;
 
-use super::ErrorLog;
+use super::{AccessLogDestination, ErrorLog};
 
 /// Parses a value through its `FromStr`, so the error names what is accepted.
 fn from_string<'de, D: Deserializer<'de>, T: FromStr<Err = String>>(d: D) -> Result<T, D::Error> {
@@ -134,6 +134,92 @@ impl<'de> Deserialize<'de> for ErrorLog {
                 ))),
             },
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for AccessLogDestination {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "off" => Ok(AccessLogDestination::Off),
+            "syslog" => Ok(AccessLogDestination::Syslog),
+            path => match path.parse::<AbsolutePath>() {
+                Ok(path) => Ok(AccessLogDestination::File(path.0)),
+                Err(_) => Err(D::Error::custom(format!(
+                    "{path:?} is neither `off`, `syslog` nor an absolute file path"
+                ))),
+            },
+        }
+    }
+}
+
+pub(super) fn sample_rate<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let rate = f64::deserialize(d)?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(D::Error::custom(format!(
+            "{rate} is out of range: the sample rate is a fraction between 0 and 1"
+        )))
+    }
+}
+
+/// An IP network such as `10.0.0.0/8` or `2001:db8::/32`; a bare address is one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let invalid =
+            || format!("{s:?} is not a network: write e.g. 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32");
+        let (address, prefix) = s.split_once('/').unwrap_or((s, ""));
+        let network: IpAddr = address.parse().map_err(|_| invalid())?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = if prefix.is_empty() {
+            max
+        } else {
+            prefix
+                .parse()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(invalid)?
+        };
+        Ok(Cidr { network, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_string(d)
     }
 }
 
@@ -496,6 +582,22 @@ mod tests {
         assert!("[::]:80".parse::<ListenAddress>().is_ok());
         assert!("localhost:80".parse::<ListenAddress>().is_err());
         assert!("0.0.0.0:0".parse::<ListenAddress>().is_err());
+    }
+
+    #[test]
+    fn networks() {
+        let net: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains("10.1.2.3".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        let host: Cidr = "2001:db8::1".parse().unwrap();
+        assert!(host.contains("2001:db8::1".parse().unwrap()));
+        assert!(!host.contains("2001:db8::2".parse().unwrap()));
+        assert!("0.0.0.0/0"
+            .parse::<Cidr>()
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
     }
 
     #[test]

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,52 +15,21 @@ use tokio::sync::Notify;
 
 use super::Route;
 use crate::config::{Config, HealthCheckKind};
-
-/// How many backends are in rotation, for `STATUS=` and logs.
-pub struct HealthStatus {
-    total: usize,
-    healthy: AtomicUsize,
-    /// Woken on every transition.
-    pub changed: Notify,
-}
-
-impl HealthStatus {
-    /// pingora starts every backend as healthy.
-    pub fn new(total: usize) -> Self {
-        HealthStatus {
-            total,
-            healthy: AtomicUsize::new(total),
-            changed: Notify::new(),
-        }
-    }
-
-    /// Backends currently in rotation.
-    pub fn healthy(&self) -> usize {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    /// All configured backends.
-    pub fn total(&self) -> usize {
-        self.total
-    }
-
-    fn record(&self, healthy: bool) {
-        if healthy {
-            self.healthy.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.healthy.fetch_sub(1, Ordering::Relaxed);
-        }
-        self.changed.notify_waiters();
-    }
-}
+use crate::metrics::BackendState;
 
 /// The health check of the whole pool: one pingora check per backend, so that each is
 /// probed with its own TLS settings, behind the pool-wide thresholds.
 pub struct BackendHealth {
-    probes: HashMap<SocketAddr, Box<dyn HealthCheck + Send + Sync>>,
+    probes: HashMap<SocketAddr, Probe>,
     rise: usize,
     fall: usize,
-    status: Arc<HealthStatus>,
+    changed: Arc<Notify>,
+}
+
+/// How one backend is checked, and where the result goes.
+struct Probe {
+    check: Box<dyn HealthCheck + Send + Sync>,
+    state: Arc<BackendState>,
 }
 
 impl BackendHealth {
@@ -69,7 +37,7 @@ impl BackendHealth {
     pub fn build(
         config: &Config,
         routes: &HashMap<SocketAddr, Route>,
-        status: Arc<HealthStatus>,
+        changed: Arc<Notify>,
     ) -> Option<BackendHealth> {
         let settings = &config.health_check;
         let probes = routes
@@ -130,35 +98,55 @@ impl BackendHealth {
                         Box::new(probe)
                     }
                 };
-                Some((*addr, probe))
+                let state = route.state.clone();
+                Some((
+                    *addr,
+                    Probe {
+                        check: probe,
+                        state,
+                    },
+                ))
             })
             .collect::<Option<HashMap<_, _>>>()?;
         Some(BackendHealth {
             probes,
             rise: settings.rise,
             fall: settings.fall,
-            status,
+            changed,
         })
+    }
+}
+
+impl BackendHealth {
+    fn probe(&self, target: &Backend) -> Result<&Probe> {
+        target
+            .addr
+            .as_inet()
+            .and_then(|addr| self.probes.get(addr))
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "backend without a probe"))
     }
 }
 
 #[async_trait]
 impl HealthCheck for BackendHealth {
     async fn check(&self, target: &Backend) -> Result<()> {
-        let probe = target
-            .addr
-            .as_inet()
-            .and_then(|addr| self.probes.get(addr))
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "backend without a probe"))?;
+        let probe = self.probe(target)?;
         // pingora's error names the whole peer template; the root cause is what matters.
-        probe.check(target).await.map_err(|e| {
+        let result = probe.check.check(target).await.map_err(|e| {
             let cause = e.root_cause().to_string();
             Error::explain(e.etype().clone(), cause)
-        })
+        });
+        probe
+            .state
+            .record_check(result.as_ref().err().map(|e| e.to_string()));
+        result
     }
 
-    async fn health_status_change(&self, _target: &Backend, healthy: bool) {
-        self.status.record(healthy);
+    async fn health_status_change(&self, target: &Backend, healthy: bool) {
+        if let Ok(probe) = self.probe(target) {
+            probe.state.set_healthy(healthy);
+        }
+        self.changed.notify_waiters();
     }
 
     /// pingora logs each transition once, as "{summary} becomes (un)healthy".

@@ -30,6 +30,8 @@ pub struct Seen {
     pub host: Option<String>,
     pub sni: Option<String>,
     pub path: String,
+    /// Every request header, names in lower case.
+    pub headers: HashMap<String, String>,
 }
 
 /// A real HTTP/1.1 backend on loopback, answering every request with its name. `/slow/MS`
@@ -158,7 +160,16 @@ fn serve_connection<S: Read + Write>(
                 break;
             }
             if let Some((k, v)) = line.split_once(':') {
-                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                let name = k.trim().to_ascii_lowercase();
+                let value = v.trim().to_string();
+                // Repeated headers are joined, as a list-valued header reads.
+                headers
+                    .entry(name)
+                    .and_modify(|old: &mut String| {
+                        old.push_str(", ");
+                        old.push_str(&value)
+                    })
+                    .or_insert(value);
             }
         }
         let length: usize = headers
@@ -175,6 +186,7 @@ fn serve_connection<S: Read + Write>(
             host: headers.get("host").cloned(),
             sni: sni.clone(),
             path: path.clone(),
+            headers: headers.clone(),
         });
         let close = stop.load(Ordering::Relaxed)
             || headers
