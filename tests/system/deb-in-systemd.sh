@@ -1,0 +1,746 @@
+#!/usr/bin/env bash
+# `COND && pass ... || fail ...` is intended: pass never fails. Single-quoted ${...} are
+# dpkg-query formats and awk programs.
+# shellcheck disable=SC2015,SC2016
+# System test: the .deb in a real systemd (Debian bookworm booted with systemd-nspawn).
+#
+# Usage (as root):
+#   tests/system/deb-in-systemd.sh PINGORA_LB.deb [NEWER.deb]
+#   tests/system/deb-in-systemd.sh --boot-only        # only boot the container and run apt-get update
+#
+# Without NEWER.deb, a "newer build" of the package is made from PINGORA_LB.deb: unpacked with
+# dpkg-deb -R, Version bumped to <version>+systest1, repacked with dpkg-deb -b.
+#
+# Steps (each prints PASS:/FAIL: lines; the exit status is non-zero if anything failed):
+#   1. a bookworm minbase root made with mmdebstrap, cached in $SYSTEST_CACHE
+#      (default /var/cache/pingora-lb-systest) and reused across runs;
+#   2. booted with systemd-nspawn --volatile=overlay (the cache stays clean), sharing the host's
+#      network (apt needs the mirror), in a cgroup of its own; commands run with nsenter;
+#   3. apt-get install of the .deb; two python3 http.server backends; the service is active,
+#      balances over both backends, runs as pingora-lb with no capabilities and NoNewPrivs;
+#   4. 10 x systemctl reload under load: no failed request, a new MainPID each time, the unit
+#      never leaves active/reloading, the old processes exit;
+#   5. a broken config: reload fails, the same process keeps serving; restored, reload works;
+#   6. the newer package installed under load: no failed request, reloaded and not restarted;
+#   7. the daemon's lines in the journal, systemctl stop in < 10 s, apt-get purge is clean;
+#   8. systemd-analyze security (exposure score printed; saved to $SYSTEST_OUT/security.txt).
+# The container is always powered off and its cgroups removed; the cache is kept.
+#
+# Ports: the container shares the host's network, so the packaged ports (8080 listener,
+# 8081/8082 backends) are used as they are only if nothing on the host listens on them.
+# Otherwise free ports are chosen and the config in the container is edited (after the
+# install, before the tests) to use them.
+#
+# Environment: SYSTEST_CACHE (cache directory), SYSTEST_OUT (directory for security.txt and, on
+# failure, the container's journal and console), SYSTEST_MIRROR / SYSTEST_SECURITY_MIRROR
+# (Debian mirrors; default: the ones configured on this host for bookworm, else deb.debian.org),
+# SYSTEST_CACHE_MAX_DAYS (rebuild an older cached root; default 30).
+set -uo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+UNIT=pingora-lb.service
+CONF=/etc/pingora-lb/pingora-lb.yaml
+SUITE=bookworm
+INCLUDE=systemd,systemd-sysv,dbus,curl,python3,ca-certificates,procps
+CACHE=${SYSTEST_CACHE:-/var/cache/pingora-lb-systest}
+OUT=${SYSTEST_OUT:-}
+RELOADS=10
+STOP_LIMIT=10
+
+T_START=$(date +%s)
+FAILS=0
+WORK=
+PID1=
+NSPAWN_PID=
+CG_DIRS=()
+CG_SCOPE=
+LOAD_PID=
+LOAD_NAME=
+
+elapsed() { echo $(($(date +%s) - T_START)); }
+step() { printf '\n== [%3ss] %s\n' "$(elapsed)" "$*"; }
+pass() { printf 'PASS: %s\n' "$*"; }
+fail() { printf 'FAIL: %s\n' "$*"; FAILS=$((FAILS + 1)); }
+info() { printf '      %s\n' "$*"; }
+die() { fail "$*"; printf 'aborting: the remaining steps depend on this one\n'; exit 1; }
+# Seconds, with milliseconds, since the epoch.
+now() { date +%s.%3N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+
+usage() {
+    echo "usage: $0 PINGORA_LB.deb [NEWER.deb] | --boot-only" >&2
+    exit 2
+}
+
+# ---------------------------------------------------------------------------------------------
+# Running things inside the container
+
+# cx CMD...: run CMD in all namespaces of the container, with a clean environment, bounded by
+# $CX_TIMEOUT seconds (default 60).
+cx() {
+    timeout --kill-after=5 "${CX_TIMEOUT:-60}" \
+        nsenter -t "$PID1" -a -- /usr/bin/env -i \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+        DEBIAN_FRONTEND=noninteractive SYSTEMD_PAGER= SYSTEMD_COLORS=0 "$@"
+}
+
+svc_prop() { cx systemctl show -p "$1" --value "$UNIT"; }
+main_pid() { svc_prop MainPID; }
+is_active() { cx systemctl is-active "$UNIT"; }
+
+# One request through the load balancer; prints the body.
+lb_get() { cx curl -sS --max-time 5 "http://127.0.0.1:$LB_PORT/"; }
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup: always power the container off, remove its cgroups, keep the cache.
+
+cleanup() {
+    local rc=$? i pid d
+    set +e
+    trap - EXIT INT TERM HUP
+    trap '' PIPE
+    if [ -n "$LOAD_PID" ] && kill -0 "$LOAD_PID" 2>/dev/null; then
+        kill "$LOAD_PID" 2>/dev/null
+        wait "$LOAD_PID" 2>/dev/null
+    fi
+    if [ -n "$PID1" ] && [ "$FAILS" -gt 0 ] && [ -n "$OUT" ] && kill -0 "$PID1" 2>/dev/null; then
+        CX_TIMEOUT=20 cx journalctl -b --no-pager >"$OUT/container-journal.txt" 2>&1
+    fi
+    if [ -n "$NSPAWN_PID" ] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
+        step "cleanup: powering the container off"
+        if [ -n "$PID1" ] && kill -0 "$PID1" 2>/dev/null; then
+            CX_TIMEOUT=15 cx systemctl poweroff --no-block >/dev/null 2>&1
+        fi
+        for i in $(seq 1 300); do
+            kill -0 "$NSPAWN_PID" 2>/dev/null || break
+            [ "$i" = 200 ] && kill -TERM "$NSPAWN_PID" 2>/dev/null   # after 20 s
+            sleep 0.1
+        done
+        if kill -0 "$NSPAWN_PID" 2>/dev/null; then
+            info "systemd-nspawn still running after 30 s: killing it"
+            kill -KILL "$NSPAWN_PID" 2>/dev/null
+        fi
+        wait "$NSPAWN_PID" 2>/dev/null
+        info "container stopped"
+    fi
+    if [ -n "$CG_SCOPE" ]; then
+        timeout 20 systemctl stop "$CG_SCOPE" >/dev/null 2>&1
+    fi
+    # Whatever is left in our cgroups was started by this script's container: kill it, then
+    # remove the cgroup directories (the container's systemd created sub-cgroups in them).
+    for d in "${CG_DIRS[@]}"; do
+        [ -d "$d" ] || continue
+        for i in $(seq 1 50); do
+            pids=$(find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null)
+            [ -z "$pids" ] && break
+            for pid in $pids; do kill -KILL "$pid" 2>/dev/null; done
+            sleep 0.1
+        done
+        for i in $(seq 1 50); do
+            find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
+            [ -d "$d" ] || break
+            sleep 0.1
+        done
+        [ -d "$d" ] && info "could not remove cgroup $d"
+    done
+    if [ -n "$WORK" ] && [ "$FAILS" -gt 0 ] && [ -n "$OUT" ] && [ -f "$WORK/console.log" ]; then
+        cp "$WORK/console.log" "$OUT/container-console.txt"
+    fi
+    [ -n "$WORK" ] && rm -rf "$WORK"
+    echo
+    if [ "$FAILS" -eq 0 ] && [ "$rc" -eq 0 ]; then
+        echo "RESULT: PASS (all checks passed in $(elapsed) s)"
+        exit 0
+    fi
+    echo "RESULT: FAIL ($FAILS failed checks, $(elapsed) s)"
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Host prerequisites, mirror, cache
+
+ensure_tools() {
+    local missing=() pair cmd pkg
+    for pair in mmdebstrap:mmdebstrap systemd-nspawn:systemd-container curl:curl nsenter:util-linux \
+        dpkg-deb:dpkg flock:util-linux timeout:coreutils python3:python3; do
+        cmd=${pair%%:*}
+        pkg=${pair#*:}
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
+    if [ ${#missing[@]} -gt 0 ]; then
+        info "installing: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        timeout 300 apt-get update -q >/dev/null &&
+            timeout 600 apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
+            die "could not install ${missing[*]}"
+    fi
+    pass "host tools present (mmdebstrap, systemd-nspawn, nsenter, dpkg-deb, curl, python3)"
+}
+
+# The first http(s) URI in this host's apt sources that serves suite $1 (deb822 or one-line).
+host_mirror() {
+    python3 - "$1" <<'EOF'
+import glob, re, sys
+want = sys.argv[1]
+files = ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")) \
+    + sorted(glob.glob("/etc/apt/sources.list.d/*.sources"))
+for path in files:
+    try:
+        text = open(path).read()
+    except OSError:
+        continue
+    if path.endswith(".sources"):
+        for para in re.split(r"\n\s*\n", text):
+            fields = {}
+            for line in para.splitlines():
+                if line.startswith("#") or ":" not in line or line[:1].isspace():
+                    continue
+                key, value = line.split(":", 1)
+                fields[key.strip().lower()] = value.split()
+            if fields.get("enabled", ["yes"])[0].lower() == "no":
+                continue
+            if "deb" in fields.get("types", []) and want in fields.get("suites", []):
+                for uri in fields.get("uris", []):
+                    if uri.startswith(("http://", "https://")):
+                        print(uri.rstrip("/"))
+                        sys.exit(0)
+    else:
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            if not words or words[0] != "deb":
+                continue
+            words = words[1:]
+            if words and words[0].startswith("["):
+                while words and not words[0].endswith("]"):
+                    words = words[1:]
+                words = words[1:]
+            if len(words) >= 2 and words[1] == want and words[0].startswith(("http://", "https://")):
+                print(words[0].rstrip("/"))
+                sys.exit(0)
+sys.exit(1)
+EOF
+}
+
+prepare_root() {
+    local mirror sec stamp t
+    mirror=${SYSTEST_MIRROR:-$(host_mirror "$SUITE" || echo http://deb.debian.org/debian)}
+    sec=${SYSTEST_SECURITY_MIRROR:-$(host_mirror "$SUITE-security" || echo http://deb.debian.org/debian-security)}
+    ROOT=$CACHE/$SUITE-minbase
+    stamp="suite=$SUITE variant=minbase include=$INCLUDE mirror=$mirror security=$sec"
+    mkdir -p "$CACHE" || die "cannot create $CACHE"
+    exec 9>"$CACHE/.lock"
+    flock -w 900 9 || die "another run holds $CACHE/.lock"
+    if [ -d "$ROOT" ] && [ "$(cat "$ROOT.stamp" 2>/dev/null)" = "$stamp" ] &&
+        [ -z "$(find "$ROOT.stamp" -mtime +"${SYSTEST_CACHE_MAX_DAYS:-30}")" ]; then
+        pass "cached $SUITE root reused: $ROOT"
+    else
+        info "mmdebstrap $SUITE from $mirror (security: $sec) into $ROOT"
+        rm -rf "$ROOT.new"
+        t=$(now)
+        if ! timeout 900 mmdebstrap --quiet --variant=minbase --include="$INCLUDE" "$SUITE" "$ROOT.new" \
+            "deb $mirror $SUITE main" "deb $mirror $SUITE-updates main" \
+            "deb $sec $SUITE-security main" >"$CACHE/mmdebstrap.log" 2>&1; then
+            tail -n 30 "$CACHE/mmdebstrap.log"
+            rm -rf "$ROOT.new"
+            die "mmdebstrap failed (log: $CACHE/mmdebstrap.log)"
+        fi
+        rm -rf "$ROOT" "$ROOT.stamp"
+        mv "$ROOT.new" "$ROOT"
+        echo "$stamp" >"$ROOT.stamp"
+        pass "$SUITE root created with mmdebstrap in $(since "$t") s: $ROOT"
+    fi
+    # Keep a shared lock while the container uses the root: another run may boot it too, but
+    # must not rebuild it under us.
+    flock -s -w 900 9 || die "cannot downgrade the lock on $CACHE/.lock"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Packages
+
+prepare_debs() {
+    local tree arch
+    DEB=$(readlink -f "$1")
+    [ -f "$DEB" ] || die "no such package: $1"
+    [ "$(dpkg-deb -f "$DEB" Package)" = pingora-lb ] || die "$DEB is not the pingora-lb package"
+    VER=$(dpkg-deb -f "$DEB" Version)
+    arch=$(dpkg-deb -f "$DEB" Architecture)
+    cp "$DEB" "$WORK/share/" || die "cannot copy $DEB"
+    DEB_IN=/systest/$(basename "$DEB")
+    if [ -n "${2:-}" ]; then
+        NEWER=$(readlink -f "$2")
+        [ -f "$NEWER" ] || die "no such package: $2"
+        NEWVER=$(dpkg-deb -f "$NEWER" Version)
+        cp "$NEWER" "$WORK/share/" || die "cannot copy $NEWER"
+        NEWER_IN=/systest/$(basename "$NEWER")
+        info "newer package given: $NEWER"
+    else
+        NEWVER=$VER+systest1
+        tree=$WORK/newer-tree
+        dpkg-deb -R "$DEB" "$tree" || die "dpkg-deb -R $DEB failed"
+        sed -i "s/^Version: .*/Version: $NEWVER/" "$tree/DEBIAN/control"
+        NEWER=$WORK/share/pingora-lb_${NEWVER//:/%3a}_${arch}.deb
+        # gzip -1: a valid .deb, and fast to pack even with a large (debug) binary inside.
+        dpkg-deb -Zgzip -z1 -b "$tree" "$NEWER" >/dev/null || die "dpkg-deb -b failed"
+        rm -rf "$tree"
+        NEWER_IN=/systest/$(basename "$NEWER")
+        info "newer build made by bumping the version: $(basename "$NEWER")"
+    fi
+    dpkg --compare-versions "$NEWVER" gt "$VER" || die "$NEWVER is not newer than $VER"
+    pass "packages: pingora-lb $VER, then $NEWVER"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Ports
+
+# Is anything listening on TCP port $1 in this network namespace (shared with the container)?
+port_busy() {
+    local hex
+    hex=$(printf '%04X' "$1")
+    awk -v p=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == p { found = 1 } END { exit !found }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+choose_ports() {
+    local base
+    if ! port_busy 8080 && ! port_busy 8081 && ! port_busy 8082; then
+        LB_PORT=8080 B1_PORT=8081 B2_PORT=8082 PACKAGED_PORTS=1
+        pass "host ports 8080-8082 are free: the packaged config is used as is"
+        return
+    fi
+    PACKAGED_PORTS=0
+    info "host ports in use among 8080-8082:$(for p in 8080 8081 8082; do port_busy $p && printf ' %s' $p; done)"
+    # Below the ephemeral range, away from the usual development ports.
+    for base in $(seq 28080 10 28980); do
+        if ! port_busy "$base" && ! port_busy $((base + 1)) && ! port_busy $((base + 2)); then
+            LB_PORT=$base B1_PORT=$((base + 1)) B2_PORT=$((base + 2))
+            pass "free ports chosen: listener $LB_PORT, backends $B1_PORT and $B2_PORT (config edited after install)"
+            return
+        fi
+    done
+    die "no free port triple found in 28080-28982"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The container
+
+boot_container() {
+    local name=pingora-lb-systest-$$ h c i state t
+    local args=(--quiet --register=no --keep-unit --console=read-only --volatile=overlay
+        --machine=plb-systest --bind-ro="$WORK/share:/systest" --bind="$WORK/rw:/systest-rw"
+        -D "$ROOT" -b)
+    t=$(now)
+    if [ -d /run/systemd/system ]; then
+        # The host runs systemd: a delegated scope is the container's cgroup.
+        CG_SCOPE=$name.scope
+        systemd-run --quiet --scope --unit="$name" --property=Delegate=yes -- \
+            systemd-nspawn "${args[@]}" >"$WORK/console.log" 2>&1 </dev/null &
+        NSPAWN_PID=$!
+    else
+        # No systemd on the host (this machine kind): give nspawn a cgroup of its own in
+        # every hierarchy systemd uses (cgroup v2 alone, or v1 name=systemd + v2 "unified").
+        if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+            CG_DIRS=("/sys/fs/cgroup/$name")
+        else
+            for h in unified systemd; do
+                [ -d /sys/fs/cgroup/$h ] && CG_DIRS+=("/sys/fs/cgroup/$h/$name")
+            done
+        fi
+        for c in "${CG_DIRS[@]}"; do
+            mkdir "$c" || die "cannot create cgroup $c"
+        done
+        (
+            for c in "${CG_DIRS[@]}"; do echo "$BASHPID" >"$c/cgroup.procs" || exit 1; done
+            exec systemd-nspawn "${args[@]}"
+        ) >"$WORK/console.log" 2>&1 </dev/null &
+        NSPAWN_PID=$!
+    fi
+    # The container's PID 1: the child of systemd-nspawn running systemd (systemd-run --scope
+    # execs nspawn in its own process, so $! is nspawn's pid in both cases).
+    for i in $(seq 1 300); do
+        kill -0 "$NSPAWN_PID" 2>/dev/null || break
+        for c in $(pgrep -P "$NSPAWN_PID" 2>/dev/null); do
+            if [ "$(cat "/proc/$c/comm" 2>/dev/null)" = systemd ]; then PID1=$c; fi
+        done
+        [ -n "$PID1" ] && [ -S "/proc/$PID1/root/run/systemd/private" ] && break
+        sleep 0.1
+    done
+    if [ -z "$PID1" ] || [ ! -S "/proc/$PID1/root/run/systemd/private" ]; then
+        tail -n 30 "$WORK/console.log"
+        die "the container did not boot (no systemd PID 1 with /run/systemd/private within 30 s)"
+    fi
+    state=$(CX_TIMEOUT=90 cx systemctl is-system-running --wait 2>&1)
+    case $state in
+    running) pass "container booted in $(since "$t") s (PID 1 = host pid $PID1, system $state)" ;;
+    degraded)
+        pass "container booted in $(since "$t") s (PID 1 = host pid $PID1, system $state)"
+        info "failed units: $(cx systemctl list-units --failed --plain --no-legend | awk '{print $1}' | xargs)"
+        ;;
+    *)
+        tail -n 30 "$WORK/console.log"
+        die "container system state: '$state'"
+        ;;
+    esac
+    info "$(cx systemctl --version | head -n 1)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+# start_load NAME MAX_SECONDS: the bounded load script inside the container, in the background.
+start_load() {
+    local i
+    LOAD_NAME=$1
+    rm -f "$WORK/rw/$1".*
+    timeout --kill-after=5 $(($2 + 30)) nsenter -t "$PID1" -a -- /usr/bin/env -i \
+        PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+        python3 /systest/http_load.py --port "$LB_PORT" --duration "$2" --unit "$UNIT" \
+        --stop-file "/systest-rw/$1.stop" --out "/systest-rw/$1.json" \
+        --keepalive 2 --fresh 2 --pause 0.01 >"$WORK/$1.load.log" 2>&1 &
+    LOAD_PID=$!
+    for i in $(seq 1 150); do
+        [ -f "$WORK/rw/$1.json.started" ] && return 0
+        kill -0 "$LOAD_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    fail "load '$1': no successful request within 15 s"
+    cat "$WORK/$1.load.log"
+    return 1
+}
+
+# stop_load: stop the load, print its summary, PASS if nothing failed.
+stop_load() {
+    local name=$LOAD_NAME summary
+    touch "$WORK/rw/$name.stop"
+    wait "$LOAD_PID"
+    LOAD_PID=
+    if [ ! -f "$WORK/rw/$name.json" ]; then
+        fail "load '$name': no summary"
+        cat "$WORK/$name.load.log"
+        return 1
+    fi
+    summary=$(python3 - "$WORK/rw/$name.json" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+ok = s["failed"] == 0 and not s["bad_states"] and s["stopped_by"] == "stop-file"
+print("ok" if ok else "bad")
+backends = ", ".join("%s: %d" % kv for kv in sorted(s["backends"].items()))
+print("%d requests ok (%d keep-alive, %d new-connection), %d failed in %.1f s; %s; %d MainPIDs seen"
+      % (s["ok"], s["keepalive_ok"], s["fresh_ok"], s["failed"], s["seconds"], backends, len(s["main_pids"])))
+if s["stopped_by"] != "stop-file":
+    print("the load ran into its own time limit before the phase ended")
+for f in s["failures"][:10]:
+    print("failed request at %.3f s (%s): %s" % (f["t"], f["client"], f["error"]))
+for b in s["bad_states"][:10]:
+    print("unit state at %.3f s: %s/%s" % (b["t"], b["active"], b["sub"]))
+EOF
+    )
+    if [ "$(head -n 1 <<<"$summary")" = ok ]; then
+        pass "load '$name': $(sed -n 2p <<<"$summary")"
+    else
+        fail "load '$name': $(sed -n 2p <<<"$summary")"
+        tail -n +3 <<<"$summary" | while IFS= read -r l; do info "$l"; done
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Checks on the service
+
+# check_privs PID LABEL [quiet]: the process runs as pingora-lb, with no capabilities,
+# NoNewPrivs 1 (with "quiet", only a failure is printed).
+check_privs() {
+    local pid=$1 label=$2 quiet=${3:-} status uid want_uid bad=
+    status=$(cx cat "/proc/$pid/status") || { fail "$label: cannot read /proc/$pid/status"; return 1; }
+    want_uid=$(cx id -u pingora-lb)
+    uid=$(awk '/^Uid:/ { print $2, $3, $4, $5 }' <<<"$status")
+    [ "$uid" = "$want_uid $want_uid $want_uid $want_uid" ] || bad+=" Uid=($uid), want $want_uid;"
+    for f in CapEff CapPrm CapAmb; do
+        [ "$(awk -v f="$f:" '$1 == f { print $2 }' <<<"$status")" = 0000000000000000 ] || bad+=" $f not zero;"
+    done
+    [ "$(awk '$1 == "NoNewPrivs:" { print $2 }' <<<"$status")" = 1 ] || bad+=" NoNewPrivs not 1;"
+    if [ -z "$bad" ]; then
+        [ -n "$quiet" ] && return 0
+        pass "$label: pid $pid runs as pingora-lb (uid $want_uid), CapEff/CapPrm/CapAmb 0, NoNewPrivs 1"
+    else
+        fail "$label: pid $pid:$bad"
+        grep -E '^(Uid|Gid|Cap|NoNewPrivs)' <<<"$status" | while IFS= read -r l; do info "$l"; done
+        return 1
+    fi
+}
+
+# wait_balanced: requests through the listener reach both backends (bounded: 20 s).
+wait_balanced() {
+    local i seen body
+    for i in $(seq 1 40); do
+        seen=
+        for _ in 1 2 3 4; do
+            body=$(lb_get 2>/dev/null) && seen+=" $body"
+        done
+        if [[ $seen == *backend-1* && $seen == *backend-2* ]]; then
+            pass "requests through 127.0.0.1:$LB_PORT succeed and reach both backends (round robin:$seen)"
+            return 0
+        fi
+        sleep 0.5
+    done
+    fail "requests through 127.0.0.1:$LB_PORT: got '$seen' after 20 s (want backend-1 and backend-2)"
+    return 1
+}
+
+# A cursor at the end of the container's journal.
+journal_cursor() { cx journalctl -n 1 -o export --no-pager | sed -n 's/^__CURSOR=//p'; }
+
+# ---------------------------------------------------------------------------------------------
+
+[ $# -ge 1 ] && [ $# -le 2 ] || usage
+BOOT_ONLY=0
+[ "$1" = --boot-only ] && BOOT_ONLY=1
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 2; }
+[ -f "$HERE/http_load.py" ] || { echo "missing $HERE/http_load.py" >&2; exit 2; }
+[ -z "$OUT" ] || mkdir -p "$OUT" || { echo "cannot create $OUT" >&2; exit 2; }
+
+trap cleanup EXIT
+# On a signal, still clean up. A closed output pipe (SIGPIPE) must not stop the cleanup: from
+# then on, output goes nowhere.
+trap 'echo "interrupted"; FAILS=$((FAILS + 1)); exit 1' INT TERM HUP
+trap 'exec >/dev/null 2>&1; FAILS=$((FAILS + 1)); exit 1' PIPE
+
+WORK=$(mktemp -d /tmp/pingora-lb-systest.XXXXXX)
+mkdir -p "$WORK/share" "$WORK/rw"
+cp "$HERE/http_load.py" "$WORK/share/"
+
+step "1. host prerequisites, packages, Debian $SUITE root (cache: $CACHE)"
+ensure_tools
+[ "$BOOT_ONLY" = 1 ] || prepare_debs "$@"
+prepare_root
+
+step "2. boot the container with systemd-nspawn"
+choose_ports
+boot_container
+t=$(now)
+if CX_TIMEOUT=300 cx apt-get update -q >"$WORK/apt-update.log" 2>&1 ||
+    { sleep 5; CX_TIMEOUT=300 cx apt-get update -q >"$WORK/apt-update.log" 2>&1; }; then
+    pass "apt-get update in the container ($(since "$t") s)"
+else
+    tail -n 20 "$WORK/apt-update.log"
+    die "apt-get update in the container failed"
+fi
+if [ "$BOOT_ONLY" = 1 ]; then
+    info "$(cx sh -c 'cat /etc/debian_version; uname -r; ps -e | wc -l')"
+    exit 0
+fi
+
+step "3. install pingora-lb $VER"
+# Two backends, each serving its own name, as transient units of the container's systemd.
+for i in 1 2; do
+    port_var=B${i}_PORT
+    cx sh -c "mkdir -p /srv/systest/b$i && echo backend-$i >/srv/systest/b$i/index.html" &&
+        cx systemd-run --quiet --unit="systest-backend-$i" \
+            python3 -m http.server --bind 127.0.0.1 --directory "/srv/systest/b$i" "${!port_var}" ||
+        die "cannot start backend $i"
+done
+up=0
+for i in $(seq 1 50); do
+    [ "$(cx curl -sS --max-time 2 "http://127.0.0.1:$B1_PORT/" 2>/dev/null)" = backend-1 ] &&
+        [ "$(cx curl -sS --max-time 2 "http://127.0.0.1:$B2_PORT/" 2>/dev/null)" = backend-2 ] && up=1 && break
+    sleep 0.2
+done
+[ "$up" = 1 ] && pass "backends serve on 127.0.0.1:$B1_PORT and 127.0.0.1:$B2_PORT" ||
+    die "the backends do not answer"
+
+t=$(now)
+if CX_TIMEOUT=300 cx apt-get install -y -q "$DEB_IN" >"$WORK/apt-install.log" 2>&1; then
+    pass "apt-get install $(basename "$DEB_IN") ($(since "$t") s, dependencies from the mirror)"
+else
+    tail -n 30 "$WORK/apt-install.log"
+    die "apt-get install of $DEB_IN failed"
+fi
+status=$(cx dpkg-query -W -f='${Status} ${Version}' pingora-lb)
+[ "$status" = "install ok installed $VER" ] && pass "dpkg: $status" || fail "dpkg status: '$status'"
+[ "$(cx systemctl is-enabled "$UNIT")" = enabled ] && pass "$UNIT is enabled" || fail "$UNIT is not enabled"
+cx getent passwd pingora-lb >/dev/null && pass "system user pingora-lb exists: $(cx getent passwd pingora-lb)" ||
+    fail "no pingora-lb user"
+
+# The package starts the service; wait (bounded) for the start job to settle.
+for i in $(seq 1 50); do
+    state=$(is_active)
+    [ "$state" = activating ] || break
+    sleep 0.2
+done
+if [ "$PACKAGED_PORTS" = 1 ]; then
+    [ "$state" = active ] && pass "the package started $UNIT: is-active = active" ||
+        die "after install, is-active = $state"
+else
+    if [ "$state" = active ]; then
+        pass "the package started $UNIT (is-active = active, on the packaged ports)"
+    else
+        info "after install, is-active = $state (expected: packaged ports busy on the host)"
+    fi
+    cx sed -i -e "s/0\.0\.0\.0:8080/0.0.0.0:$LB_PORT/" -e "s/127\.0\.0\.1:8081/127.0.0.1:$B1_PORT/" \
+        -e "s/127\.0\.0\.1:8082/127.0.0.1:$B2_PORT/" "$CONF"
+    info "config edited: $(cx grep -E "0\.0\.0\.0:$LB_PORT|127\.0\.0\.1:($B1_PORT|$B2_PORT)" "$CONF" | xargs)"
+    cx pingora-lb -t -c "$CONF" >/dev/null 2>&1 || fail "edited config does not pass pingora-lb -t"
+    cx systemctl reset-failed "$UNIT" 2>/dev/null
+    CX_TIMEOUT=90 cx systemctl restart "$UNIT" && [ "$(is_active)" = active ] &&
+        pass "restarted on the test ports: is-active = active" || die "restart on the test ports failed"
+fi
+wait_balanced
+PID_FIRST=$(main_pid)
+INV_FIRST=$(svc_prop InvocationID)
+check_privs "$PID_FIRST" "MainPID after start"
+info "its CapBnd (bounding set, not dropped by an unprivileged process): $(cx awk '$1 == "CapBnd:" { print $2 }' "/proc/$PID_FIRST/status")"
+
+step "4. $RELOADS x systemctl reload under load"
+start_load reloads 180
+pids_seen=("$PID_FIRST")
+for n in $(seq 1 "$RELOADS"); do
+    old=$(main_pid)
+    t=$(now)
+    if CX_TIMEOUT=90 cx systemctl reload "$UNIT"; then rc=0; else rc=$?; fi
+    dt=$(since "$t")
+    new=$(main_pid)
+    state=$(is_active)
+    if [ "$rc" = 0 ] && [ "$new" != "$old" ] && [ "$new" != 0 ] && [ "$state" = active ]; then
+        pass "reload $n: exit 0 in $dt s, MainPID $old -> $new, is-active = $state"
+    else
+        fail "reload $n: exit $rc in $dt s, MainPID $old -> $new, is-active = $state"
+    fi
+    pids_seen+=("$new")
+    check_privs "$new" "reload $n" quiet
+    sleep 1
+done
+stop_load
+# The old processes drain and exit: within 20 s only the current MainPID is left.
+for i in $(seq 1 100); do
+    left=$(cx pgrep -x pingora-lb | xargs)
+    [ "$left" = "$(main_pid)" ] && break
+    sleep 0.2
+done
+[ "$left" = "$(main_pid)" ] && pass "old processes exited; only MainPID $left is left" ||
+    fail "pingora-lb processes left after the reloads: $left (MainPID $(main_pid))"
+[ "$(svc_prop InvocationID)" = "$INV_FIRST" ] && pass "same InvocationID after the reloads (never restarted)" ||
+    fail "InvocationID changed: the unit was restarted"
+
+step "5. a broken config: reload fails, the running process keeps serving"
+cx cp -p "$CONF" /root/pingora-lb.yaml.orig
+cx sh -c "printf '\nsystest_unknown_key: 1\n' >>$CONF"
+cx pingora-lb -t -c "$CONF" >"$WORK/check.out" 2>&1
+rc=$?
+[ "$rc" = 78 ] && pass "pingora-lb -t rejects the unknown key: exit 78: $(head -n 1 "$WORK/check.out" | cut -c 1-140)" ||
+    fail "pingora-lb -t on the broken config: exit $rc (want 78): $(head -n 3 "$WORK/check.out" | xargs)"
+old=$(main_pid)
+start_load broken 60
+if CX_TIMEOUT=90 cx systemctl reload "$UNIT" 2>"$WORK/reload.err"; then
+    fail "systemctl reload with the broken config succeeded"
+else
+    pass "systemctl reload fails: $(head -n 1 "$WORK/reload.err")"
+fi
+sleep 1
+state=$(is_active)
+new=$(main_pid)
+[ "$state" = active ] && [ "$new" = "$old" ] &&
+    pass "still active with the same MainPID $old" || fail "after the failed reload: is-active = $state, MainPID $old -> $new"
+stop_load
+info "journal: $(cx journalctl -u "$UNIT" -n 30 --no-pager -o cat | grep -m 1 -E 'systest_unknown_key' | cut -c 1-140)"
+cx cp -p /root/pingora-lb.yaml.orig "$CONF"
+cx pingora-lb -t -c "$CONF" >/dev/null 2>&1 && pass "config restored: pingora-lb -t passes" ||
+    fail "restored config fails pingora-lb -t"
+old=$(main_pid)
+CX_TIMEOUT=90 cx systemctl reload "$UNIT" && [ "$(main_pid)" != "$old" ] && [ "$(is_active)" = active ] &&
+    pass "reload after the restore works: MainPID $old -> $(main_pid)" || fail "reload after the restore"
+
+step "6. upgrade to $NEWVER under load"
+old=$(main_pid)
+inv=$(svc_prop InvocationID)
+aet=$(svc_prop ActiveEnterTimestampMonotonic)
+nrestarts=$(svc_prop NRestarts)
+cursor=$(journal_cursor)
+start_load upgrade 240
+sleep 1
+t=$(now)
+if CX_TIMEOUT=300 cx apt-get install -y -q -o Dpkg::Options::=--force-confdef \
+    -o Dpkg::Options::=--force-confold "$NEWER_IN" >"$WORK/apt-upgrade.log" 2>&1; then
+    pass "apt-get install $(basename "$NEWER_IN") ($(since "$t") s)"
+else
+    tail -n 30 "$WORK/apt-upgrade.log"
+    fail "apt-get install of the newer package failed"
+fi
+grep -E '^(Unpacking|Setting up)|pingora-lb:|[Ww]arning|[Ee]rror' "$WORK/apt-upgrade.log" |
+    while IFS= read -r l; do info "apt: $l"; done
+sleep 2
+stop_load
+new=$(main_pid)
+status=$(cx dpkg-query -W -f='${Status} ${Version}' pingora-lb)
+[ "$status" = "install ok installed $NEWVER" ] && pass "dpkg: $status" || fail "dpkg status: '$status'"
+[ "$(is_active)" = active ] && [ "$new" != "$old" ] && [ "$new" != 0 ] &&
+    pass "active, MainPID $old -> $new" || fail "after the upgrade: is-active = $(is_active), MainPID $old -> $new"
+exe=$(cx readlink "/proc/$new/exe")
+[ "$exe" = /usr/bin/pingora-lb ] && pass "MainPID runs the installed binary: /proc/$new/exe -> $exe" ||
+    fail "MainPID's binary: /proc/$new/exe -> '$exe' (old binary still running?)"
+# Reloaded, not restarted: a start (restart) gives the unit a new InvocationID and a new
+# ActiveEnterTimestamp; a reload keeps both. NRestarts counts automatic restarts. And systemd's
+# own messages about the unit since the upgrade began show a reload and no stop/start.
+inv2=$(svc_prop InvocationID)
+aet2=$(svc_prop ActiveEnterTimestampMonotonic)
+nrestarts2=$(svc_prop NRestarts)
+[ "$inv2" = "$inv" ] && [ "$aet2" = "$aet" ] && [ "$nrestarts2" = "$nrestarts" ] &&
+    pass "reloaded, not restarted: InvocationID, ActiveEnterTimestamp, NRestarts=$nrestarts2 unchanged" ||
+    fail "restarted: InvocationID $inv -> $inv2, ActiveEnterTimestampMonotonic $aet -> $aet2, NRestarts $nrestarts -> $nrestarts2"
+msgs=$(cx journalctl --no-pager -o cat --after-cursor="$cursor" _PID=1 UNIT="$UNIT")
+info "systemd about $UNIT during the upgrade: $(tr '\n' '|' <<<"$msgs")"
+if grep -q -E '^Reload' <<<"$msgs" && ! grep -q -E '^(Stopping|Stopped|Starting|Started|Deactivated)|Scheduled restart' <<<"$msgs"; then
+    pass "journal: the upgrade reloaded $UNIT (no Stopping/Stopped/Starting/Started)"
+else
+    fail "journal: the upgrade did not (only) reload $UNIT"
+fi
+check_privs "$new" "MainPID after the upgrade"
+
+step "7. journal, systemd-analyze security, stop, purge"
+lines=$(cx journalctl -t pingora-lb --no-pager -o cat)
+n_serving=$(grep -c 'serving on' <<<"$lines")
+[ "$n_serving" -ge 1 ] &&
+    pass "journalctl -t pingora-lb: $(wc -l <<<"$lines") lines, $n_serving 'serving on', e.g. '$(grep -m 1 'serving on' <<<"$lines")'" ||
+    fail "journalctl -t pingora-lb has no 'serving on' line ($(wc -l <<<"$lines") lines)"
+CX_TIMEOUT=60 cx systemd-analyze security "$UNIT" --no-pager >"$WORK/security.txt" 2>&1
+score=$(grep -E 'Overall exposure level' "$WORK/security.txt")
+[ -n "$OUT" ] && cp "$WORK/security.txt" "$OUT/security.txt"
+if [ -n "$score" ]; then
+    pass "systemd-analyze security: ${score#→ }"
+else
+    fail "systemd-analyze security printed no exposure level"
+    tail -n 5 "$WORK/security.txt"
+fi
+
+t=$(now)
+CX_TIMEOUT=60 cx systemctl stop "$UNIT"
+rc=$?
+dt=$(since "$t")
+state=$(is_active)
+if [ "$rc" = 0 ] && awk -v d="$dt" -v l="$STOP_LIMIT" 'BEGIN { exit !(d < l) }' && [ "$state" != active ]; then
+    pass "systemctl stop took $dt s (< $STOP_LIMIT s; TimeoutStopSec=$(svc_prop TimeoutStopUSec)), is-active = $state"
+else
+    fail "systemctl stop: exit $rc after $dt s (limit $STOP_LIMIT s), is-active = $state"
+fi
+left=$(cx pgrep -x pingora-lb | xargs)
+[ -z "$left" ] && pass "no pingora-lb process left" || fail "pingora-lb processes left after stop: $left"
+
+t=$(now)
+if CX_TIMEOUT=300 cx apt-get purge -y -q pingora-lb >"$WORK/apt-purge.log" 2>&1; then
+    pass "apt-get purge pingora-lb ($(since "$t") s)"
+else
+    tail -n 20 "$WORK/apt-purge.log"
+    fail "apt-get purge failed"
+fi
+grep -i -E 'warning|error' "$WORK/apt-purge.log" | while IFS= read -r l; do info "apt: $l"; done
+status=$(cx dpkg-query -W -f='${db:Status-Status}' pingora-lb 2>/dev/null)
+[ -z "$status" ] || [ "$status" = not-installed ] && pass "dpkg: pingora-lb is not installed" ||
+    fail "dpkg status after purge: $status"
+leftovers=
+for p in /etc/pingora-lb /usr/bin/pingora-lb /lib/systemd/system/pingora-lb.service \
+    /usr/lib/systemd/system/pingora-lb.service /etc/systemd/system/multi-user.target.wants/pingora-lb.service \
+    /run/pingora-lb; do
+    cx test -e "$p" && leftovers+=" $p"
+done
+[ -z "$leftovers" ] && pass "purged cleanly: no /etc/pingora-lb, /usr/bin/pingora-lb, unit file, enablement link, /run/pingora-lb" ||
+    fail "left after purge:$leftovers"
+cx getent passwd pingora-lb >/dev/null && info "the pingora-lb system user stays (as usual for Debian system users)"
