@@ -439,11 +439,7 @@ impl Config {
                     ),
                 );
             }
-            if upstream
-                .host
-                .as_deref()
-                .is_some_and(|h| http::HeaderValue::from_str(h).is_err() || h.is_empty())
-            {
+            if upstream.host.as_deref().is_some_and(invalid_host) {
                 return fail(
                     format!("upstreams[{i}].host"),
                     "is not a valid Host header value".to_string(),
@@ -464,12 +460,7 @@ impl Config {
                 "must not be longer than health_check.interval".to_string(),
             );
         }
-        if self
-            .health_check
-            .host
-            .as_deref()
-            .is_some_and(|h| http::HeaderValue::from_str(h).is_err() || h.is_empty())
-        {
+        if self.health_check.host.as_deref().is_some_and(invalid_host) {
             return fail(
                 "health_check.host".to_string(),
                 "is not a valid Host header value".to_string(),
@@ -483,6 +474,10 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn invalid_host(host: &str) -> bool {
+    host.is_empty() || http::HeaderValue::from_str(host).is_err()
 }
 
 /// Default values, named so the configuration reference can point at them.

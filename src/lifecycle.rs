@@ -44,49 +44,22 @@ pub fn ignore_signals_until_ready() {
 
 /// State shared by the start-up announcement, the signal handling and the exit.
 pub struct Lifecycle {
-    traffic: Arc<Traffic>,
-    upstreams: Arc<Upstreams>,
+    pub traffic: Arc<Traffic>,
+    pub upstreams: Arc<Upstreams>,
     /// Listening sockets by address, to hand to a successor.
-    sockets: Vec<(String, RawFd)>,
-    upgrade_sock: PathBuf,
-    grace_period: Duration,
-    pid_file: Option<PidFile>,
+    pub sockets: Vec<(String, RawFd)>,
+    pub upgrade_sock: PathBuf,
+    pub grace_period: Duration,
+    pub pid_file: Option<PidFile>,
     /// The process that handed its sockets to this one, until told we serve.
-    predecessor: Mutex<Option<Predecessor>>,
-    readiness: Mutex<Readiness>,
+    pub predecessor: Mutex<Option<Predecessor>>,
+    pub readiness: Mutex<Readiness>,
     /// 1 for a fresh start, one more than the predecessor's after a handoff.
-    generation: u64,
-    access_log: Option<Arc<AccessLog>>,
+    pub generation: u64,
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl Lifecycle {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        traffic: Arc<Traffic>,
-        upstreams: Arc<Upstreams>,
-        sockets: Vec<(String, RawFd)>,
-        upgrade_sock: PathBuf,
-        grace_period: Duration,
-        pid_file: Option<PidFile>,
-        predecessor: Option<Predecessor>,
-        readiness: Readiness,
-        generation: u64,
-        access_log: Option<Arc<AccessLog>>,
-    ) -> Arc<Lifecycle> {
-        Arc::new(Lifecycle {
-            traffic,
-            upstreams,
-            sockets,
-            upgrade_sock,
-            grace_period,
-            pid_file,
-            predecessor: Mutex::new(predecessor),
-            readiness: Mutex::new(readiness),
-            generation,
-            access_log,
-        })
-    }
-
     fn status_line(&self) -> String {
         let listening: Vec<&str> = self.sockets.iter().map(|(a, _)| a.as_str()).collect();
         format!(

@@ -6,7 +6,7 @@
 //! 5. privileges are dropped, while the process still has a single thread;
 //! 6. pingora runs, with this crate's signal handling and readiness announcement.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::info;
@@ -107,18 +107,18 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
         .map(|sink| Arc::new(AccessLog::start(&config.access_log, sink, metrics.clone())));
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     let traffic = Arc::new(Traffic::default());
-    let lifecycle = Lifecycle::new(
-        traffic.clone(),
-        upstreams.clone(),
-        handed_over,
-        config.upgrade_sock.0.clone(),
-        Duration::from_secs(config.grace_period_seconds),
+    let lifecycle = Arc::new(Lifecycle {
+        traffic: traffic.clone(),
+        upstreams: upstreams.clone(),
+        sockets: handed_over,
+        upgrade_sock: config.upgrade_sock.0.clone(),
+        grace_period: Duration::from_secs(config.grace_period_seconds),
         pid_file,
-        predecessor,
-        readiness,
+        predecessor: Mutex::new(predecessor),
+        readiness: Mutex::new(readiness),
         generation,
-        access_log.clone(),
-    );
+        access_log: access_log.clone(),
+    });
     let mut proxy = pingora::proxy::http_proxy_service(
         &server.configuration,
         LoadBalancer {
