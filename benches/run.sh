@@ -1,0 +1,802 @@
+#!/usr/bin/env bash
+# Benchmark of pingora-lb against HAProxy and nginx (issue 7).
+#
+#   benches/run.sh [--threads N] [--rounds R] [--duration S] ...   (run.sh --help)
+#
+# Two nginx instances on loopback are the backends. pingora-lb, HAProxy and nginx are each
+# configured as an equivalent round-robin balancer over them with the same thread/worker
+# count, pinned (taskset) to the same CPU set; the backends and wrk run on the other CPUs.
+# wrk runs in alternating rounds (pingora-lb, HAProxy, nginx, pingora-lb, ...) for
+# keep-alive clients and for a new connection per request. Then it times pingora-lb's
+# reload and how fast a dead backend leaves the rotation.
+#
+# PINGORA_LB=path selects the pingora-lb binary (default: target/release/pingora-lb).
+# Several, as name=path pairs separated by commas, are all measured in the same rounds:
+#   PINGORA_LB=before=/tmp/old/pingora-lb,after=target/release/pingora-lb benches/run.sh
+#
+# Needs: haproxy, nginx (nginx-light is enough), wrk, taskset (util-linux), ss (iproute2).
+# Installs nothing. Runs as root or as any user (then the processes stay that user).
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
+ORIG_ARGS=("$@")
+
+# ---------------------------------------------------------------- options
+THREADS=1
+ROUNDS=3
+DURATION=10
+CONNECTIONS=64
+WRK_THREADS=1
+LB_CPUS=
+LOAD_CPUS=
+RELOADS=5
+KILLS=3
+PORT_BASE=20100
+BACKEND_WORKERS=2
+OUT="$BENCH_DIR/results/latest.md"
+ONLY="pingora,haproxy,nginx"
+SCENARIOS="keepalive,close"
+KEEP_TMP=0
+
+usage() {
+    cat <<EOF
+Usage: benches/run.sh [options]
+
+  --threads N          threads (pingora-lb, HAProxy nbthread) / worker processes (nginx)
+                       of every balancer (default $THREADS)
+  --rounds R           alternating rounds per scenario; figures are medians (default $ROUNDS)
+  --duration S         seconds of each wrk run (default $DURATION)
+  --connections C      wrk connections (default $CONNECTIONS)
+  --wrk-threads T      wrk threads (default $WRK_THREADS)
+  --lb-cpus LIST       CPUs the balancers are pinned to (default: 0, or 0..N-1 for
+                       --threads N when enough CPUs are left for the load side)
+  --load-cpus LIST     CPUs for the backends and wrk (default: every other CPU)
+  --reloads K          pingora-lb reloads timed (default $RELOADS; 0 skips)
+  --kills K            times a backend is killed to time its removal (default $KILLS; 0 skips)
+  --scenarios LIST     keepalive,close (default $SCENARIOS)
+  --only LIST          balancers to run: pingora,haproxy,nginx (default all)
+  --port-base P        ports P+1.. are used on 127.0.0.1 (default $PORT_BASE)
+  --backend-workers W  nginx workers of each backend (default $BACKEND_WORKERS)
+  --out FILE           markdown report (default benches/results/latest.md; '-' for none)
+  --keep-tmp           keep the temporary directory (configs, logs, raw wrk output)
+
+Environment: PINGORA_LB=path, or name=path[,name=path...] to compare binaries.
+EOF
+}
+
+die() { echo "run.sh: $*" >&2; exit 1; }
+log() { echo "[$(date +%T)] $*" >&2; }
+
+while (($#)); do
+    case "$1" in
+        --threads) THREADS=${2:?}; shift 2 ;;
+        --rounds) ROUNDS=${2:?}; shift 2 ;;
+        --duration) DURATION=${2:?}; shift 2 ;;
+        --connections) CONNECTIONS=${2:?}; shift 2 ;;
+        --wrk-threads) WRK_THREADS=${2:?}; shift 2 ;;
+        --lb-cpus) LB_CPUS=${2:?}; shift 2 ;;
+        --load-cpus) LOAD_CPUS=${2:?}; shift 2 ;;
+        --reloads) RELOADS=${2:?}; shift 2 ;;
+        --kills) KILLS=${2:?}; shift 2 ;;
+        --scenarios) SCENARIOS=${2:?}; shift 2 ;;
+        --only) ONLY=${2:?}; shift 2 ;;
+        --port-base) PORT_BASE=${2:?}; shift 2 ;;
+        --backend-workers) BACKEND_WORKERS=${2:?}; shift 2 ;;
+        --out) OUT=${2:?}; shift 2 ;;
+        --keep-tmp) KEEP_TMP=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown option $1" ;;
+    esac
+done
+for v in THREADS ROUNDS DURATION CONNECTIONS WRK_THREADS RELOADS KILLS PORT_BASE BACKEND_WORKERS; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "--${v,,} must be a whole number"
+done
+((THREADS >= 1 && ROUNDS >= 1 && DURATION >= 1 && CONNECTIONS >= 1 && WRK_THREADS >= 1)) ||
+    die "threads, rounds, duration, connections and wrk threads must be at least 1"
+((CONNECTIONS >= WRK_THREADS)) || die "--connections must be at least --wrk-threads"
+
+# ---------------------------------------------------------------- tools
+missing=()
+for tool in haproxy nginx wrk taskset ss timeout getconf; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+    echo "run.sh: missing: ${missing[*]}" >&2
+    echo "  on Debian: apt-get install -y haproxy nginx-light wrk util-linux iproute2 coreutils" >&2
+    exit 1
+fi
+
+# pingora-lb binaries: PL_NAMES[i] / PL_BINS[i]
+PL_NAMES=()
+PL_BINS=()
+IFS=',' read -r -a _pl_specs <<<"${PINGORA_LB:-$REPO_DIR/target/release/pingora-lb}"
+for spec in "${_pl_specs[@]}"; do
+    [[ -n $spec ]] || continue
+    if [[ $spec == *=* ]]; then name=${spec%%=*}; bin=${spec#*=}; else name=pingora-lb; bin=$spec; fi
+    [[ -x $bin ]] || die "pingora-lb binary $bin does not exist or is not executable (cargo build --release, or set PINGORA_LB)"
+    bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+    PL_NAMES+=("$name")
+    PL_BINS+=("$bin")
+done
+((${#PL_NAMES[@]})) || die "PINGORA_LB names no binary"
+if ((${#PL_NAMES[@]} > 1)); then
+    dupes=$(printf '%s\n' "${PL_NAMES[@]}" | sort | uniq -d)
+    [[ -z $dupes ]] || die "PINGORA_LB: give each binary its own name (name=path): $dupes"
+fi
+
+# ---------------------------------------------------------------- CPUs
+expand_cpus() { # "0-2,5" -> "0 1 2 5"
+    local part parts cpus=()
+    IFS=',' read -r -a parts <<<"$1"
+    for part in "${parts[@]}"; do
+        if [[ $part =~ ^([0-9]+)-([0-9]+)$ ]]; then
+            mapfile -t -O "${#cpus[@]}" cpus < <(seq "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}")
+        elif [[ $part =~ ^[0-9]+$ ]]; then
+            cpus+=("$part")
+        else
+            die "bad CPU list: $1"
+        fi
+    done
+    echo "${cpus[@]}"
+}
+join_by() { local IFS=$1; shift; echo "$*"; }
+
+ALLOWED=$(taskset -pc $$ | sed 's/.*: *//')
+read -r -a ALLOWED_LIST <<<"$(expand_cpus "$ALLOWED")"
+NCPU=${#ALLOWED_LIST[@]}
+PIN=1
+if ((NCPU < 2)); then
+    log "WARNING: only one CPU available: nothing is pinned and the load side competes with the balancer"
+    PIN=0
+    LB_CPUS=${LB_CPUS:-${ALLOWED_LIST[0]}}
+    LOAD_CPUS=${LOAD_CPUS:-${ALLOWED_LIST[0]}}
+fi
+if [[ -z $LB_CPUS ]]; then
+    n=$THREADS
+    ((n <= NCPU - 1)) || n=1
+    LB_CPUS=$(join_by , "${ALLOWED_LIST[@]:0:n}")
+fi
+read -r -a LB_LIST <<<"$(expand_cpus "$LB_CPUS")"
+if [[ -z $LOAD_CPUS ]]; then
+    rest=()
+    for c in "${ALLOWED_LIST[@]}"; do
+        [[ " ${LB_LIST[*]} " == *" $c "* ]] || rest+=("$c")
+    done
+    ((${#rest[@]})) || die "no CPU left for the load side; give --load-cpus"
+    LOAD_CPUS=$(join_by , "${rest[@]}")
+fi
+read -r -a LOAD_LIST <<<"$(expand_cpus "$LOAD_CPUS")"
+for c in "${LB_LIST[@]}" "${LOAD_LIST[@]}"; do
+    [[ " ${ALLOWED_LIST[*]} " == *" $c "* ]] || die "CPU $c is not available (available: $ALLOWED)"
+done
+if ((PIN)); then
+    for c in "${LB_LIST[@]}"; do
+        [[ " ${LOAD_LIST[*]} " != *" $c "* ]] || log "WARNING: CPU $c is in both --lb-cpus and --load-cpus"
+    done
+fi
+# Background processes are started as `taskset -c CPUS program ... &` (never through a
+# shell function, which would fork a subshell): taskset execs the program, so $! is its pid.
+
+CLK_TCK=$(getconf CLK_TCK)
+ME=$(id -un)
+
+# ---------------------------------------------------------------- ports
+B1_PORT=$((PORT_BASE + 1))
+B2_PORT=$((PORT_BASE + 2))
+B3_PORT=$((PORT_BASE + 3))
+LIFECYCLE_PORT=$((PORT_BASE + 9))
+for p in $B1_PORT $B2_PORT $B3_PORT $LIFECYCLE_PORT $(seq $((PORT_BASE + 10)) $((PORT_BASE + 20))); do
+    if ss -Hltn "sport = :$p" | grep -q .; then
+        die "port $p is in use (stop what listens there, e.g. the system's nginx/haproxy, or pass --port-base)"
+    fi
+done
+
+# ---------------------------------------------------------------- processes and cleanup
+TMP=$(mktemp -d /tmp/pingora-lb-bench.XXXXXX)
+chmod 700 "$TMP"
+BG_JOB=
+STARTED_PIDS=()    # every long-lived process started here, plus pingora-lb's reloaded ones
+
+stop_pid() { # pid...: TERM, then KILL what is left after 5 s
+    local pid alive=() i
+    for pid in "$@"; do
+        kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null && alive+=("$pid")
+    done
+    for ((i = 0; i < 50 && ${#alive[@]}; i++)); do
+        local still=()
+        for pid in "${alive[@]}"; do
+            if kill -0 "$pid" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]; then
+                still+=("$pid")
+            fi
+        done
+        alive=("${still[@]+"${still[@]}"}")
+        ((${#alive[@]})) && sleep 0.1
+    done
+    for pid in "${alive[@]+"${alive[@]}"}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    # pingora-lb processes started by a reload are not our children: find them by pid file.
+    local f
+    for f in "$TMP"/*/pingora-lb.pid; do
+        if [[ -f $f ]]; then STARTED_PIDS+=("$(cat "$f" 2>/dev/null)"); fi
+    done
+    # Only processes whose command line names our temporary directory (pids can be reused).
+    local pid ours=()
+    for pid in "${STARTED_PIDS[@]+"${STARTED_PIDS[@]}"}"; do
+        if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF "$TMP"; then
+            ours+=("$pid")
+        fi
+    done
+    # Safety net: any other process whose command line names our temporary directory.
+    for f in $(grep -laF "$TMP" /proc/[0-9]*/cmdline 2>/dev/null); do
+        pid=${f#/proc/}
+        pid=${pid%/cmdline}
+        if [[ $pid != "$$" && " ${ours[*]-} " != *" $pid "* ]]; then ours+=("$pid"); fi
+    done
+    if [[ -n ${BG_JOB:-} ]]; then
+        mapfile -t -O "${#ours[@]}" ours < <(proc_tree "$BG_JOB")
+    fi
+    if ((${#ours[@]})); then
+        stop_pid "${ours[@]}"
+    fi
+    if ((KEEP_TMP)); then
+        echo "run.sh: temporary files kept in $TMP" >&2
+    else
+        rm -rf "$TMP"
+    fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Replace @KEY@ by values: render TEMPLATE OUT KEY=value...
+render() {
+    local template=$1 dest=$2 kv key val content
+    shift 2
+    content=$(<"$template")
+    for kv in "$@"; do
+        key=${kv%%=*}
+        val=${kv#*=}
+        content=${content//@$key@/$val}
+    done
+    [[ $content != *@[A-Z_]*@* ]] || die "unreplaced placeholder in $template"
+    printf '%s\n' "$content" >"$dest"
+}
+
+# HTTP status of GET / on a port, or nothing.
+http_status() {
+    timeout 3 bash -c '
+        exec 3<>/dev/tcp/127.0.0.1/'"$1"' || exit 1
+        printf "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" >&3
+        read -r _ code _ <&3 && echo "$code"' 2>/dev/null || true
+}
+
+# wait_ready PORT PID LOG: until GET / answers 200
+wait_ready() {
+    local port=$1 pid=$2 logf=$3 i
+    for ((i = 0; i < 150; i++)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "--- $logf" >&2
+            tail -n 30 "$logf" >&2 2>/dev/null || true
+            die "process $pid (port $port) exited during start-up"
+        fi
+        [[ $(http_status "$port") == 200 ]] && return 0
+        sleep 0.1
+    done
+    tail -n 30 "$logf" >&2 2>/dev/null || true
+    die "nothing answers 200 on port $port after 15 s"
+}
+
+# The process and all its descendants.
+proc_tree() {
+    local pid=$1 child
+    [[ -d /proc/$pid ]] || return 0
+    echo "$pid"
+    for child in $(ps -o pid= --ppid "$pid" 2>/dev/null); do
+        proc_tree "$child"
+    done
+}
+
+# utime+stime in clock ticks, summed over the given pids (all threads of each).
+cpu_ticks() {
+    local pid sum=0 t
+    for pid in "$@"; do
+        t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+        sum=$((sum + ${t:-0}))
+    done
+    echo "$sum"
+}
+
+# VmHWM (peak RSS) in kB, summed over the given pids.
+peak_rss_kb() {
+    local pid sum=0 k
+    for pid in "$@"; do
+        k=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || k=0
+        sum=$((sum + ${k:-0}))
+    done
+    echo "$sum"
+}
+
+# "busy total" jiffies summed over the given CPUs, from /proc/stat.
+cpu_jiffies() {
+    local want
+    want=$(printf 'cpu%s ' "$@")
+    awk -v want=" $want" '
+        $1 ~ /^cpu[0-9]+$/ && index(want, " " $1 " ") {
+            total = 0
+            for (i = 2; i <= NF; i++) total += $i
+            busy += total - $5 - $6; all += total
+        }
+        END { print busy + 0, all + 0 }' /proc/stat
+}
+
+# ---------------------------------------------------------------- backends
+# start_backend NAME PORT: a separate nginx instance on the load CPUs; sets BACKEND_PID to its
+# master's pid (not called in $(...), so that the process stays our child).
+start_backend() {
+    local name=$1 port=$2 dir="$TMP/$1" user_line=""
+    mkdir -p "$dir"
+    if [[ $ME == root ]]; then user_line="user root;"; fi
+    render "$BENCH_DIR/backend-nginx.conf.in" "$dir/nginx.conf" \
+        "DIR=$dir" "PORT=$port" "WORKERS=$BACKEND_WORKERS" "USER_LINE=$user_line"
+    taskset -c "$LOAD_CPUS" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g 'daemon off;' \
+        >"$dir/stdout.log" 2>&1 &
+    local pid=$!
+    STARTED_PIDS+=("$pid")
+    wait_ready "$port" "$pid" "$dir/error.log"
+    BACKEND_PID=$pid
+}
+
+# ---------------------------------------------------------------- balancers
+# Balancer i: KIND[i] (pingora|haproxy|nginx), NAME[i], BIN[i], PORT[i]
+KIND=()
+NAME=()
+BIN=()
+PORT=()
+add_balancer() {
+    KIND+=("$1"); NAME+=("$2"); BIN+=("$3"); PORT+=($((PORT_BASE + 10 + ${#PORT[@]})))
+}
+IFS=',' read -r -a _only <<<"$ONLY"
+for k in "${_only[@]}"; do
+    case "$k" in
+        pingora) for i in "${!PL_NAMES[@]}"; do add_balancer pingora "${PL_NAMES[$i]}" "${PL_BINS[$i]}"; done ;;
+        haproxy) add_balancer haproxy HAProxy "$(command -v haproxy)" ;;
+        nginx) add_balancer nginx nginx "$(command -v nginx)" ;;
+        *) die "--only: unknown balancer $k" ;;
+    esac
+done
+((${#KIND[@]})) || die "--only selects no balancer"
+((${#KIND[@]} <= 11)) || die "at most 11 balancers"
+
+pingora_upstreams() { # ports...
+    local p
+    for p in "$@"; do printf '  - address: 127.0.0.1:%s\n' "$p"; done
+}
+
+# start_balancer I SCENARIO: start balancer I pinned to the balancer CPUs; sets LB_PID[I].
+declare -A LB_PID=()
+start_balancer() {
+    local i=$1 scen=$2 dir="$TMP/lb$1-$2" pid user_line=""
+    mkdir -p "$dir"
+    case "${KIND[$i]}" in
+        pingora)
+            render "$BENCH_DIR/pingora-lb.yaml.in" "$dir/pingora-lb.yaml" \
+                "DIR=$dir" "PORT=${PORT[$i]}" "THREADS=$THREADS" "USER=$ME" "LOG_LEVEL=warn" \
+                "UPSTREAMS=$(pingora_upstreams "$B1_PORT" "$B2_PORT")"
+            taskset -c "$LB_CPUS" "${BIN[$i]}" -c "$dir/pingora-lb.yaml" >"$dir/stdout.log" 2>&1 &
+            pid=$!
+            LB_LOG[$i]="$dir/error.log"
+            ;;
+        haproxy)
+            render "$BENCH_DIR/haproxy.cfg.in" "$dir/haproxy.cfg" \
+                "PORT=${PORT[$i]}" "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT"
+            # -db: foreground, one process (its threads); no master-worker.
+            taskset -c "$LB_CPUS" haproxy -db -f "$dir/haproxy.cfg" >"$dir/stdout.log" 2>&1 &
+            pid=$!
+            LB_LOG[$i]="$dir/stdout.log"
+            ;;
+        nginx)
+            if [[ $ME == root ]]; then user_line="user root;"; fi
+            render "$BENCH_DIR/nginx-lb.conf.in" "$dir/nginx.conf" \
+                "DIR=$dir" "PORT=${PORT[$i]}" "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT" \
+                "USER_LINE=$user_line"
+            taskset -c "$LB_CPUS" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g 'daemon off;' \
+                >"$dir/stdout.log" 2>&1 &
+            pid=$!
+            LB_LOG[$i]="$dir/error.log"
+            ;;
+    esac
+    STARTED_PIDS+=("$pid")
+    LB_PID[$i]=$pid
+    wait_ready "${PORT[$i]}" "$pid" "${LB_LOG[$i]}"
+}
+declare -A LB_LOG=()
+
+stop_balancer() {
+    local i=$1 pids
+    pids=$(proc_tree "${LB_PID[$i]}")
+    # shellcheck disable=SC2086
+    stop_pid $pids
+}
+
+# ---------------------------------------------------------------- wrk
+WRK_LUA="$BENCH_DIR/report.lua"
+# scenario round i requests duration_us p50_us p99_us errors ticks load_busy lb_util lb_other
+RAW="$TMP/raw.tsv"
+printf '' >"$RAW"
+
+# run_wrk OUTFILE PORT SECONDS CONNECTIONS [wrk args...]
+run_wrk() {
+    local out=$1 port=$2 secs=$3 conns=$4
+    shift 4
+    local threads=$WRK_THREADS
+    ((threads <= conns)) || threads=$conns
+    timeout --foreground -k 5 $((secs + 30)) taskset -c "$LOAD_CPUS" \
+        wrk -t"$threads" -c"$conns" -d"${secs}s" --latency -s "$WRK_LUA" "$@" \
+        "http://127.0.0.1:$port/" >"$out" 2>&1 || true
+}
+
+# measure I SCENARIO ROUND: one wrk run against balancer I; appends a line to $RAW.
+measure() {
+    local i=$1 scen=$2 round=$3 out pids t0 t1 l0 l1 c0 c1 line extra=()
+    if [[ $scen == close ]]; then extra=(-H "Connection: close"); fi
+    out="$TMP/wrk-$scen-r$round-lb$i.txt"
+    pids=$(proc_tree "${LB_PID[$i]}")
+    # shellcheck disable=SC2086
+    t0=$(cpu_ticks $pids)
+    l0=$(cpu_jiffies "${LOAD_LIST[@]}")
+    c0=$(cpu_jiffies "${LB_LIST[@]}")
+    run_wrk "$out" "${PORT[$i]}" "$DURATION" "$CONNECTIONS" "${extra[@]+"${extra[@]}"}"
+    l1=$(cpu_jiffies "${LOAD_LIST[@]}")
+    c1=$(cpu_jiffies "${LB_LIST[@]}")
+    # shellcheck disable=SC2086
+    t1=$(cpu_ticks $pids)
+    line=$(grep '^BENCH ' "$out" || true)
+    if [[ -z $line ]]; then
+        cat "$out" >&2
+        die "wrk produced no result against ${NAME[$i]} ($scen, round $round)"
+    fi
+    # BENCH requests=.. duration_us=.. p50_us=.. p99_us=.. connect=.. read=.. write=.. status=.. timeout=..
+    local requests duration p50 p99 errors
+    read -r requests duration p50 p99 errors < <(echo "$line" | awk '{
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        print v["requests"], v["duration_us"], v["p50_us"], v["p99_us"],
+            v["connect"] + v["read"] + v["write"] + v["status"] + v["timeout"] }')
+    local busy
+    busy=$(awk -v a="$l0" -v b="$l1" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        d = y[2] - x[2]; printf "%.3f", (d > 0 ? (y[1] - x[1]) / d : 0) }')
+    local util other
+    util=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v d="$duration" \
+        'BEGIN { printf "%.3f", (d > 0 ? t / hz / (d / 1e6) : 0) }')
+    # What else ran on the balancer CPUs (in CPUs): their busy time minus the balancer's own.
+    other=$(awk -v a="$c0" -v b="$c1" -v t=$((t1 - t0)) -v n="${#LB_LIST[@]}" 'BEGIN {
+        split(a, x, " "); split(b, y, " "); d = y[2] - x[2]
+        o = (d > 0 ? ((y[1] - x[1]) - t) / d * n : 0); printf "%.3f", (o > 0 ? o : 0) }')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$round" "$i" "$requests" \
+        "$duration" "$p50" "$p99" "$errors" $((t1 - t0)) "$busy" "$util" "$other" >>"$RAW"
+    log "  $(printf '%-12s' "${NAME[$i]}") $(awk -v r="$requests" -v d="$duration" -v p50="$p50" -v p99="$p99" \
+        -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v e="$errors" -v u="$util" -v b="$busy" -v o="$other" 'BEGIN {
+        printf "%9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  %6.2f us/req  lb cpu %3.0f%%  load cpus %3.0f%%  other on lb cpus %2.0f%%  errors %d",
+            r / (d / 1e6), p50 / 1000, p99 / 1000, (r > 0 ? t / hz * 1e6 / r : 0), u * 100, b * 100, o * 100, e }')"
+}
+
+# ---------------------------------------------------------------- environment report
+load_now() { awk '{print $1}' /proc/loadavg; }
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "temporary directory $TMP"
+log "balancer CPUs: $LB_CPUS, backend+wrk CPUs: $LOAD_CPUS, threads/workers: $THREADS"
+if awk -v l="$(load_now)" 'BEGIN { exit !(l > 0.5) }'; then
+    log "WARNING: load average is $(load_now): other work on this machine will skew the figures"
+fi
+
+# ---------------------------------------------------------------- backends up
+start_backend backend1 "$B1_PORT"
+B1_PID=$BACKEND_PID
+start_backend backend2 "$B2_PORT"
+B2_PID=$BACKEND_PID
+log "backends: nginx on 127.0.0.1:$B1_PORT (pid $B1_PID) and 127.0.0.1:$B2_PORT (pid $B2_PID), $BACKEND_WORKERS workers each"
+
+# ---------------------------------------------------------------- throughput rounds
+declare -A RSS_KB=()    # scenario,i -> peak RSS kB
+declare -A NPROCS=()    # scenario,i -> processes summed
+IFS=',' read -r -a SCEN_LIST <<<"$SCENARIOS"
+for scen in "${SCEN_LIST[@]}"; do
+    case "$scen" in keepalive|close) ;; *) die "--scenarios: unknown scenario $scen" ;; esac
+    log "scenario $scen: starting balancers"
+    for i in "${!KIND[@]}"; do start_balancer "$i" "$scen"; done
+    sleep 1
+    # Warm-up: fills connection pools and caches, not measured.
+    warm_extra=()
+    if [[ $scen == close ]]; then warm_extra=(-H "Connection: close"); fi
+    for i in "${!KIND[@]}"; do
+        run_wrk "$TMP/warmup-$scen-lb$i.txt" "${PORT[$i]}" 1 "$CONNECTIONS" "${warm_extra[@]+"${warm_extra[@]}"}"
+    done
+    for ((round = 1; round <= ROUNDS; round++)); do
+        log "scenario $scen, round $round/$ROUNDS"
+        for i in "${!KIND[@]}"; do
+            measure "$i" "$scen" "$round"
+            sleep 1
+        done
+    done
+    for i in "${!KIND[@]}"; do
+        pids=$(proc_tree "${LB_PID[$i]}")
+        # shellcheck disable=SC2086
+        RSS_KB[$scen,$i]=$(peak_rss_kb $pids)
+        NPROCS[$scen,$i]=$(echo $pids | wc -w)
+        stop_balancer "$i"
+    done
+done
+
+# ---------------------------------------------------------------- reload and dead backend
+# One pingora-lb per binary over backend1, backend2 and a third, dedicated backend: timed
+# reloads under light load, then backend3 is killed and the time until pingora-lb logs
+# "backend 127.0.0.1:PORT becomes unhealthy" (health check every 1s, fall 1) is taken.
+declare -A RELOAD_MS=() KILL_MS=() LIFE_NOTES=() RETRIED=() LIFE_COVER=()
+now_ms() { local us=${EPOCHREALTIME/[.,]/}; echo $((us / 1000)); }
+if ((RELOADS > 0 || KILLS > 0)) && [[ " ${KIND[*]} " == *" pingora "* ]]; then
+    start_backend backend3 "$B3_PORT"; B3_PID=$BACKEND_PID
+    for i in "${!KIND[@]}"; do
+        [[ ${KIND[$i]} == pingora ]] || continue
+        dir="$TMP/life$i"
+        mkdir -p "$dir"
+        render "$BENCH_DIR/pingora-lb.yaml.in" "$dir/pingora-lb.yaml" \
+            "DIR=$dir" "PORT=$LIFECYCLE_PORT" "THREADS=$THREADS" "USER=$ME" "LOG_LEVEL=info" \
+            "UPSTREAMS=$(pingora_upstreams "$B1_PORT" "$B2_PORT" "$B3_PORT")"
+        taskset -c "$LB_CPUS" "${BIN[$i]}" -c "$dir/pingora-lb.yaml" >"$dir/stdout.log" 2>&1 &
+        pid=$!
+        STARTED_PIDS+=("$pid")
+        wait_ready "$LIFECYCLE_PORT" "$pid" "$dir/error.log"
+        sleep 1.5
+
+        # Light background load during reloads and kills: client-visible errors are counted.
+        # wrk only reports at its end, so it runs for an estimate of the phases' length.
+        bg_secs=$((RELOADS * 3 + KILLS * 4 + 2))
+        bg_start=$(now_ms)
+        run_wrk "$dir/wrk-background.txt" "$LIFECYCLE_PORT" "$bg_secs" 4 &
+        BG_JOB=$!
+        sleep 0.5
+
+        times=()
+        for ((k = 1; k <= RELOADS; k++)); do
+            t0=$(now_ms)
+            # Output to a file: the new process may keep inherited descriptors open.
+            if ! taskset -c "$LB_CPUS" timeout --foreground -k 5 60 "${BIN[$i]}" reload -c "$dir/pingora-lb.yaml" \
+                --pid "$pid" >"$dir/reload$k.out" 2>&1 </dev/null; then
+                cat "$dir/reload$k.out" >&2
+                die "reload $k of ${NAME[$i]} failed"
+            fi
+            t1=$(now_ms)
+            out=$(cat "$dir/reload$k.out")
+            newpid=$(echo "$out" | sed -n 's/.*process \([0-9][0-9]*\) serves.*/\1/p' | tail -n 1)
+            [[ -n $newpid ]] || die "reload printed no new pid: $out"
+            STARTED_PIDS+=("$newpid")
+            pid=$newpid
+            times+=($((t1 - t0)))
+            log "  ${NAME[$i]}: reload $k took $((t1 - t0)) ms (now pid $pid)"
+            sleep 2   # the old process drains (grace_period_seconds: 1) and exits
+        done
+        RELOAD_MS[$i]="${times[*]-}"
+
+        kills=()
+        retried=()
+        for ((k = 1; k <= KILLS; k++)); do
+            # backend3 must be in rotation: wait for its "becomes healthy" if it was down.
+            if ((k > 1)); then
+                start_backend backend3 "$B3_PORT"; B3_PID=$BACKEND_PID
+                for ((w = 0; w < 100; w++)); do
+                    (($(grep -c "backend 127.0.0.1:$B3_PORT becomes healthy" "$dir/error.log" || true) >= k - 1)) && break
+                    sleep 0.1
+                done
+                sleep 0.5
+            fi
+            before=$(grep -c "backend 127.0.0.1:$B3_PORT becomes unhealthy" "$dir/error.log" || true)
+            retries_before=$(grep -c "cannot connect to backend 127.0.0.1:$B3_PORT" "$dir/error.log" || true)
+            b3pids=$(proc_tree "$B3_PID")
+            t0=$(now_ms)
+            # shellcheck disable=SC2086
+            kill -KILL $b3pids
+            found=0
+            while (($(now_ms) - t0 < 15000)); do
+                if (($(grep -c "backend 127.0.0.1:$B3_PORT becomes unhealthy" "$dir/error.log" || true) > before)); then
+                    found=1
+                    break
+                fi
+                sleep 0.01
+            done
+            t1=$(now_ms)
+            # shellcheck disable=SC2086
+            for p in $b3pids; do wait "$p" 2>/dev/null || true; done
+            ((found)) || die "${NAME[$i]} did not log backend 127.0.0.1:$B3_PORT becomes unhealthy within 15 s"
+            sleep 0.2
+            retries_after=$(grep -c "cannot connect to backend 127.0.0.1:$B3_PORT" "$dir/error.log" || true)
+            kills+=($((t1 - t0)))
+            retried+=($((retries_after - retries_before)))
+            log "  ${NAME[$i]}: dead backend out of rotation after $((t1 - t0)) ms ($((retries_after - retries_before)) requests retried on another backend)"
+        done
+        KILL_MS[$i]="${kills[*]-}"
+        RETRIED[$i]="${retried[*]-}"
+
+        phases_ms=$(($(now_ms) - bg_start))
+        wait "$BG_JOB" 2>/dev/null || true
+        BG_JOB=
+        LIFE_NOTES[$i]=$(grep '^BENCH ' "$dir/wrk-background.txt" || true)
+        if ((phases_ms > bg_secs * 1000 + 500)); then
+            LIFE_COVER[$i]="wrk ran ${bg_secs} s of the ${phases_ms} ms"
+        fi
+        stop_pid "$pid"
+        # backend3 for the next binary
+        if ! kill -0 "$B3_PID" 2>/dev/null || [[ $(http_status "$B3_PORT") != 200 ]]; then
+            start_backend backend3 "$B3_PORT"; B3_PID=$BACKEND_PID
+        fi
+    done
+fi
+
+# ---------------------------------------------------------------- report
+median() { # numbers on stdin -> median
+    sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "nan"; exit }
+        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+maxof() { sort -g | tail -n 1; }
+
+# stat SCEN I COLUMN_EXPR -> median over rounds of an awk expression over the raw columns
+# raw columns: 1 scen 2 round 3 i 4 requests 5 duration_us 6 p50 7 p99 8 errors 9 ticks 10 busy 11 util 12 other
+med_of() {
+    awk -F'\t' -v s="$1" -v i="$2" -v hz="$CLK_TCK" \
+        '$1 == s && $3 == i { print '"$3"' }' "$RAW" | median
+}
+sum_errors() { awk -F'\t' -v s="$1" -v i="$2" '$1 == s && $3 == i { e += $8 } END { print e + 0 }' "$RAW"; }
+
+fmt() { awk -v v="$1" -v f="$2" 'BEGIN { if (v == "nan" || v == "") print "n/a"; else printf f, v }'; }
+ratio() { # a b -> a/b formatted
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f", a / b }'
+}
+
+HAP=-1 NGX=-1
+for i in "${!KIND[@]}"; do
+    if [[ ${KIND[$i]} == haproxy ]]; then HAP=$i; fi
+    if [[ ${KIND[$i]} == nginx ]]; then NGX=$i; fi
+done
+declare -A V=()
+
+REPORT="$TMP/report.md"
+{
+    echo "# pingora-lb benchmark"
+    echo
+    echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') on $(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), Linux $(uname -r)."
+    echo
+    echo "Command: \`$(if [[ -n ${PINGORA_LB:-} ]]; then printf "PINGORA_LB='%s' " "$PINGORA_LB"; fi)benches/run.sh${ORIG_ARGS[*]:+ ${ORIG_ARGS[*]}}\`"
+    echo
+    echo "- Balancers pinned to CPU(s) $LB_CPUS with $THREADS thread(s)/worker(s) each; backends (2 nginx instances, $BACKEND_WORKERS workers each, \`return 200 \"ok\\n\"\`) and wrk on CPU(s) $LOAD_CPUS."
+    echo "- wrk $(wrk -v 2>&1 | head -n 1 | awk '{print $2}'): \`-t$WRK_THREADS -c$CONNECTIONS -d${DURATION}s\`; $ROUNDS alternating rounds per scenario, figures are medians over the rounds."
+    for j in "${!PL_NAMES[@]}"; do
+        echo "- ${PL_NAMES[$j]}: \`${PL_BINS[$j]}\` ($("${PL_BINS[$j]}" --version 2>/dev/null | head -n 1 || true); sha256 $(sha256sum "${PL_BINS[$j]}" | cut -c1-12))"
+    done
+    echo "- $(haproxy -v 2>/dev/null | head -n 1 | sed 's/ - https.*//'); nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')."
+    echo "- Load average before the run: $LOAD_AT_START."
+    max_other=$(awk -F'\t' '{ if ($12 > m) m = $12 } END { printf "%.0f", m * 100 }' "$RAW")
+    if ((max_other >= 5)); then
+        echo "- **Warning**: other processes took up to ${max_other}% of a CPU on the balancer CPUs during a run; the figures are disturbed."
+    fi
+    for scen in "${SCEN_LIST[@]}"; do
+        echo
+        if [[ $scen == keepalive ]]; then
+            echo "## Keep-alive clients ($CONNECTIONS connections)"
+        else
+            echo "## New connection per request (\`Connection: close\`, $CONNECTIONS concurrent)"
+        fi
+        echo
+        echo "| balancer | req/s | p50 ms | p99 ms | CPU µs/req | balancer CPU use | peak RSS MiB | load CPUs busy | errors |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for i in "${!KIND[@]}"; do
+            rps=$(med_of "$scen" "$i" '$4 / ($5 / 1e6)')
+            p50=$(med_of "$scen" "$i" '$6 / 1000')
+            p99=$(med_of "$scen" "$i" '$7 / 1000')
+            cpu=$(med_of "$scen" "$i" '($4 > 0 ? $9 / hz * 1e6 / $4 : "nan")')
+            util=$(med_of "$scen" "$i" '$11 * 100')
+            busy=$(med_of "$scen" "$i" '$10 * 100')
+            rss=$(awk -v k="${RSS_KB[$scen,$i]}" 'BEGIN { print k / 1024 }')
+            procs=${NPROCS[$scen,$i]}
+            V[$scen,$i,rps]=$rps V[$scen,$i,p50]=$p50 V[$scen,$i,p99]=$p99 V[$scen,$i,cpu]=$cpu V[$scen,$i,rss]=$rss
+            echo "| ${NAME[$i]} | $(fmt "$rps" %.0f) | $(fmt "$p50" %.3f) | $(fmt "$p99" %.3f) | $(fmt "$cpu" %.2f) | $(fmt "$util" %.0f)% | $(fmt "$rss" %.1f)$(if ((procs > 1)); then echo " ($procs proc.)"; fi) | $(fmt "$busy" %.0f)% | $(sum_errors "$scen" "$i") |"
+        done
+        if ((HAP >= 0 || NGX >= 0)); then
+            echo
+            echo "Ratios (req/s: higher is better; the others: lower is better)"
+            echo
+            hdr="| balancer |" sep="|---|"
+            for m in "req/s" "p50" "p99" "CPU/req" "RSS"; do
+                if ((HAP >= 0)); then hdr+=" $m ÷ HAProxy |"; sep+="---:|"; fi
+                if ((NGX >= 0)); then hdr+=" $m ÷ nginx |"; sep+="---:|"; fi
+            done
+            echo "$hdr"
+            echo "$sep"
+            for i in "${!KIND[@]}"; do
+                row="| ${NAME[$i]} |"
+                for m in rps p50 p99 cpu rss; do
+                    if ((HAP >= 0)); then row+=" $(ratio "${V[$scen,$i,$m]}" "${V[$scen,$HAP,$m]}") |"; fi
+                    if ((NGX >= 0)); then row+=" $(ratio "${V[$scen,$i,$m]}" "${V[$scen,$NGX,$m]}") |"; fi
+                done
+                echo "$row"
+            done
+        fi
+    done
+    if ((${#RELOAD_MS[@]} || ${#KILL_MS[@]})); then
+        echo
+        echo "## pingora-lb lifecycle"
+        echo
+        echo "| binary | reload ms, median | reload ms, max | dead backend out after ms, median | max | requests retried elsewhere | client errors |"
+        echo "|---|---:|---:|---:|---:|---:|---:|"
+        for i in "${!KIND[@]}"; do
+            [[ ${KIND[$i]} == pingora ]] || continue
+            r=${RELOAD_MS[$i]-} k=${KILL_MS[$i]-}
+            rmed=$( [[ -n $r ]] && tr ' ' '\n' <<<"$r" | median || echo n/a)
+            rmax=$( [[ -n $r ]] && tr ' ' '\n' <<<"$r" | maxof || echo n/a)
+            kmed=$( [[ -n $k ]] && tr ' ' '\n' <<<"$k" | median || echo n/a)
+            kmax=$( [[ -n $k ]] && tr ' ' '\n' <<<"$k" | maxof || echo n/a)
+            retr=$(tr ' ' '\n' <<<"${RETRIED[$i]-}" | awk '{ s += $1 } END { print s + 0 }')
+            bg=${LIFE_NOTES[$i]-}
+            if [[ -n $bg ]]; then
+                cerr=$(echo "$bg" | tr ' ' '\n' | awk -F= '$1 ~ /^(connect|read|write|status|timeout)$/ { s += $2 } END { print s + 0 }')
+                creq=$(echo "$bg" | sed -n 's/.*requests=\([0-9]*\).*/\1/p')
+                cerr="$cerr of $creq"
+            else
+                cerr=n/a
+            fi
+            if [[ -n ${LIFE_COVER[$i]-} ]]; then cerr+=" (${LIFE_COVER[$i]})"; fi
+            echo "| ${NAME[$i]} | $rmed | $rmax | $kmed | $kmax | $retr | $cerr |"
+        done
+        echo
+        echo "Reload: wall time of \`pingora-lb reload -c FILE --pid PID\` ($RELOADS times, under the light load below), which returns once the new process serves."
+        echo "Dead backend: a third backend is killed (SIGKILL, $KILLS times); time until pingora-lb logs"
+        echo "\`backend 127.0.0.1:$B3_PORT becomes unhealthy\` (TCP health check every 1 s, fall 1). Meanwhile wrk (4 connections)"
+        echo "keeps requesting: requests sent to the dead backend before that are retried on another one"
+        echo "(counted from the \"cannot connect\" warnings); client errors are wrk's errors over the reloads and kills."
+    fi
+    cat <<EOF
+
+## Method
+
+- Each scenario starts every balancer afresh, warms it up with 1 s of wrk, then runs the rounds in turn.
+- **req/s, p50, p99** come from wrk (\`--latency\`, via a \`done()\` hook in \`benches/report.lua\`). wrk times a
+  request from sending it to the end of the response, so the new-connection scenario's latencies exclude the TCP handshake.
+- **CPU µs/req**: utime+stime (\`/proc/PID/stat\`, all threads) of the balancer's processes (pingora-lb: one
+  process; HAProxy: one process, started with \`-db\`; nginx: master + workers) from before to after a run,
+  divided by the requests wrk completed. **balancer CPU use** is that CPU time over the run's wall time
+  (100% = one CPU busy); **load CPUs busy** is how busy the backend+wrk CPUs were (from \`/proc/stat\`):
+  near 100% there means the load side, not the balancer, set the pace.
+- **other on LB CPUs** (raw rounds): CPU time that other processes took on the balancer CPUs during a run,
+  from \`/proc/stat\` minus the balancer's own; it should be about 0%.
+- **peak RSS**: VmHWM from \`/proc/PID/status\` at the end of the scenario, summed over the balancer's
+  processes (for nginx master + workers; pages they share are counted once per process, so this overstates
+  nginx's real footprint).
+- Configurations: \`benches/pingora-lb.yaml.in\`, \`benches/haproxy.cfg.in\`, \`benches/nginx-lb.conf.in\`,
+  backends \`benches/backend-nginx.conf.in\`.
+EOF
+    echo
+    echo "## Raw rounds"
+    echo
+    echo "| scenario | round | balancer | requests | req/s | p50 ms | p99 ms | CPU µs/req | balancer CPU | load CPUs busy | other on LB CPUs | errors |"
+    echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    while IFS=$'\t' read -r s r i req dur p50 p99 err ticks busy util other; do
+        awk -v s="$s" -v r="$r" -v n="${NAME[$i]}" -v req="$req" -v d="$dur" -v p50="$p50" -v p99="$p99" \
+            -v e="$err" -v t="$ticks" -v hz="$CLK_TCK" -v b="$busy" -v u="$util" -v o="$other" 'BEGIN {
+            printf "| %s | %s | %s | %d | %.0f | %.3f | %.3f | %.2f | %.0f%% | %.0f%% | %.0f%% | %d |\n",
+                s, r, n, req, req / (d / 1e6), p50 / 1000, p99 / 1000, (req > 0 ? t / hz * 1e6 / req : 0),
+                u * 100, b * 100, o * 100, e }'
+    done <"$RAW"
+} >"$REPORT"
+
+echo
+cat "$REPORT"
+if [[ $OUT != - ]]; then
+    mkdir -p "$(dirname "$OUT")"
+    cp "$REPORT" "$OUT"
+    log "report written to $OUT"
+fi
