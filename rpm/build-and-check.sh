@@ -79,7 +79,9 @@ expect '-rw-r--r--' /usr/lib/sysusers.d/pingora-lb.conf
 expect '-rw-r--r--' /usr/share/doc/pingora-lb/README.md
 expect '-rw-r--r--' /usr/share/licenses/pingora-lb/LICENSE
 # Nothing else, apart from rpm's /usr/lib/.build-id links to the binary.
-FOUND=$(echo "$LIST" | grep -v ' /usr/lib/.build-id' | awk '{print $NF}' | sort)
+# (The manual page's compression suffix depends on the distribution.)
+FOUND=$(echo "$LIST" | grep -v ' /usr/lib/.build-id' | awk '{print $NF}' |
+    sed -E 's/\.(gz|xz|bz2|zst)$//' | sort)
 WANTED=$(sort <<'EOF'
 /etc/pingora-lb
 /etc/pingora-lb/pingora-lb.yaml
@@ -87,6 +89,7 @@ WANTED=$(sort <<'EOF'
 /usr/lib/systemd/system/pingora-lb.service
 /usr/lib/sysusers.d/pingora-lb.conf
 /usr/share/doc/pingora-lb
+/usr/share/man/man8/pingora-lb.8
 /usr/share/doc/pingora-lb/README.md
 /usr/share/licenses/pingora-lb
 /usr/share/licenses/pingora-lb/LICENSE
