@@ -43,4 +43,18 @@
   };
 
   retries = 2;
+
+  forwarding = {
+    x_forwarded = true;
+    forwarded = false;
+    trusted_proxies = [ ];
+  };
+
+  metrics = {
+    listen = "127.0.0.1:9464";
+  };
+
+  access_log = {
+    destination = "off";
+  };
 }

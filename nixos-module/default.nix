@@ -304,7 +304,8 @@ in
     # Defaults of the keys without a typed option, leaf by leaf, so that setting one key of
     # a section (health_check.kind, say) keeps the packaged values of the others.
     services.pingora-lb.settings = lib.mapAttrsRecursive (_: lib.mkDefault) {
-      inherit (defaults) version syslog selection health_check timeouts retries;
+      inherit (defaults) version syslog selection health_check timeouts retries forwarding metrics
+        access_log;
     };
 
     assertions = [
