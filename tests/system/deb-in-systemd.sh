@@ -16,23 +16,28 @@
 #      (default /var/cache/pingora-lb-systest) and reused across runs;
 #   2. booted with systemd-nspawn --volatile=overlay (the cache stays clean), sharing the host's
 #      network (apt needs the mirror), in a cgroup of its own; commands run with nsenter;
-#   3. apt-get install of the .deb; two python3 http.server backends; the service is active,
+#   3. apt-get install of the .deb; two python3 backends (http_backend.py); the service is active,
 #      balances over both backends, runs as pingora-lb with no capabilities and NoNewPrivs;
-#   4. 10 x systemctl reload under load: no failed request, a new MainPID each time, the unit
-#      never leaves active/reloading, the old processes exit;
+#   4. 10 x systemctl reload under load (http_load.py: keep-alive, new-connection, slow
+#      in-flight and idle keep-alive clients, and a monitor of the unit's state): no failed
+#      request, a new MainPID each time (also unprivileged), the unit never leaves
+#      active/reloading, the old processes exit;
 #   5. a broken config: reload fails, the same process keeps serving; restored, reload works;
-#   6. the newer package installed under load: no failed request, reloaded and not restarted;
-#   7. the daemon's lines in the journal, systemctl stop in < 10 s, apt-get purge is clean;
+#   6. the newer package installed under load: no failed request, reloaded and not restarted
+#      (same InvocationID and ActiveEnterTimestamp; systemd logged Reloading/Reloaded and no
+#      Stopping/Started), and the new MainPID runs the installed binary;
+#   7. the daemon's lines in the journal; systemctl stop in < 10 s with a request in flight
+#      (answered) and an idle keep-alive connection open; apt-get purge is clean;
 #   8. systemd-analyze security (exposure score printed; saved to $SYSTEST_OUT/security.txt).
 # The container is always powered off and its cgroups removed; the cache is kept.
 #
-# Ports: the container shares the host's network, so the packaged ports (8080 listener,
-# 8081/8082 backends) are used as they are only if nothing on the host listens on them.
-# Otherwise free ports are chosen and the config in the container is edited (after the
-# install, before the tests) to use them.
+# Ports: the container shares the host's network, so the packaged config's ports (listener
+# 8080, backends 8081/8082, and any other such as a metrics listener) are used as they are only
+# if nothing on the host listens on them. Otherwise all are mapped to free ports from 28080 on,
+# and the config in the container is edited (after the install, before the tests) to use them.
 #
-# Environment: SYSTEST_CACHE (cache directory), SYSTEST_OUT (directory for security.txt and, on
-# failure, the container's journal and console), SYSTEST_MIRROR / SYSTEST_SECURITY_MIRROR
+# Environment: SYSTEST_CACHE (cache directory), SYSTEST_OUT (directory for security.txt, the
+# container's journal and console), SYSTEST_MIRROR / SYSTEST_SECURITY_MIRROR
 # (Debian mirrors; default: the ones configured on this host for bookworm, else deb.debian.org),
 # SYSTEST_CACHE_MAX_DAYS (rebuild an older cached root; default 30).
 set -uo pipefail
@@ -54,6 +59,7 @@ PID1=
 NSPAWN_PID=
 CG_DIRS=()
 CG_SCOPE=
+PORT_MAP=()
 LOAD_PID=
 LOAD_NAME=
 
@@ -99,11 +105,14 @@ cleanup() {
     set +e
     trap - EXIT INT TERM HUP
     trap '' PIPE
-    if [ -n "$LOAD_PID" ] && kill -0 "$LOAD_PID" 2>/dev/null; then
-        kill "$LOAD_PID" 2>/dev/null
-        wait "$LOAD_PID" 2>/dev/null
-    fi
-    if [ -n "$PID1" ] && [ "$FAILS" -gt 0 ] && [ -n "$OUT" ] && kill -0 "$PID1" 2>/dev/null; then
+    # Processes started with nsenter are not children of the container's systemd: its final
+    # shutdown would wait for them. Stop them first.
+    for pid in $LOAD_PID $(jobs -p); do
+        [ "$pid" = "$NSPAWN_PID" ] && continue
+        kill "$pid" 2>/dev/null
+    done
+    [ -n "$LOAD_PID" ] && wait "$LOAD_PID" 2>/dev/null
+    if [ -n "$PID1" ] && [ -n "$OUT" ] && kill -0 "$PID1" 2>/dev/null; then
         CX_TIMEOUT=20 cx journalctl -b --no-pager >"$OUT/container-journal.txt" 2>&1
     fi
     if [ -n "$NSPAWN_PID" ] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
@@ -143,7 +152,7 @@ cleanup() {
         done
         [ -d "$d" ] && info "could not remove cgroup $d"
     done
-    if [ -n "$WORK" ] && [ "$FAILS" -gt 0 ] && [ -n "$OUT" ] && [ -f "$WORK/console.log" ]; then
+    if [ -n "$WORK" ] && [ -n "$OUT" ] && [ -f "$WORK/console.log" ]; then
         cp "$WORK/console.log" "$OUT/container-console.txt"
     fi
     [ -n "$WORK" ] && rm -rf "$WORK"
@@ -152,6 +161,7 @@ cleanup() {
         echo "RESULT: PASS (all checks passed in $(elapsed) s)"
         exit 0
     fi
+    [ "$FAILS" -eq 0 ] && echo "the script stopped with exit status $rc (see the error above)"
     echo "RESULT: FAIL ($FAILS failed checks, $(elapsed) s)"
     exit 1
 }
@@ -162,7 +172,7 @@ cleanup() {
 ensure_tools() {
     local missing=() pair cmd pkg
     for pair in mmdebstrap:mmdebstrap systemd-nspawn:systemd-container curl:curl nsenter:util-linux \
-        dpkg-deb:dpkg flock:util-linux timeout:coreutils python3:python3; do
+        dpkg-deb:dpkg flock:util-linux timeout:coreutils python3:python3 pgrep:procps; do
         cmd=${pair%%:*}
         pkg=${pair#*:}
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
@@ -301,24 +311,63 @@ port_busy() {
         /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
 
+# The ports in the packaged config: line 1 the listeners', line 2 the upstreams' (host
+# 127.0.0.1 only), line 3 any other (e.g. a metrics listener).
+config_ports() {
+    python3 - "$1" <<'EOF2'
+import re, sys
+found = {"listeners": [], "upstreams": [], "other": []}
+bad_upstream = False
+section = None
+for line in open(sys.argv[1]):
+    code = line.split("#", 1)[0].rstrip()
+    m = re.match(r"([A-Za-z_]+):", code)
+    if m:
+        section = m.group(1)
+    for host, port in re.findall(r"(\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:.]*\]|localhost):(\d+)", code):
+        if section == "upstreams" and host != "127.0.0.1":
+            bad_upstream = True
+        found[section if section in ("listeners", "upstreams") else "other"].append(port)
+print(" ".join(found["listeners"]))
+print(" ".join(found["upstreams"]) if not bad_upstream else "not-loopback")
+print(" ".join(found["other"]))
+EOF2
+}
+
+# Use the packaged config as it is if none of its ports is taken on the host; otherwise map
+# them all to free ports (PORT_MAP, applied to the config after the install).
 choose_ports() {
-    local base
-    if ! port_busy 8080 && ! port_busy 8081 && ! port_busy 8082; then
-        LB_PORT=8080 B1_PORT=8081 B2_PORT=8082 PACKAGED_PORTS=1
-        pass "host ports 8080-8082 are free: the packaged config is used as is"
+    local conf=$WORK/packaged.yaml listeners upstreams others all busy=() base p ok lp=() up=() op=()
+    dpkg-deb --fsys-tarfile "$DEB" | tar -xO ."$CONF" >"$conf" 2>/dev/null && [ -s "$conf" ] ||
+        die "no $CONF in $DEB"
+    { read -r listeners; read -r upstreams; read -r others; } < <(config_ports "$conf")
+    read -r -a lp <<<"$listeners"
+    read -r -a up <<<"$upstreams"
+    if [ ${#lp[@]} != 1 ] || [ ${#up[@]} != 2 ] || [ "$upstreams" = not-loopback ]; then
+        die "the packaged config has listeners '$listeners' and upstreams '$upstreams': this test expects one listener and two upstreams on 127.0.0.1"
+    fi
+    all=("${lp[@]}" "${up[@]}")
+    read -r -a op <<<"$others"
+    all+=("${op[@]}")
+    for p in "${all[@]}"; do port_busy "$p" && busy+=("$p"); done
+    PORT_MAP=()
+    if [ ${#busy[@]} = 0 ]; then
+        LB_PORT=${lp[0]} B1_PORT=${up[0]} B2_PORT=${up[1]}
+        pass "the packaged config's ports (${all[*]}) are free on the host: it is used as is"
         return
     fi
-    PACKAGED_PORTS=0
-    info "host ports in use among 8080-8082:$(for p in 8080 8081 8082; do port_busy $p && printf ' %s' $p; done)"
-    # Below the ephemeral range, away from the usual development ports.
+    info "ports of the packaged config (${all[*]}) in use on the host: ${busy[*]}"
+    # Consecutive free ports below the ephemeral range, away from the usual development ports.
     for base in $(seq 28080 10 28980); do
-        if ! port_busy "$base" && ! port_busy $((base + 1)) && ! port_busy $((base + 2)); then
-            LB_PORT=$base B1_PORT=$((base + 1)) B2_PORT=$((base + 2))
-            pass "free ports chosen: listener $LB_PORT, backends $B1_PORT and $B2_PORT (config edited after install)"
-            return
-        fi
+        ok=1
+        for i in "${!all[@]}"; do port_busy $((base + i)) && ok=0; done
+        [ "$ok" = 1 ] || continue
+        for i in "${!all[@]}"; do PORT_MAP+=("${all[$i]}:$((base + i))"); done
+        LB_PORT=$base B1_PORT=$((base + 1)) B2_PORT=$((base + 2))
+        pass "free ports chosen: ${PORT_MAP[*]} (old:new; the config is edited after the install)"
+        return
     done
-    die "no free port triple found in 28080-28982"
+    die "no ${#all[@]} free consecutive ports found in 28080-28989"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +445,7 @@ start_load() {
         PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
         python3 /systest/http_load.py --port "$LB_PORT" --duration "$2" --unit "$UNIT" \
         --stop-file "/systest-rw/$1.stop" --out "/systest-rw/$1.json" \
-        --keepalive 2 --fresh 2 --pause 0.01 >"$WORK/$1.load.log" 2>&1 &
+        --keepalive 2 --fresh 2 --slow 1 --idle 1 --pause 0.01 >"$WORK/$1.load.log" 2>&1 &
     LOAD_PID=$!
     for i in $(seq 1 150); do
         [ -f "$WORK/rw/$1.json.started" ] && return 0
@@ -425,8 +474,13 @@ s = json.load(open(sys.argv[1]))
 ok = s["failed"] == 0 and not s["bad_states"] and s["stopped_by"] == "stop-file"
 print("ok" if ok else "bad")
 backends = ", ".join("%s: %d" % kv for kv in sorted(s["backends"].items()))
-print("%d requests ok (%d keep-alive, %d new-connection), %d failed in %.1f s; %s; %d MainPIDs seen"
-      % (s["ok"], s["keepalive_ok"], s["fresh_ok"], s["failed"], s["seconds"], backends, len(s["main_pids"])))
+print("%d requests ok (%d keep-alive, %d new-connection, %d slow, %d idle keep-alive of which %d retried"
+      " after an idle close), %d failed in %.1f s; %s; %d MainPIDs seen"
+      % (s["ok"], s["keepalive_ok"], s["fresh_ok"], s["slow_ok"], s["idle_ok"], s["idle_retried"],
+         s["failed"], s["seconds"], backends, len(s["main_pids"])))
+if s.get("idle_closes"):
+    print("idle keep-alive connections closed by the server (retried): %s"
+          % ", ".join("%s: %d" % kv for kv in sorted(s["idle_closes"].items())))
 if s["stopped_by"] != "stop-file":
     print("the load ran into its own time limit before the phase ended")
 for f in s["failures"][:10]:
@@ -437,6 +491,7 @@ EOF
     )
     if [ "$(head -n 1 <<<"$summary")" = ok ]; then
         pass "load '$name': $(sed -n 2p <<<"$summary")"
+        tail -n +3 <<<"$summary" | while IFS= read -r l; do info "$l"; done
     else
         fail "load '$name': $(sed -n 2p <<<"$summary")"
         tail -n +3 <<<"$summary" | while IFS= read -r l; do info "$l"; done
@@ -496,7 +551,9 @@ journal_cursor() { cx journalctl -n 1 -o export --no-pager | sed -n 's/^__CURSOR
 BOOT_ONLY=0
 [ "$1" = --boot-only ] && BOOT_ONLY=1
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 2; }
-[ -f "$HERE/http_load.py" ] || { echo "missing $HERE/http_load.py" >&2; exit 2; }
+for f in http_load.py http_backend.py; do
+    [ -f "$HERE/$f" ] || { echo "missing $HERE/$f" >&2; exit 2; }
+done
 [ -z "$OUT" ] || mkdir -p "$OUT" || { echo "cannot create $OUT" >&2; exit 2; }
 
 trap cleanup EXIT
@@ -507,7 +564,7 @@ trap 'exec >/dev/null 2>&1; FAILS=$((FAILS + 1)); exit 1' PIPE
 
 WORK=$(mktemp -d /tmp/pingora-lb-systest.XXXXXX)
 mkdir -p "$WORK/share" "$WORK/rw"
-cp "$HERE/http_load.py" "$WORK/share/"
+cp "$HERE/http_load.py" "$HERE/http_backend.py" "$WORK/share/"
 
 step "1. host prerequisites, packages, Debian $SUITE root (cache: $CACHE)"
 ensure_tools
@@ -515,7 +572,7 @@ ensure_tools
 prepare_root
 
 step "2. boot the container with systemd-nspawn"
-choose_ports
+[ "$BOOT_ONLY" = 1 ] || choose_ports
 boot_container
 t=$(now)
 if CX_TIMEOUT=300 cx apt-get update -q >"$WORK/apt-update.log" 2>&1 ||
@@ -531,21 +588,20 @@ if [ "$BOOT_ONLY" = 1 ]; then
 fi
 
 step "3. install pingora-lb $VER"
-# Two backends, each serving its own name, as transient units of the container's systemd.
+# Two backends, each answering with its own name (/slow after 2 s), as transient units of the
+# container's systemd.
 for i in 1 2; do
     port_var=B${i}_PORT
-    cx sh -c "mkdir -p /srv/systest/b$i && echo backend-$i >/srv/systest/b$i/index.html" &&
-        cx systemd-run --quiet --unit="systest-backend-$i" \
-            python3 -m http.server --bind 127.0.0.1 --directory "/srv/systest/b$i" "${!port_var}" ||
-        die "cannot start backend $i"
+    cx systemd-run --quiet --unit="systest-backend-$i" \
+        python3 /systest/http_backend.py "backend-$i" "${!port_var}" || die "cannot start backend $i"
 done
-up=0
+backends_up=0
 for i in $(seq 1 50); do
     [ "$(cx curl -sS --max-time 2 "http://127.0.0.1:$B1_PORT/" 2>/dev/null)" = backend-1 ] &&
-        [ "$(cx curl -sS --max-time 2 "http://127.0.0.1:$B2_PORT/" 2>/dev/null)" = backend-2 ] && up=1 && break
+        [ "$(cx curl -sS --max-time 2 "http://127.0.0.1:$B2_PORT/" 2>/dev/null)" = backend-2 ] && backends_up=1 && break
     sleep 0.2
 done
-[ "$up" = 1 ] && pass "backends serve on 127.0.0.1:$B1_PORT and 127.0.0.1:$B2_PORT" ||
+[ "$backends_up" = 1 ] && pass "backends serve on 127.0.0.1:$B1_PORT and 127.0.0.1:$B2_PORT" ||
     die "the backends do not answer"
 
 t=$(now)
@@ -567,7 +623,7 @@ for i in $(seq 1 50); do
     [ "$state" = activating ] || break
     sleep 0.2
 done
-if [ "$PACKAGED_PORTS" = 1 ]; then
+if [ ${#PORT_MAP[@]} = 0 ]; then
     [ "$state" = active ] && pass "the package started $UNIT: is-active = active" ||
         die "after install, is-active = $state"
 else
@@ -576,9 +632,13 @@ else
     else
         info "after install, is-active = $state (expected: packaged ports busy on the host)"
     fi
-    cx sed -i -e "s/0\.0\.0\.0:8080/0.0.0.0:$LB_PORT/" -e "s/127\.0\.0\.1:8081/127.0.0.1:$B1_PORT/" \
-        -e "s/127\.0\.0\.1:8082/127.0.0.1:$B2_PORT/" "$CONF"
-    info "config edited: $(cx grep -E "0\.0\.0\.0:$LB_PORT|127\.0\.0\.1:($B1_PORT|$B2_PORT)" "$CONF" | xargs)"
+    sed_args=()
+    for m in "${PORT_MAP[@]}"; do
+        sed_args+=(-e "s/([]0-9a-zA-Z.:]):${m%%:*}([^0-9]|\$)/\1:${m#*:}\2/g")
+    done
+    cx sed -i -E "${sed_args[@]}" "$CONF"
+    new_ports=$(printf '%s|' "${PORT_MAP[@]#*:}")
+    info "config edited: $(cx grep -v '^ *#' "$CONF" | grep -E ":(${new_ports%|})([^0-9]|$)" | xargs)"
     cx pingora-lb -t -c "$CONF" >/dev/null 2>&1 || fail "edited config does not pass pingora-lb -t"
     cx systemctl reset-failed "$UNIT" 2>/dev/null
     CX_TIMEOUT=90 cx systemctl restart "$UNIT" && [ "$(is_active)" = active ] &&
@@ -701,6 +761,13 @@ n_serving=$(grep -c 'serving on' <<<"$lines")
 [ "$n_serving" -ge 1 ] &&
     pass "journalctl -t pingora-lb: $(wc -l <<<"$lines") lines, $n_serving 'serving on', e.g. '$(grep -m 1 'serving on' <<<"$lines")'" ||
     fail "journalctl -t pingora-lb has no 'serving on' line ($(wc -l <<<"$lines") lines)"
+if CX_TIMEOUT=60 cx systemd-analyze verify "$UNIT" >"$WORK/verify.txt" 2>&1; then
+    pass "systemd-analyze verify $UNIT: exit 0$([ -s "$WORK/verify.txt" ] && echo ", with messages:")"
+    while IFS= read -r l; do info "$l"; done <"$WORK/verify.txt"
+else
+    fail "systemd-analyze verify $UNIT:"
+    while IFS= read -r l; do info "$l"; done <"$WORK/verify.txt"
+fi
 CX_TIMEOUT=60 cx systemd-analyze security "$UNIT" --no-pager >"$WORK/security.txt" 2>&1
 score=$(grep -E 'Overall exposure level' "$WORK/security.txt")
 [ -n "$OUT" ] && cp "$WORK/security.txt" "$OUT/security.txt"
@@ -711,10 +778,31 @@ else
     tail -n 5 "$WORK/security.txt"
 fi
 
+# Stop with a request in flight (the backend answers /slow after 2 s) and an idle keep-alive
+# connection open: the request must be answered, and the idle connection must not hold the
+# stop up until the grace period ends.
+CX_TIMEOUT=20 cx curl -sS --max-time 15 "http://127.0.0.1:$LB_PORT/slow" >"$WORK/inflight.out" 2>&1 &
+inflight_pid=$!
+CX_TIMEOUT=20 cx python3 -c "
+import http.client, os, time
+c = http.client.HTTPConnection('127.0.0.1', $LB_PORT, timeout=5)
+c.request('GET', '/'); c.getresponse().read(); print('idle connection open', flush=True)
+end = time.monotonic() + 15
+while time.monotonic() < end and not os.path.exists('/systest-rw/idle.stop'):
+    time.sleep(0.1)" >"$WORK/idle.out" 2>&1 &
+idle_pid=$!
+sleep 0.5
 t=$(now)
 CX_TIMEOUT=60 cx systemctl stop "$UNIT"
 rc=$?
 dt=$(since "$t")
+wait "$inflight_pid"
+inflight=$(cat "$WORK/inflight.out")
+[ "$(cat "$WORK/idle.out")" = "idle connection open" ] || info "idle connection: $(cat "$WORK/idle.out")"
+touch "$WORK/rw/idle.stop"
+wait "$idle_pid"
+[[ $inflight == backend-? ]] && pass "the request in flight during the stop was answered ($inflight)" ||
+    fail "the request in flight during the stop: '$inflight'"
 state=$(is_active)
 if [ "$rc" = 0 ] && awk -v d="$dt" -v l="$STOP_LIMIT" 'BEGIN { exit !(d < l) }' && [ "$state" != active ]; then
     pass "systemctl stop took $dt s (< $STOP_LIMIT s; TimeoutStopSec=$(svc_prop TimeoutStopUSec)), is-active = $state"

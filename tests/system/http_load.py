@@ -6,7 +6,16 @@ seconds have passed (whichever comes first):
   - --keepalive N clients reuse one HTTP/1.1 connection for as long as the server
     keeps it open (a response with "Connection: close" makes them reconnect, as
     any client would; a connection closed under them without notice is a failure);
-  - --fresh N clients open a new connection for every request.
+  - --fresh N clients open a new connection for every request;
+  - --slow N clients request --slow-path (the backend answers after 2 s) on a
+    kept-alive connection, so that requests are in flight during a handoff: the
+    process that gives up the sockets must still answer them;
+  - --idle N clients wait --idle-pause seconds between requests on one
+    connection, so that connections sit idle through a handoff. A server may
+    close an idle keep-alive connection at any time (RFC 9112, 9.6), and clients
+    retry an idempotent request that got no response at all on a reused
+    connection (curl and browsers do): so does this one, once, on a new
+    connection, counting it as "retried"; only a failed retry is a failure.
 A request succeeds if it gets status 200 and a body starting with "backend-"
 (each test backend serves its own name) within --timeout seconds.
 
@@ -37,6 +46,10 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--keepalive", type=int, default=2)
     ap.add_argument("--fresh", type=int, default=2)
+    ap.add_argument("--slow", type=int, default=1)
+    ap.add_argument("--slow-path", default="/slow")
+    ap.add_argument("--idle", type=int, default=1)
+    ap.add_argument("--idle-pause", type=float, default=1.5)
     ap.add_argument("--pause", type=float, default=0.01, help="seconds between requests per client")
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--unit", default=None)
@@ -45,7 +58,8 @@ def main():
     t0 = time.monotonic()
     deadline = t0 + args.duration
     lock = threading.Lock()
-    stats = {"ok": 0, "failed": 0, "keepalive_ok": 0, "fresh_ok": 0, "backends": {}}
+    stats = {"ok": 0, "failed": 0, "keepalive_ok": 0, "fresh_ok": 0, "slow_ok": 0, "idle_ok": 0,
+             "idle_retried": 0, "backends": {}}
     failures = []
     states = []
     bad_states = []
@@ -79,31 +93,59 @@ def main():
             return "unexpected body %r" % body[:60]
         return None
 
-    def keepalive_client():
+    # Errors meaning "the server closed this reused connection before answering".
+    stale = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+    def persistent_client(kind, path, pause, retry_stale):
         conn = None
         while not should_stop():
+            reused = conn is not None
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection(args.host, args.port, timeout=args.timeout)
-                conn.request("GET", args.path)
-                resp = conn.getresponse()
+                try:
+                    conn.request("GET", path)
+                    resp = conn.getresponse()
+                except stale:
+                    if not (retry_stale and reused):
+                        raise
+                    with lock:
+                        stats["idle_retried"] += 1
+                        stats.setdefault("idle_closes", {})
+                        name = type(sys.exc_info()[1]).__name__
+                        stats["idle_closes"][name] = stats["idle_closes"].get(name, 0) + 1
+                    conn.close()
+                    conn = http.client.HTTPConnection(args.host, args.port, timeout=args.timeout)
+                    conn.request("GET", path)
+                    resp = conn.getresponse()
                 body = resp.read()
                 err = check(resp, body)
                 if err:
-                    record_fail("keepalive", err)
+                    record_fail(kind, err)
                 else:
-                    record_ok("keepalive", body)
+                    record_ok(kind, body)
                 if resp.will_close:
                     conn.close()
                     conn = None
             except Exception as e:  # noqa: BLE001 - every error is a failed request
-                record_fail("keepalive", "%s: %s" % (type(e).__name__, e))
+                record_fail(kind, "%s: %s" % (type(e).__name__, e))
                 if conn is not None:
                     conn.close()
                 conn = None
-            time.sleep(args.pause)
+            end = time.monotonic() + pause
+            while not should_stop() and time.monotonic() < end:
+                time.sleep(min(0.1, pause))
         if conn is not None:
             conn.close()
+
+    def keepalive_client():
+        persistent_client("keepalive", args.path, args.pause, False)
+
+    def slow_client():
+        persistent_client("slow", args.slow_path, args.pause, False)
+
+    def idle_client():
+        persistent_client("idle", args.path, args.idle_pause, True)
 
     def fresh_client():
         while not should_stop():
@@ -146,6 +188,8 @@ def main():
 
     threads = [threading.Thread(target=keepalive_client) for _ in range(args.keepalive)]
     threads += [threading.Thread(target=fresh_client) for _ in range(args.fresh)]
+    threads += [threading.Thread(target=slow_client) for _ in range(args.slow)]
+    threads += [threading.Thread(target=idle_client) for _ in range(args.idle)]
     if args.unit:
         threads.append(threading.Thread(target=monitor))
     for t in threads:
