@@ -37,6 +37,7 @@
     KillMode = "control-group";
     Restart = "on-failure";
     RestartSec = "2s";
+    RestartPreventExitStatus = 78;
     LimitNOFILE = 1048576;
 
     RuntimeDirectory = "pingora-lb";

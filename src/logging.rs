@@ -116,6 +116,13 @@ pub fn init(config: &Config) {
     }
 }
 
+/// Whether error log lines already go to stderr (so a fatal error is not printed twice).
+pub fn goes_to_stderr() -> bool {
+    LOGGER
+        .get()
+        .is_none_or(|logger| matches!(logger.sink, Sink::Stderr))
+}
+
 /// Reopens the error log file (after logrotate moved it); other sinks need nothing.
 pub fn reopen() {
     if let Some(ErrorLogger {

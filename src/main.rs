@@ -31,7 +31,9 @@ fn main() {
         return;
     }
     if let Err(e) = startup::serve(&cli, config) {
-        log::error!("{e}");
+        if !pingora_lb::logging::goes_to_stderr() {
+            log::error!("{e}");
+        }
         fail(1, &e);
     }
 }
