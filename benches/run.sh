@@ -337,23 +337,45 @@ cpu_jiffies() {
 }
 
 # ---------------------------------------------------------------- backends
-# start_backend NAME PORT: a separate nginx instance on the load CPUs; sets BACKEND_PID to its
-# master's pid (not called in $(...), so that the process stays our child).
+# start_backend NAME PORT [detached]: a separate nginx instance on the load CPUs; sets
+# BACKEND_PID to its master's pid. "detached" makes it no child of this shell (bash would
+# report its SIGKILL on the terminal).
 start_backend() {
-    local name=$1 port=$2 dir="$TMP/$1" user_line=""
+    local name=$1 port=$2 detached=${3:-} dir="$TMP/$1" user_line="" pid
     mkdir -p "$dir"
     if [[ $ME == root ]]; then user_line="user root;"; fi
     render "$BENCH_DIR/backend-nginx.conf.in" "$dir/nginx.conf" \
         "DIR=$dir" "PORT=$port" "WORKERS=$BACKEND_WORKERS" "USER_LINE=$user_line"
-    taskset -c "$LOAD_CPUS" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g 'daemon off;' \
-        >"$dir/stdout.log" 2>&1 &
-    local pid=$!
+    if [[ $detached == detached ]]; then
+        (
+            taskset -c "$LOAD_CPUS" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" \
+                -g 'daemon off;' >"$dir/stdout.log" 2>&1 &
+            echo $! >"$dir/master.pid"
+        )
+        pid=$(<"$dir/master.pid")
+    else
+        taskset -c "$LOAD_CPUS" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g 'daemon off;' \
+            >"$dir/stdout.log" 2>&1 &
+        pid=$!
+    fi
     STARTED_PIDS+=("$pid")
     wait_ready "$port" "$pid" "$dir/error.log"
     BACKEND_PID=$pid
 }
 
 # ---------------------------------------------------------------- balancers
+# Each pingora-lb binary is copied first, so that a rebuild during the run changes nothing.
+PL_COPIES=()
+PL_SHA=()
+PL_BUILT=()
+for j in "${!PL_BINS[@]}"; do
+    PL_BUILT+=("$(date -u -r "${PL_BINS[$j]}" '+%Y-%m-%d %H:%M UTC')")
+    mkdir -p "$TMP/bin$j"
+    cp "${PL_BINS[$j]}" "$TMP/bin$j/pingora-lb"
+    PL_COPIES+=("$TMP/bin$j/pingora-lb")
+    PL_SHA+=("$(sha256sum "$TMP/bin$j/pingora-lb" | cut -c1-12)")
+done
+
 # Balancer i: KIND[i] (pingora|haproxy|nginx), NAME[i], BIN[i], PORT[i]
 KIND=()
 NAME=()
@@ -365,7 +387,7 @@ add_balancer() {
 IFS=',' read -r -a _only <<<"$ONLY"
 for k in "${_only[@]}"; do
     case "$k" in
-        pingora) for i in "${!PL_NAMES[@]}"; do add_balancer pingora "${PL_NAMES[$i]}" "${PL_BINS[$i]}"; done ;;
+        pingora) for i in "${!PL_NAMES[@]}"; do add_balancer pingora "${PL_NAMES[$i]}" "${PL_COPIES[$i]}"; done ;;
         haproxy) add_balancer haproxy HAProxy "$(command -v haproxy)" ;;
         nginx) add_balancer nginx nginx "$(command -v nginx)" ;;
         *) die "--only: unknown balancer $k" ;;
@@ -505,6 +527,7 @@ log "backends: nginx on 127.0.0.1:$B1_PORT (pid $B1_PID) and 127.0.0.1:$B2_PORT 
 # ---------------------------------------------------------------- throughput rounds
 declare -A RSS_KB=()    # scenario,i -> peak RSS kB
 declare -A NPROCS=()    # scenario,i -> processes summed
+declare -A CEILING=()   # scenario -> req/s of wrk straight to a backend
 IFS=',' read -r -a SCEN_LIST <<<"$SCENARIOS"
 for scen in "${SCEN_LIST[@]}"; do
     case "$scen" in keepalive|close) ;; *) die "--scenarios: unknown scenario $scen" ;; esac
@@ -517,6 +540,15 @@ for scen in "${SCEN_LIST[@]}"; do
     for i in "${!KIND[@]}"; do
         run_wrk "$TMP/warmup-$scen-lb$i.txt" "${PORT[$i]}" 1 "$CONNECTIONS" "${warm_extra[@]+"${warm_extra[@]}"}"
     done
+    if [[ $scen == keepalive ]]; then
+        # The load side's own ceiling: wrk straight to one backend, same CPUs, no balancer.
+        # With keep-alive the load CPUs do the same work per request as behind a balancer.
+        run_wrk "$TMP/ceiling-$scen.txt" "$B1_PORT" "$DURATION" "$CONNECTIONS"
+        CEILING[$scen]=$(awk '/^BENCH / { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+            if (v["duration_us"] > 0) printf "%.0f", v["requests"] / (v["duration_us"] / 1e6) }' "$TMP/ceiling-$scen.txt")
+        log "  load-side ceiling (wrk straight to a backend): ${CEILING[$scen]:-?} req/s"
+        sleep 1
+    fi
     for ((round = 1; round <= ROUNDS; round++)); do
         log "scenario $scen, round $round/$ROUNDS"
         for i in "${!KIND[@]}"; do
@@ -537,10 +569,46 @@ done
 # One pingora-lb per binary over backend1, backend2 and a third, dedicated backend: timed
 # reloads under light load, then backend3 is killed and the time until pingora-lb logs
 # "backend 127.0.0.1:PORT becomes unhealthy" (health check every 1s, fall 1) is taken.
-declare -A RELOAD_MS=() KILL_MS=() LIFE_NOTES=() RETRIED=() LIFE_COVER=()
+declare -A RELOAD_MS=() KILL_MS=() RETRIED=() BG_RESULT=()
+
+# Light background load (wrk, 4 connections) during a phase, so that client-visible errors
+# are counted. wrk only reports at its end, so it runs for an estimate of the phase's length
+# and is waited for afterwards. bg_start FILE PORT SECONDS / bg_end KEY
+bg_start() {
+    BG_FILE=$1
+    BG_SECS=$3
+    BG_T0=$(now_ms)
+    run_wrk "$1" "$2" "$3" 4 &
+    BG_JOB=$!
+    sleep 0.5
+}
+bg_end() {
+    local key=$1 elapsed line errs
+    elapsed=$(($(now_ms) - BG_T0))
+    wait "$BG_JOB" 2>/dev/null || true
+    BG_JOB=
+    line=$(grep '^BENCH ' "$BG_FILE" || true)
+    if [[ -z $line ]]; then
+        BG_RESULT[$key]="n/a"
+        return 0
+    fi
+    # "E of N" plus the kinds of errors, e.g. "2 of 300000 (read 2)"
+    errs=$(echo "$line" | awk '{
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        n = split("connect read write status timeout", k, " ")
+        for (j = 1; j <= n; j++) {
+            t += v[k[j]]
+            if (v[k[j]] > 0) d = d (d == "" ? "" : ", ") (k[j] == "status" ? "non-2xx/3xx" : k[j]) " " v[k[j]]
+        }
+        printf "%d of %d%s", t, v["requests"], (d == "" ? "" : " (" d ")") }')
+    if ((elapsed > BG_SECS * 1000 + 500)); then
+        errs+="; wrk covered only ${BG_SECS} s of ${elapsed} ms"
+    fi
+    BG_RESULT[$key]=$errs
+}
 now_ms() { local us=${EPOCHREALTIME/[.,]/}; echo $((us / 1000)); }
 if ((RELOADS > 0 || KILLS > 0)) && [[ " ${KIND[*]} " == *" pingora "* ]]; then
-    start_backend backend3 "$B3_PORT"; B3_PID=$BACKEND_PID
+    start_backend backend3 "$B3_PORT" detached; B3_PID=$BACKEND_PID
     for i in "${!KIND[@]}"; do
         [[ ${KIND[$i]} == pingora ]] || continue
         dir="$TMP/life$i"
@@ -554,15 +622,8 @@ if ((RELOADS > 0 || KILLS > 0)) && [[ " ${KIND[*]} " == *" pingora "* ]]; then
         wait_ready "$LIFECYCLE_PORT" "$pid" "$dir/error.log"
         sleep 1.5
 
-        # Light background load during reloads and kills: client-visible errors are counted.
-        # wrk only reports at its end, so it runs for an estimate of the phases' length.
-        bg_secs=$((RELOADS * 3 + KILLS * 4 + 2))
-        bg_start=$(now_ms)
-        run_wrk "$dir/wrk-background.txt" "$LIFECYCLE_PORT" "$bg_secs" 4 &
-        BG_JOB=$!
-        sleep 0.5
-
         times=()
+        if ((RELOADS > 0)); then bg_start "$dir/wrk-reloads.txt" "$LIFECYCLE_PORT" $((RELOADS * 3 + 1)); fi
         for ((k = 1; k <= RELOADS; k++)); do
             t0=$(now_ms)
             # Output to a file: the new process may keep inherited descriptors open.
@@ -582,13 +643,15 @@ if ((RELOADS > 0 || KILLS > 0)) && [[ " ${KIND[*]} " == *" pingora "* ]]; then
             sleep 2   # the old process drains (grace_period_seconds: 1) and exits
         done
         RELOAD_MS[$i]="${times[*]-}"
+        if ((RELOADS > 0)); then bg_end "reload,$i"; fi
 
         kills=()
         retried=()
+        if ((KILLS > 0)); then bg_start "$dir/wrk-kills.txt" "$LIFECYCLE_PORT" $((KILLS * 3 + 1)); fi
         for ((k = 1; k <= KILLS; k++)); do
             # backend3 must be in rotation: wait for its "becomes healthy" if it was down.
             if ((k > 1)); then
-                start_backend backend3 "$B3_PORT"; B3_PID=$BACKEND_PID
+                start_backend backend3 "$B3_PORT" detached; B3_PID=$BACKEND_PID
                 for ((w = 0; w < 100; w++)); do
                     (($(grep -c "backend 127.0.0.1:$B3_PORT becomes healthy" "$dir/error.log" || true) >= k - 1)) && break
                     sleep 0.1
@@ -610,8 +673,6 @@ if ((RELOADS > 0 || KILLS > 0)) && [[ " ${KIND[*]} " == *" pingora "* ]]; then
                 sleep 0.01
             done
             t1=$(now_ms)
-            # shellcheck disable=SC2086
-            for p in $b3pids; do wait "$p" 2>/dev/null || true; done
             ((found)) || die "${NAME[$i]} did not log backend 127.0.0.1:$B3_PORT becomes unhealthy within 15 s"
             sleep 0.2
             retries_after=$(grep -c "cannot connect to backend 127.0.0.1:$B3_PORT" "$dir/error.log" || true)
@@ -622,17 +683,11 @@ if ((RELOADS > 0 || KILLS > 0)) && [[ " ${KIND[*]} " == *" pingora "* ]]; then
         KILL_MS[$i]="${kills[*]-}"
         RETRIED[$i]="${retried[*]-}"
 
-        phases_ms=$(($(now_ms) - bg_start))
-        wait "$BG_JOB" 2>/dev/null || true
-        BG_JOB=
-        LIFE_NOTES[$i]=$(grep '^BENCH ' "$dir/wrk-background.txt" || true)
-        if ((phases_ms > bg_secs * 1000 + 500)); then
-            LIFE_COVER[$i]="wrk ran ${bg_secs} s of the ${phases_ms} ms"
-        fi
+        if ((KILLS > 0)); then bg_end "kill,$i"; fi
         stop_pid "$pid"
         # backend3 for the next binary
         if ! kill -0 "$B3_PID" 2>/dev/null || [[ $(http_status "$B3_PORT") != 200 ]]; then
-            start_backend backend3 "$B3_PORT"; B3_PID=$BACKEND_PID
+            start_backend backend3 "$B3_PORT" detached; B3_PID=$BACKEND_PID
         fi
     done
 fi
@@ -676,8 +731,10 @@ REPORT="$TMP/report.md"
     echo "- Balancers pinned to CPU(s) $LB_CPUS with $THREADS thread(s)/worker(s) each; backends (2 nginx instances, $BACKEND_WORKERS workers each, \`return 200 \"ok\\n\"\`) and wrk on CPU(s) $LOAD_CPUS."
     echo "- wrk $(wrk -v 2>&1 | head -n 1 | awk '{print $2}'): \`-t$WRK_THREADS -c$CONNECTIONS -d${DURATION}s\`; $ROUNDS alternating rounds per scenario, figures are medians over the rounds."
     for j in "${!PL_NAMES[@]}"; do
-        echo "- ${PL_NAMES[$j]}: \`${PL_BINS[$j]}\` ($("${PL_BINS[$j]}" --version 2>/dev/null | head -n 1 || true); sha256 $(sha256sum "${PL_BINS[$j]}" | cut -c1-12))"
+        [[ ,$ONLY, == *,pingora,* ]] || break
+        echo "- ${PL_NAMES[$j]}: \`${PL_BINS[$j]}\` ($("${PL_COPIES[$j]}" --version 2>/dev/null | head -n 1 || true), built ${PL_BUILT[$j]}, sha256 ${PL_SHA[$j]})"
     done
+    echo "- Repository HEAD: $(git -C "$REPO_DIR" log -1 --format='%h %s' 2>/dev/null || echo unknown)$(if [[ -n $(git -C "$REPO_DIR" status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then echo " (src/ has uncommitted changes)"; fi)."
     echo "- $(haproxy -v 2>/dev/null | head -n 1 | sed 's/ - https.*//'); nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')."
     echo "- Load average before the run: $LOAD_AT_START."
     max_other=$(awk -F'\t' '{ if ($12 > m) m = $12 } END { printf "%.0f", m * 100 }' "$RAW")
@@ -688,6 +745,10 @@ REPORT="$TMP/report.md"
         echo
         if [[ $scen == keepalive ]]; then
             echo "## Keep-alive clients ($CONNECTIONS connections)"
+            if [[ -n ${CEILING[$scen]-} ]]; then
+                echo
+                echo "Load-side ceiling: wrk straight to one backend (no balancer, same CPUs) makes ${CEILING[$scen]} req/s."
+            fi
         else
             echo "## New connection per request (\`Connection: close\`, $CONNECTIONS concurrent)"
         fi
@@ -731,8 +792,8 @@ REPORT="$TMP/report.md"
         echo
         echo "## pingora-lb lifecycle"
         echo
-        echo "| binary | reload ms, median | reload ms, max | dead backend out after ms, median | max | requests retried elsewhere | client errors |"
-        echo "|---|---:|---:|---:|---:|---:|---:|"
+        echo "| binary | reload ms, median | reload ms, max | client errors during reloads | dead backend out after ms, median | max | requests retried elsewhere | client errors during kills |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
         for i in "${!KIND[@]}"; do
             [[ ${KIND[$i]} == pingora ]] || continue
             r=${RELOAD_MS[$i]-} k=${KILL_MS[$i]-}
@@ -741,23 +802,14 @@ REPORT="$TMP/report.md"
             kmed=$( [[ -n $k ]] && tr ' ' '\n' <<<"$k" | median || echo n/a)
             kmax=$( [[ -n $k ]] && tr ' ' '\n' <<<"$k" | maxof || echo n/a)
             retr=$(tr ' ' '\n' <<<"${RETRIED[$i]-}" | awk '{ s += $1 } END { print s + 0 }')
-            bg=${LIFE_NOTES[$i]-}
-            if [[ -n $bg ]]; then
-                cerr=$(echo "$bg" | tr ' ' '\n' | awk -F= '$1 ~ /^(connect|read|write|status|timeout)$/ { s += $2 } END { print s + 0 }')
-                creq=$(echo "$bg" | sed -n 's/.*requests=\([0-9]*\).*/\1/p')
-                cerr="$cerr of $creq"
-            else
-                cerr=n/a
-            fi
-            if [[ -n ${LIFE_COVER[$i]-} ]]; then cerr+=" (${LIFE_COVER[$i]})"; fi
-            echo "| ${NAME[$i]} | $rmed | $rmax | $kmed | $kmax | $retr | $cerr |"
+            echo "| ${NAME[$i]} | $rmed | $rmax | ${BG_RESULT[reload,$i]-n/a} | $kmed | $kmax | $retr | ${BG_RESULT[kill,$i]-n/a} |"
         done
         echo
-        echo "Reload: wall time of \`pingora-lb reload -c FILE --pid PID\` ($RELOADS times, under the light load below), which returns once the new process serves."
-        echo "Dead backend: a third backend is killed (SIGKILL, $KILLS times); time until pingora-lb logs"
-        echo "\`backend 127.0.0.1:$B3_PORT becomes unhealthy\` (TCP health check every 1 s, fall 1). Meanwhile wrk (4 connections)"
-        echo "keeps requesting: requests sent to the dead backend before that are retried on another one"
-        echo "(counted from the \"cannot connect\" warnings); client errors are wrk's errors over the reloads and kills."
+        echo "Reload: wall time of \`pingora-lb reload -c FILE --pid PID\` ($RELOADS times, 2 s apart), which returns once the"
+        echo "new process serves. Dead backend: a third backend is killed (SIGKILL, $KILLS times); time until pingora-lb logs"
+        echo "\`backend 127.0.0.1:$B3_PORT becomes unhealthy\` (TCP health check every 1 s, fall 1), so expect 0-1 s."
+        echo "Requests sent to the dead backend until then are retried on another one (counted from the \"cannot connect\""
+        echo "warnings). During both, wrk (4 keep-alive connections) keeps requesting; its errors are the client errors."
     fi
     cat <<EOF
 
