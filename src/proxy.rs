@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use log::warn;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::{HttpPeer, Peer};
@@ -116,6 +117,10 @@ fn hash_input<'a>(key: &HashKey, session: &'a Session, client_ip: &'a mut [u8; 1
 #[async_trait]
 impl ProxyHttp for LoadBalancer {
     type CTX = RequestContext;
+
+    /// No downstream modules: pingora's default adds a (disabled) compression module that
+    /// still runs on every request.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> RequestContext {
         RequestContext {
