@@ -491,3 +491,42 @@ fn an_unreachable_upgrade_socket_fails_the_reload_and_changes_nothing() {
         lb.error_log()
     );
 }
+
+#[test]
+fn the_manual_upgrade_works_with_sigquit_first() {
+    // pingora's documented flow in the other order: SIGQUIT to the old process, then the
+    // new one started with -u within the retry window.
+    let backend = Backend::start("a");
+    let mut lb = Lb::start(
+        listen(),
+        &format!("upstreams:\n  - address: {}\n", backend.addr),
+    );
+    let old = lb.pid;
+    signal(old, nix::libc::SIGQUIT);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        lb.get("/").unwrap().status,
+        200,
+        "the old process serves while it waits"
+    );
+    let mut new = std::process::Command::new(BINARY)
+        .arg("-u")
+        .arg("-c")
+        .arg(&lb.config)
+        .env("NOTIFY_SOCKET", &lb.notify.path)
+        .spawn()
+        .unwrap();
+    let mainpid = format!("MAINPID={}", new.id());
+    assert!(
+        lb.notify
+            .wait_for(&mainpid, Duration::from_secs(10))
+            .is_some(),
+        "{:?}",
+        lb.notify.messages
+    );
+    lb.successors.push(new.id() as i32);
+    assert!(eventually(Duration::from_secs(5), || !alive(old)));
+    assert_eq!(lb.get("/").unwrap().status, 200);
+    new.kill().unwrap();
+    new.wait().unwrap();
+}
