@@ -739,7 +739,8 @@ REPORT="$TMP/report.md"
     echo "- Load average before the run: $LOAD_AT_START."
     max_other=$(awk -F'\t' '{ if ($12 > m) m = $12 } END { printf "%.0f", m * 100 }' "$RAW")
     if ((max_other >= 5)); then
-        echo "- **Warning**: other processes took up to ${max_other}% of a CPU on the balancer CPUs during a run; the figures are disturbed."
+        disturbed=$(awk -F'\t' '$12 >= 0.05 && !seen[$1 " round " $2]++ { printf "%s%s round %s", sep, $1, $2; sep = ", " }' "$RAW")
+        echo "- **Warning**: other processes took up to ${max_other}% of a CPU on the balancer CPUs ($disturbed); those figures are disturbed."
     fi
     for scen in "${SCEN_LIST[@]}"; do
         echo
