@@ -114,9 +114,35 @@ fn bind(address: &ListenAddress) -> std::io::Result<OwnedFd> {
     // std sets SO_REUSEADDR and CLOEXEC and listens at once, so connections queue in the
     // kernel from here on, before pingora's accept loops run.
     let listener = TcpListener::bind(address.0)?;
+    defer_accept(&listener)?;
     // tokio does not make adopted sockets non-blocking.
     listener.set_nonblocking(true)?;
     Ok(listener.into())
+}
+
+/// HTTP clients speak first, so a connection is only accepted once its request has arrived
+/// (TCP_DEFER_ACCEPT, nginx's `deferred`). When a draining process stops accepting, pingora
+/// drops the connections still waiting for a request; with this option none of those is a
+/// connection whose request is already on its way.
+fn defer_accept(listener: &TcpListener) -> std::io::Result<()> {
+    use nix::libc;
+    // Seconds a silent connection may wait before it is accepted all the same.
+    let seconds: libc::c_int = 10;
+    // SAFETY: a valid socket, and an option value of the size given.
+    let result = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 struct WithListeningSockets {
