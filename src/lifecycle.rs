@@ -124,7 +124,7 @@ impl BackgroundService for Announcer {
         let lifecycle = &self.0;
         // Readiness means the first health-check round is done: no request is sent to a
         // backend already known to be down.
-        lifecycle.upstreams.check_health_once().await;
+        lifecycle.upstreams.first_health_round().await;
         let predecessor = lifecycle.predecessor.lock().expect("not poisoned").take();
         let took_over = predecessor.is_some();
         if let Some(predecessor) = predecessor {

@@ -27,6 +27,7 @@ use crate::proxy::{LoadBalancer, Traffic};
 use crate::readiness::Readiness;
 use crate::runtime_files::{prepare_parent, PidFile};
 use crate::upgrade::HandoffSocket;
+use crate::upstreams::health::HealthChecks;
 use crate::upstreams::Upstreams;
 
 /// Why the process could not start.
@@ -97,7 +98,7 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
         None => None,
     };
     let metrics = Arc::new(Metrics::new(generation));
-    let (upstreams, health_service) = Upstreams::build(&config, &metrics)?;
+    let upstreams = Upstreams::build(&config, &metrics)?;
     let access_log_sink =
         Sink::open(&config.access_log).map_err(|e| format!("key `access_log.destination`: {e}"))?;
 
@@ -134,7 +135,13 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
         proxy.add_tcp(address);
     }
     let proxy = server.add_boxed_service(sockets.attach(Box::new(proxy)));
-    server.add_boxed_service(health_service);
+    server.add_service(background_service(
+        "health check",
+        HealthChecks {
+            upstreams: upstreams.clone(),
+            interval: config.health_check.interval.0,
+        },
+    ));
     if let Some(socket) = metrics_socket {
         let endpoint = MetricsEndpoint {
             metrics,

@@ -11,11 +11,9 @@ use futures::FutureExt;
 use pingora::lb::discovery::Static;
 use pingora::lb::selection::{Consistent, Random, RoundRobin};
 use pingora::lb::{Backend, Backends, LoadBalancer};
-use pingora::services::background::background_service;
-use pingora::services::ServiceWithDependents;
 use pingora::upstreams::peer::HttpPeer;
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::config::{Config, HashKey, Selection, Upstream};
 use crate::metrics::{BackendMetrics, BackendState, Metrics};
@@ -54,6 +52,8 @@ pub struct Upstreams {
     order: Vec<SocketAddr>,
     /// Woken on every health transition.
     pub health_changed: Arc<Notify>,
+    /// Becomes true once the first round of health checks is done.
+    first_round: watch::Sender<bool>,
 }
 
 /// A backend address that could not be resolved at start.
@@ -77,12 +77,9 @@ impl std::fmt::Display for ResolveError {
 impl std::error::Error for ResolveError {}
 
 impl Upstreams {
-    /// Resolves the backends and builds the selector and the health-check service that
-    /// keeps it current. The service must be added to the server.
-    pub fn build(
-        config: &Config,
-        metrics: &Metrics,
-    ) -> Result<(Arc<Upstreams>, Box<dyn ServiceWithDependents>), ResolveError> {
+    /// Resolves the backends and builds the selector. Health checks run in
+    /// [health::HealthChecks], which must be added to the server.
+    pub fn build(config: &Config, metrics: &Metrics) -> Result<Arc<Upstreams>, ResolveError> {
         let mut routes = HashMap::new();
         let mut order = Vec::new();
         let mut backends = BTreeSet::new();
@@ -106,52 +103,38 @@ impl Upstreams {
             pool.set_health_check(Box::new(check));
         }
 
-        fn start<S>(
-            config: &Config,
-            pool: Backends,
-        ) -> (Arc<LoadBalancer<S>>, Box<dyn ServiceWithDependents>)
+        fn load_balancer<S>(pool: Backends) -> Arc<LoadBalancer<S>>
         where
             S: pingora::lb::selection::BackendSelection + Send + Sync + 'static,
             S::Iter: pingora::lb::selection::BackendIter,
         {
-            let mut lb = LoadBalancer::<S>::from_backends(pool);
+            let lb = LoadBalancer::<S>::from_backends(pool);
             // Static discovery never waits: the selector is filled before the first request.
             lb.update()
                 .now_or_never()
                 .expect("static discovery does not block")
                 .expect("static discovery does not fail");
-            lb.health_check_frequency = Some(config.health_check.interval.0);
-            lb.parallel_health_check = true;
-            let service = background_service("health check", lb);
-            (service.task(), Box::new(service))
+            Arc::new(lb)
         }
 
-        let (selector, service) = match config.selection {
-            Selection::RoundRobin => {
-                let (lb, service) = start::<RoundRobin>(config, pool);
-                (Selector::RoundRobin(lb), service)
-            }
-            Selection::Random => {
-                let (lb, service) = start::<Random>(config, pool);
-                (Selector::Random(lb), service)
-            }
-            Selection::ConsistentHash { .. } => {
-                let (lb, service) = start::<Consistent>(config, pool);
-                (Selector::Consistent(lb), service)
-            }
+        let selector = match config.selection {
+            Selection::RoundRobin => Selector::RoundRobin(load_balancer(pool)),
+            Selection::Random => Selector::Random(load_balancer(pool)),
+            Selection::ConsistentHash { .. } => Selector::Consistent(load_balancer(pool)),
         };
         let hash_key = match &config.selection {
             Selection::ConsistentHash { key } => Some(key.clone()),
             _ => None,
         };
-        let upstreams = Upstreams {
+        let (first_round, _) = watch::channel(false);
+        Ok(Arc::new(Upstreams {
             selector,
             routes,
             hash_key,
             order,
             health_changed,
-        };
-        Ok((Arc::new(upstreams), service))
+            first_round,
+        }))
     }
 
     /// What consistent hashing hashes, if it is in use.
@@ -199,13 +182,22 @@ impl Upstreams {
         self.order.len()
     }
 
-    /// Runs one round of health checks now (used before announcing readiness).
-    pub async fn check_health_once(&self) {
+    /// Runs one round of health checks. Only [health::HealthChecks] calls it: two rounds at
+    /// once would race on the same backend and report a transition twice.
+    async fn check_health_once(&self) {
         match &self.selector {
             Selector::RoundRobin(lb) => lb.backends().run_health_check(true).await,
             Selector::Random(lb) => lb.backends().run_health_check(true).await,
             Selector::Consistent(lb) => lb.backends().run_health_check(true).await,
         }
+        self.first_round.send_replace(true);
+    }
+
+    /// Waits until the first round of health checks is done.
+    pub async fn first_health_round(&self) {
+        let mut done = self.first_round.subscribe();
+        // The sender lives as long as `self`: waiting cannot fail.
+        let _ = done.wait_for(|done| *done).await;
     }
 }
 

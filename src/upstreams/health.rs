@@ -13,9 +13,31 @@ use pingora::upstreams::peer::BasicPeer;
 use pingora::{Error, ErrorType, Result};
 use tokio::sync::Notify;
 
-use super::Route;
+use super::{Route, Upstreams};
 use crate::config::{Config, HealthCheckKind};
 use crate::metrics::BackendState;
+
+/// The background service that runs the health-check rounds, one at a time, every interval.
+pub struct HealthChecks {
+    pub upstreams: Arc<Upstreams>,
+    pub interval: std::time::Duration,
+}
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for HealthChecks {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = self.upstreams.check_health_once() => {}
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+        }
+    }
+}
 
 /// The health check of the whole pool: one pingora check per backend, so that each is
 /// probed with its own TLS settings, behind the pool-wide thresholds.
