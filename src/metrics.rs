@@ -5,6 +5,7 @@
 //! touches atomics; gauges describing state (health, weights, requests in flight) are read
 //! when scraped.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -38,6 +39,7 @@ pub struct Metrics {
     upstream_response: HistogramVec,
     request_duration: Histogram,
     in_flight: IntGauge,
+    downstream_connections: IntGaugeVec,
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
     health_transitions: IntCounterVec,
@@ -198,6 +200,17 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            downstream_connections: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pingora_lb_downstream_connections",
+                        "Established client connections, by listener (from the kernel's socket table).",
+                    ),
+                    &["listener"],
+                )
+                .unwrap(),
+            ),
             backend_up: register(
                 &registry,
                 IntGaugeVec::new(
@@ -333,8 +346,13 @@ impl Metrics {
         self.access_log_dropped.inc();
     }
 
-    fn render(&self, traffic: &Traffic) -> Vec<u8> {
+    fn render(&self, traffic: &Traffic, listeners: &[SocketAddr]) -> Vec<u8> {
         self.in_flight.set(traffic.in_flight() as i64);
+        for (listener, count) in listeners.iter().zip(established_connections(listeners)) {
+            self.downstream_connections
+                .with_label_values(&[&listener.to_string()])
+                .set(count as i64);
+        }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -343,11 +361,63 @@ impl Metrics {
     }
 }
 
+/// Established TCP connections accepted on each listener. pingora has no hook for a
+/// connection's end, so they are counted where the kernel keeps them, when scraped
+/// (`/proc/self/net/tcp*` is this network namespace's table; a listener shared with a
+/// process that is draining counts the connections of both).
+fn established_connections(listeners: &[SocketAddr]) -> Vec<usize> {
+    const ESTABLISHED: &str = "01";
+    let mut counts = vec![0; listeners.len()];
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 4 || fields[3] != ESTABLISHED {
+                continue;
+            }
+            let Some(local) = parse_proc_address(fields[1]) else {
+                continue;
+            };
+            for (listener, count) in listeners.iter().zip(counts.iter_mut()) {
+                let ip_matches = listener.ip().is_unspecified()
+                    || listener.ip() == local.ip()
+                    || local.ip().to_canonical() == listener.ip();
+                if listener.port() == local.port() && ip_matches {
+                    *count += 1;
+                }
+            }
+        }
+    }
+    counts
+}
+
+/// Parses `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6) as the kernel prints
+/// them: each 32-bit word in the host's byte order.
+fn parse_proc_address(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for word in ip.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
 /// `/metrics` (Prometheus text format) and `/status` (JSON) on the metrics listener.
 pub struct MetricsEndpoint {
     pub metrics: Arc<Metrics>,
     pub upstreams: Arc<Upstreams>,
     pub traffic: Arc<Traffic>,
+    /// The proxy's listening addresses.
+    pub listeners: Vec<SocketAddr>,
 }
 
 impl MetricsEndpoint {
@@ -386,7 +456,7 @@ impl ServeHttp for MetricsEndpoint {
         let (content_type, body, status) = match session.req_header().uri.path() {
             "/metrics" => (
                 "text/plain; version=0.0.4",
-                self.metrics.render(&self.traffic),
+                self.metrics.render(&self.traffic, &self.listeners),
                 200,
             ),
             "/status" => ("application/json", self.status_json(), 200),
@@ -398,5 +468,23 @@ impl ServeHttp for MetricsEndpoint {
             .header(http::header::CONTENT_LENGTH, body.len())
             .body(body)
             .expect("a static response is valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_proc_address;
+
+    #[test]
+    fn kernel_socket_addresses() {
+        assert_eq!(
+            parse_proc_address("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_address("00000000000000000000000001000000:0050"),
+            Some("[::1]:80".parse().unwrap())
+        );
+        assert_eq!(parse_proc_address("zz:1"), None);
     }
 }

@@ -147,6 +147,7 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
             metrics,
             upstreams,
             traffic,
+            listeners: config.listeners.iter().map(|l| l.0).collect(),
         };
         let mut service = pingora::services::listening::Service::new(
             "metrics".to_string(),

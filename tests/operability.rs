@@ -344,4 +344,27 @@ fn a_retry_is_counted() {
         0.0
     );
     assert_eq!(get(metrics, "/nothing", &[]).unwrap().status, 404);
+
+    // Three clients holding keep-alive connections are three downstream connections.
+    let mut clients: Vec<Client> = (0..3)
+        .map(|_| Client::connect(lb.listen).unwrap())
+        .collect();
+    for client in &mut clients {
+        assert_eq!(client.request("/", &[], false).unwrap().status, 200);
+    }
+    let listener = lb.listen.to_string();
+    let open = value(
+        &scrape(metrics),
+        "pingora_lb_downstream_connections",
+        &[("listener", &listener)],
+    );
+    assert_eq!(open, 3.0);
+    drop(clients);
+    assert!(eventually(Duration::from_secs(3), || {
+        value(
+            &scrape(metrics),
+            "pingora_lb_downstream_connections",
+            &[("listener", &listener)],
+        ) == 0.0
+    }));
 }
