@@ -121,35 +121,43 @@ impl<'de> Deserialize<'de> for AbsolutePath {
     }
 }
 
+/// A destination written as one of two keywords or an absolute file path.
+fn keyword_or_path<'de, D: Deserializer<'de>, T>(
+    d: D,
+    keywords: [(&str, T); 2],
+    file: fn(PathBuf) -> T,
+) -> Result<T, D::Error> {
+    let text = String::deserialize(d)?;
+    let [(first, _), (second, _)] = &keywords;
+    let message = format!("{text:?} is neither `{first}`, `{second}` nor an absolute file path");
+    if let Some((_, value)) = keywords.into_iter().find(|(k, _)| *k == text) {
+        return Ok(value);
+    }
+    text.parse::<AbsolutePath>()
+        .map(|path| file(path.0))
+        .map_err(|_| D::Error::custom(message))
+}
+
 impl<'de> Deserialize<'de> for ErrorLog {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        match text.as_str() {
-            "stderr" => Ok(ErrorLog::Stderr),
-            "syslog" => Ok(ErrorLog::Syslog),
-            path => match path.parse::<AbsolutePath>() {
-                Ok(path) => Ok(ErrorLog::File(path.0)),
-                Err(_) => Err(D::Error::custom(format!(
-                    "{path:?} is neither `stderr`, `syslog` nor an absolute file path"
-                ))),
-            },
-        }
+        keyword_or_path(
+            d,
+            [("stderr", ErrorLog::Stderr), ("syslog", ErrorLog::Syslog)],
+            ErrorLog::File,
+        )
     }
 }
 
 impl<'de> Deserialize<'de> for AccessLogDestination {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        match text.as_str() {
-            "off" => Ok(AccessLogDestination::Off),
-            "syslog" => Ok(AccessLogDestination::Syslog),
-            path => match path.parse::<AbsolutePath>() {
-                Ok(path) => Ok(AccessLogDestination::File(path.0)),
-                Err(_) => Err(D::Error::custom(format!(
-                    "{path:?} is neither `off`, `syslog` nor an absolute file path"
-                ))),
-            },
-        }
+        keyword_or_path(
+            d,
+            [
+                ("off", AccessLogDestination::Off),
+                ("syslog", AccessLogDestination::Syslog),
+            ],
+            AccessLogDestination::File,
+        )
     }
 }
 
