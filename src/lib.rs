@@ -5,6 +5,8 @@
 
 /// The access log and its writer thread.
 pub mod access_log;
+/// The memory allocator.
+pub mod allocator;
 /// The command line.
 pub mod cli;
 /// The YAML configuration and its validation.

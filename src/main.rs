@@ -4,9 +4,10 @@ use clap::Parser;
 
 use pingora_lb::cli::{Cli, Command};
 use pingora_lb::config::{Config, ConfigError, EXIT_CONFIG};
-use pingora_lb::{lifecycle, reload, startup};
+use pingora_lb::{allocator, lifecycle, reload, startup};
 
 fn main() {
+    allocator::disable_transparent_huge_pages();
     lifecycle::ignore_signals_until_ready();
     let cli = Cli::parse();
     if let Some(Command::Reload { conf, pid, timeout }) = &cli.command {
