@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use log::warn;
+use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::{HttpPeer, Peer};
-use pingora::{Error, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::access_log::{AccessLog, Entry};
 use crate::config::{Forwarding, HashKey};
@@ -78,6 +78,9 @@ pub struct RequestContext {
     upstream_time: Option<Duration>,
     /// Whether this request goes to the access log.
     logged: bool,
+    /// How many of the tries so far failed to connect and were reported by
+    /// [LoadBalancer::fail_to_connect].
+    connect_failures_reported: usize,
     _in_flight: InFlight,
 }
 
@@ -129,6 +132,7 @@ impl ProxyHttp for LoadBalancer {
             upstream_started: None,
             upstream_time: None,
             logged: self.access_log.as_ref().is_some_and(|log| log.sample()),
+            connect_failures_reported: 0,
             _in_flight: InFlight::new(&self.traffic),
         }
     }
@@ -223,10 +227,39 @@ impl ProxyHttp for LoadBalancer {
                 "cannot connect to backend {}: {e}; trying another backend",
                 peer.address()
             );
+            ctx.connect_failures_reported = ctx.tried.len();
             self.metrics.retried();
             e.set_retry(true);
         }
         e
+    }
+
+    /// pingora warns about every retried try; a connect failure was already reported, in
+    /// operator's words, by [Self::fail_to_connect]. Other retried failures (such as a
+    /// pooled connection the backend had closed) keep pingora's warning.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestContext,
+        _error: &Error,
+        context: ProxyWarnLogContext,
+    ) -> bool {
+        matches!(context, ProxyWarnLogContext::UpstreamRetry)
+            && ctx.connect_failures_reported == ctx.tried.len()
+    }
+
+    /// A client that goes away or sends a bad request is routine, not an error of the
+    /// load balancer: like nginx, it is logged at `info`, so that the error log at its
+    /// default level shows what the operator must look at.
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestContext, error: &Error) -> bool {
+        if *error.esource() != ErrorSource::Downstream {
+            return false;
+        }
+        info!(
+            "client request failed: {error}, {}",
+            self.request_summary(session, ctx)
+        );
+        true
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestContext) {

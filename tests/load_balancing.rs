@@ -167,6 +167,46 @@ fn a_dead_backend_fails_no_request_even_before_health_checks_notice() {
         let response = lb.get("/").unwrap();
         assert_eq!(response.status, 200, "request {i}: {response:?}");
     }
+    // One warning per failover, pingora-lb's; pingora's own would repeat it.
+    let log = lb.error_log();
+    let about_dead: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!(":{dead}")))
+        .collect();
+    assert!(!about_dead.is_empty(), "{log}");
+    assert!(
+        about_dead
+            .iter()
+            .all(|l| l.contains(&format!("cannot connect to backend 127.0.0.1:{dead}"))),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_client_that_goes_away_is_not_an_error() {
+    let backend = Backend::start("a");
+    let lb = Lb::start(
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        &upstreams(&[&backend]),
+    );
+    let mut client = std::net::TcpStream::connect(lb.listen).unwrap();
+    std::io::Write::write_all(
+        &mut client,
+        b"GET /slow/1000 HTTP/1.1\r\nHost: test\r\n\r\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(client);
+    assert!(
+        eventually(Duration::from_secs(3), || lb.error_log().contains(
+            "INFO pingora_lb::proxy: client request failed: Downstream"
+        )),
+        "{}",
+        lb.error_log()
+    );
+    let log = lb.error_log();
+    assert!(!log.contains(" ERROR "), "{log}");
+    assert_eq!(lb.get("/").unwrap().status, 200);
 }
 
 #[test]
