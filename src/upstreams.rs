@@ -27,8 +27,6 @@ pub struct Route {
     pub host: Option<http::HeaderValue>,
     /// The address as configured, for log lines.
     pub name: String,
-    /// Whether the backend speaks TLS.
-    pub tls: bool,
     /// Health as checks last found it.
     pub state: Arc<BackendState>,
     /// Request-path metrics.
@@ -222,7 +220,6 @@ fn route(config: &Config, upstream: &Upstream, addr: SocketAddr, metrics: &Metri
             .host
             .as_deref()
             .map(|h| http::HeaderValue::from_str(h).expect("validated with the configuration")),
-        tls: upstream.tls,
         state: Arc::new(metrics.backend_state(&name, upstream.weight.0)),
         metrics: metrics.backend(&name),
         name,

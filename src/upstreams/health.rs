@@ -81,9 +81,11 @@ impl BackendHealth {
         changed: Arc<Notify>,
     ) -> Option<BackendHealth> {
         let settings = &config.health_check;
-        if settings.kind == HealthCheckKind::None {
-            return None;
-        }
+        let sends_request = match settings.kind {
+            HealthCheckKind::None => return None,
+            HealthCheckKind::Tcp => false,
+            HealthCheckKind::Http => true,
+        };
         let probes = routes
             .iter()
             .map(|(addr, route)| {
@@ -92,12 +94,13 @@ impl BackendHealth {
                 peer.options.total_connection_timeout = Some(settings.timeout.0);
                 peer.options.read_timeout = Some(settings.timeout.0);
                 peer.options.write_timeout = Some(settings.timeout.0);
-                let check = match settings.kind {
-                    HealthCheckKind::None | HealthCheckKind::Tcp => Check::Connect,
-                    HealthCheckKind::Http => Check::Request {
+                let check = if sends_request {
+                    Check::Request {
                         request: Box::new(health_request(config, route)),
                         expected_status: settings.expected_status,
-                    },
+                    }
+                } else {
+                    Check::Connect
                 };
                 let state = route.state.clone();
                 (*addr, Probe { peer, check, state })
