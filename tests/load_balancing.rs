@@ -183,6 +183,35 @@ fn a_dead_backend_fails_no_request_even_before_health_checks_notice() {
 }
 
 #[test]
+fn an_http_health_check_wants_its_status_path_and_host() {
+    let backend = Backend::start("a");
+    let addr = backend.addr;
+    let lb = Lb::start(
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        &format!(
+            "{}health_check:\n  kind: http\n  path: /health\n  expected_status: 204\n  interval: 200ms\n  timeout: 200ms\n  rise: 1\n  fall: 1\n",
+            upstreams(&[&backend])
+        ),
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || lb
+            .error_log()
+            .contains(&format!("backend {addr} becomes unhealthy"))),
+        "{}",
+        lb.error_log()
+    );
+    assert!(
+        lb.error_log().contains("health check expected status 204"),
+        "{}",
+        lb.error_log()
+    );
+    assert_eq!(lb.get("/").unwrap().status, 503);
+    let seen = backend.seen.lock().unwrap();
+    let probe = seen.iter().find(|s| s.path == "/health").expect("a probe");
+    assert_eq!(probe.host.as_deref(), Some(addr.to_string().as_str()));
+}
+
+#[test]
 fn a_client_that_goes_away_is_not_an_error() {
     let backend = Backend::start("a");
     let lb = Lb::start(
