@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::runtime_files::check_private_parent;
+
 pub use error::{ConfigError, EXIT_CONFIG};
 pub use values::{
     AbsolutePath, CaFile, Cidr, HashKey, HumanDuration, ListenAddress, LogLevel, NonEmpty,
@@ -25,6 +27,17 @@ pub const SEED_CONFIG: &str = include_str!("config/seed.yaml");
 
 /// Name used in error messages for [SEED_CONFIG].
 pub const SEED_CONFIG_NAME: &str = "<embedded default config>";
+
+/// The largest configuration file read: a thousand times a large real one, small enough
+/// that parsing and checking it stays well under a second.
+pub const MAX_FILE_SIZE: u64 = 1024 * 1024;
+
+/// Proxy listeners one process may have: with the metrics listener, every listening socket
+/// must fit into the one handoff message (see `upgrade`).
+pub const MAX_LISTENERS: usize = 63;
+
+/// Backends one process may balance over.
+pub const MAX_UPSTREAMS: usize = 10_000;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -64,21 +77,30 @@ pub struct Config {
     #[serde(default)]
     pub group: Option<String>,
     /// Longest time in-flight requests get to finish after SIGTERM or a handoff.
-    #[serde(default = "defaults::grace_period_seconds")]
+    #[serde(
+        default = "defaults::grace_period_seconds",
+        deserialize_with = "values::grace_seconds"
+    )]
     pub grace_period_seconds: u64,
     /// Time given to pingora's runtimes to stop once the grace period is over.
-    #[serde(default = "defaults::graceful_shutdown_timeout_seconds")]
+    #[serde(
+        default = "defaults::graceful_shutdown_timeout_seconds",
+        deserialize_with = "values::grace_seconds"
+    )]
     pub graceful_shutdown_timeout_seconds: u64,
     /// Idle upstream connections kept for reuse.
-    #[serde(default = "defaults::upstream_keepalive_pool_size")]
+    #[serde(
+        default = "defaults::upstream_keepalive_pool_size",
+        deserialize_with = "values::pool_size"
+    )]
     pub upstream_keepalive_pool_size: usize,
     /// CA bundle used to verify TLS upstreams that have no `ca_file` of their own.
     #[serde(default)]
     pub ca_file: Option<CaFile>,
     /// Addresses the load balancer accepts client connections on.
-    pub listeners: NonEmpty<ListenAddress>,
+    pub listeners: NonEmpty<ListenAddress, MAX_LISTENERS>,
     /// The backends requests are balanced over.
-    pub upstreams: NonEmpty<Upstream>,
+    pub upstreams: NonEmpty<Upstream, MAX_UPSTREAMS>,
     /// How a backend is chosen for each request.
     #[serde(default)]
     pub selection: Selection,
@@ -88,6 +110,9 @@ pub struct Config {
     /// Upstream timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Timeouts and size limits a client connection meets.
+    #[serde(default)]
+    pub client: ClientLimits,
     /// How many other backends a request is tried on when connecting to its backend fails.
     #[serde(default = "defaults::retries", deserialize_with = "values::retries")]
     pub retries: usize,
@@ -331,6 +356,67 @@ impl Default for Timeouts {
     }
 }
 
+/// Timeouts and size limits a client connection meets, with nginx's and HAProxy's
+/// defaults: a slow or idle client cannot hold a connection (and its memory) for ever.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientLimits {
+    /// Longest time to receive a whole request header, from the connection's accept or
+    /// the end of the idle time (nginx `client_header_timeout`).
+    #[serde(default = "defaults::client_header_timeout")]
+    pub header_timeout: HumanDuration,
+    /// Idle time allowed between two requests on a kept-alive connection, in whole
+    /// seconds (nginx `keepalive_timeout`).
+    #[serde(default = "defaults::client_keepalive_timeout")]
+    pub keepalive_timeout: HumanDuration,
+    /// Longest wait for the next part of a request body (nginx `client_body_timeout`).
+    #[serde(default = "defaults::client_body_timeout")]
+    pub body_timeout: HumanDuration,
+    /// Longest wait for the client to take the next part of a response (nginx
+    /// `send_timeout`).
+    #[serde(default = "defaults::client_send_timeout")]
+    pub send_timeout: HumanDuration,
+    /// Requests served on one connection before it is closed (nginx `keepalive_requests`).
+    #[serde(
+        default = "defaults::keepalive_requests",
+        deserialize_with = "values::keepalive_requests"
+    )]
+    pub keepalive_requests: u32,
+    /// Longest request-target (path and query); longer gets 414.
+    #[serde(
+        default = "defaults::max_uri_length",
+        deserialize_with = "values::uri_length"
+    )]
+    pub max_uri_length: usize,
+    /// Largest request line and header fields together; larger gets 431.
+    #[serde(
+        default = "defaults::max_header_size",
+        deserialize_with = "values::header_size"
+    )]
+    pub max_header_size: usize,
+    /// Most header fields in a request; more gets 431.
+    #[serde(
+        default = "defaults::max_header_count",
+        deserialize_with = "values::header_count"
+    )]
+    pub max_header_count: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            header_timeout: defaults::client_header_timeout(),
+            keepalive_timeout: defaults::client_keepalive_timeout(),
+            body_timeout: defaults::client_body_timeout(),
+            send_timeout: defaults::client_send_timeout(),
+            keepalive_requests: defaults::keepalive_requests(),
+            max_uri_length: defaults::max_uri_length(),
+            max_header_size: defaults::max_header_size(),
+            max_header_count: defaults::max_header_count(),
+        }
+    }
+}
+
 /// Destination of the error log.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum ErrorLog {
@@ -372,7 +458,7 @@ impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(&name, e))?;
+        let text = read_bounded(path).map_err(|e| ConfigError::unreadable(&name, e))?;
         Config::parse(&name, &text)
     }
 
@@ -386,6 +472,15 @@ impl Config {
 
     /// Parses and validates configuration text; `name` is used in error messages.
     pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
+        check_flow_nesting(text).map_err(|line| {
+            ConfigError::at_line(
+                name,
+                line,
+                format!(
+            "brackets nested deeper than {MAX_FLOW_NESTING} levels; a configuration needs a few"
+        ),
+            )
+        })?;
         let deserializer = serde_yaml::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(deserializer)
             .map_err(|e| ConfigError::from_serde(name, text, e))?;
@@ -408,19 +503,18 @@ impl Config {
                 );
             }
         }
+        let mut seen = std::collections::HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
-            if self.listeners[..i].contains(listener) {
+            if !seen.insert(listener) {
                 return fail(
                     format!("listeners[{i}]"),
                     format!("{listener} is listed twice; each listening address may appear once"),
                 );
             }
         }
+        let mut seen = std::collections::HashSet::new();
         for (i, upstream) in self.upstreams.iter().enumerate() {
-            if self.upstreams[..i]
-                .iter()
-                .any(|u| u.address == upstream.address)
-            {
+            if !seen.insert(&upstream.address) {
                 return fail(
                     format!("upstreams[{i}].address"),
                     format!(
@@ -466,6 +560,12 @@ impl Config {
                 "is not a valid Host header value".to_string(),
             );
         }
+        if let Err(message) = check_private_parent(&self.upgrade_sock.0) {
+            return fail("upgrade_sock".to_string(), message);
+        }
+        if let Some(Err(message)) = self.pid_file.as_ref().map(|p| check_private_parent(&p.0)) {
+            return fail("pid_file".to_string(), message);
+        }
         if self.user.is_none() && self.group.is_some() {
             return fail(
                 "group".to_string(),
@@ -474,6 +574,69 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The deepest nesting of flow collections (`[`, `{`) accepted. The YAML parser's time
+/// grows with the square of that depth (a 40,000-deep file took 8 s): refuse it first.
+const MAX_FLOW_NESTING: usize = 32;
+
+/// Counts flow-collection depth outside quoted scalars and comments; on excess returns the
+/// line. A quote only opens a scalar where YAML lets one start (after `:`, `-`, `?`, `,`,
+/// a bracket, or at the start of a line), and every state ends with its line, so the count
+/// can over-estimate the depth (brackets in plain scalars) but never under-estimate it.
+fn check_flow_nesting(text: &str) -> Result<(), usize> {
+    let mut depth = 0usize;
+    for (index, line) in text.lines().enumerate() {
+        let mut quote = None;
+        let mut previous = ' ';
+        let mut last_significant = '\n';
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match (quote, c) {
+                (Some('"'), '\\') => {
+                    chars.next();
+                }
+                (Some(q), c) if q == c => quote = None,
+                (Some(_), _) => {}
+                (None, '#') if previous.is_whitespace() => break,
+                (None, '"' | '\'')
+                    if matches!(last_significant, '\n' | ':' | '-' | '?' | ',' | '[' | '{') =>
+                {
+                    quote = Some(c)
+                }
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_FLOW_NESTING {
+                        return Err(index + 1);
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                (None, _) => {}
+            }
+            previous = c;
+            if !c.is_whitespace() {
+                last_significant = c;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads at most [MAX_FILE_SIZE] bytes, so that a huge file (or `/dev/zero`) is refused
+/// instead of exhausting memory.
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_SIZE + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_SIZE {
+        return Err(std::io::Error::other(format!(
+            "the file is larger than {} KiB; this cannot be a configuration",
+            MAX_FILE_SIZE / 1024
+        )));
+    }
+    Ok(text)
 }
 
 fn invalid_host(host: &str) -> bool {
@@ -532,6 +695,30 @@ mod defaults {
     }
     pub fn idle_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(60))
+    }
+    pub fn client_header_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
+    pub fn client_keepalive_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(75))
+    }
+    pub fn client_body_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
+    pub fn client_send_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
+    pub fn keepalive_requests() -> u32 {
+        1000
+    }
+    pub fn max_uri_length() -> usize {
+        8 * 1024
+    }
+    pub fn max_header_size() -> usize {
+        32 * 1024
+    }
+    pub fn max_header_count() -> usize {
+        100
     }
     pub fn syslog_identifier() -> String {
         "pingora-lb".into()
@@ -622,6 +809,23 @@ mod tests {
                 key: HashKey::Header("X-User".into())
             }
         );
+    }
+
+    #[test]
+    fn flow_nesting_is_counted_outside_quotes_and_comments() {
+        let deep = "[".repeat(MAX_FLOW_NESTING + 1);
+        assert_eq!(check_flow_nesting(&format!("a: 1\nb: {deep}")), Err(2));
+        assert_eq!(
+            check_flow_nesting(&format!("a: '{deep}'\n# {deep}\nb: \"{deep}\"")),
+            Ok(())
+        );
+        // A quote inside a plain scalar opens nothing: the brackets after it count.
+        assert_eq!(check_flow_nesting(&format!("a: [b 'c, {deep}")), Err(1));
+        assert_eq!(
+            check_flow_nesting(&format!("a: [b, \"c\\\"{deep}\"]")),
+            Ok(())
+        );
+        assert_eq!(check_flow_nesting(&"[]".repeat(1000)), Ok(()));
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub mod access_log;
 pub mod allocator;
 /// The command line.
 pub mod cli;
+/// Client connections: the request header deadline and keep-alive limits.
+pub mod client_connections;
 /// The YAML configuration and its validation.
 pub mod config;
 /// X-Forwarded-* and Forwarded headers.
@@ -31,6 +33,8 @@ pub mod proxy;
 pub mod readiness;
 /// The `reload` command.
 pub mod reload;
+/// The HTTP/1 request rules checked before a request is forwarded.
+pub mod request_rules;
 /// The pid file and the runtime directory.
 pub mod runtime_files;
 /// The start-up sequence of a serving process.

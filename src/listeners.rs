@@ -16,7 +16,8 @@ use crate::config::ListenAddress;
 /// A listening address that cannot be bound.
 #[derive(Debug)]
 pub struct BindError {
-    pub index: usize,
+    /// The configuration key of the address, such as `listeners[1]`.
+    pub key: String,
     pub address: ListenAddress,
     pub error: std::io::Error,
 }
@@ -25,8 +26,8 @@ impl std::fmt::Display for BindError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "cannot listen on {} (key `listeners[{}]`): {}",
-            self.address, self.index, self.error
+            "cannot listen on {} (key `{}`): {}",
+            self.address, self.key, self.error
         )?;
         match self.error.kind() {
             std::io::ErrorKind::AddrInUse => write!(f, "; another process holds this port"),
@@ -52,16 +53,16 @@ impl ListeningSockets {
     /// Takes the sockets a previous process handed over where their address is still
     /// configured, and binds the rest. Handed-over sockets no longer configured are closed.
     pub fn open(
-        addresses: &[ListenAddress],
+        addresses: &[(String, ListenAddress)],
         mut inherited: HashMap<String, OwnedFd>,
     ) -> Result<ListeningSockets, BindError> {
         let mut sockets = Vec::with_capacity(addresses.len());
-        for (index, address) in addresses.iter().enumerate() {
+        for (config_key, address) in addresses {
             let key = address.to_string();
             let fd = match inherited.remove(&key) {
                 Some(fd) => fd,
                 None => bind(address).map_err(|error| BindError {
-                    index,
+                    key: config_key.clone(),
                     address: *address,
                     error,
                 })?,

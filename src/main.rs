@@ -32,9 +32,6 @@ fn main() {
         return;
     }
     if let Err(e) = startup::serve(&cli, config) {
-        if !pingora_lb::logging::goes_to_stderr() {
-            log::error!("{e}");
-        }
         fail(1, &e);
     }
 }

@@ -11,14 +11,20 @@ use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
-use pingora::proxy::{ProxyHttp, ProxyWarnLogContext, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::{HttpPeer, Peer};
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 
 use crate::access_log::{AccessLog, Entry};
-use crate::config::{Forwarding, HashKey};
+use crate::client_connections::{keepalive_seconds, HeaderParsed};
+use crate::config::{ClientLimits, Forwarding, HashKey};
 use crate::metrics::Metrics;
+use crate::request_rules;
 use crate::upstreams::Upstreams;
+
+/// How many times one request is sent again over a new connection after a kept-alive one
+/// turned out closed by the backend.
+pub const MAX_STALE_RETRIES: usize = 2;
 
 /// Requests in flight and whether the process is draining; shared with the shutdown path.
 #[derive(Default)]
@@ -81,6 +87,11 @@ pub struct RequestContext {
     /// How many of the tries so far failed to connect and were reported by
     /// [LoadBalancer::fail_to_connect].
     connect_failures_reported: usize,
+    /// The next try goes to the backend just tried (its kept-alive connection was stale).
+    retry_same_backend: bool,
+    stale_retries: usize,
+    /// What to answer when no backend is left: 504 after a timeout, else 502.
+    failure_status: u16,
     _in_flight: InFlight,
 }
 
@@ -92,6 +103,18 @@ pub struct LoadBalancer {
     pub forwarding: Forwarding,
     pub metrics: Arc<Metrics>,
     pub access_log: Option<Arc<AccessLog>>,
+    pub client: ClientLimits,
+}
+
+/// The status for a request whose backend failed: 504 when it timed out, else 502.
+fn upstream_failure_status(e: &Error) -> u16 {
+    match e.etype() {
+        ErrorType::ConnectTimedout
+        | ErrorType::TLSHandshakeTimedout
+        | ErrorType::ReadTimedout
+        | ErrorType::WriteTimedout => 504,
+        _ => 502,
+    }
 }
 
 /// The bytes consistent hashing hashes for this request.
@@ -133,8 +156,55 @@ impl ProxyHttp for LoadBalancer {
             upstream_time: None,
             logged: self.access_log.as_ref().is_some_and(|log| log.sample()),
             connect_failures_reported: 0,
+            retry_same_backend: false,
+            stale_retries: 0,
+            failure_status: 502,
             _in_flight: InFlight::new(&self.traffic),
         }
+    }
+
+    /// Ends the header deadline of [ClientConnections](crate::client_connections).
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestContext,
+        previous: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Ok(parsed) = previous.downcast::<HeaderParsed>() {
+            parsed.0.store(true, Ordering::Release);
+        }
+    }
+
+    /// Runs once the request header is parsed, before anything is forwarded: the client
+    /// limits of this request and of the connection's next one, and the rules of
+    /// [request_rules].
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestContext,
+    ) -> Result<()> {
+        // Requests sent before the previous response are answered in order instead of
+        // closing the connection (pingora's default) and losing them.
+        session.set_pipelining_enabled(true);
+        // pingora sets "keep alive forever" after each parsed header; `None` (the client
+        // or pingora asked to close) must stay.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(keepalive_seconds(self.client.keepalive_timeout.0)));
+        }
+        session.set_read_timeout(Some(self.client.body_timeout.0));
+        session.set_write_timeout(Some(self.client.send_timeout.0));
+        let header_bytes = session
+            .as_http1()
+            .map_or(0, |h1| h1.get_headers_raw_bytes().len());
+        request_rules::check(session.req_header(), header_bytes, &self.client).map_err(
+            |rejection| {
+                Error::explain(
+                    ErrorType::HTTPStatus(rejection.status.as_u16()),
+                    rejection.reason,
+                )
+                .into_down()
+            },
+        )
     }
 
     async fn upstream_peer(
@@ -147,15 +217,26 @@ impl ProxyHttp for LoadBalancer {
             Some(key) => hash_input(key, session, &mut client_ip),
             None => &[],
         };
-        let Some(addr) = self.upstreams.select(key, &ctx.tried) else {
-            // Like nginx: 503 when no backend is in rotation, 502 when those tried failed.
+        let same_again = std::mem::take(&mut ctx.retry_same_backend);
+        let selected = match ctx.tried.last() {
+            Some(&last) if same_again => Some(last),
+            _ => self.upstreams.select(key, &ctx.tried),
+        };
+        let Some(addr) = selected else {
+            // Like nginx: 503 when no backend is in rotation, 502 (or 504 after a timeout)
+            // when those tried failed.
             return if ctx.tried.is_empty() {
                 Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend")
             } else {
-                Error::e_explain(ErrorType::HTTPStatus(502), "every backend tried failed")
+                Error::e_explain(
+                    ErrorType::HTTPStatus(ctx.failure_status),
+                    "every backend tried failed",
+                )
             };
         };
-        ctx.tried.push(addr);
+        if !same_again {
+            ctx.tried.push(addr);
+        }
         ctx.upstream_started = Some(Instant::now());
         let route = self.upstreams.route(&addr).ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "selected an unknown backend")
@@ -222,6 +303,7 @@ impl ProxyHttp for LoadBalancer {
         if let Some(route) = ctx.tried.last().and_then(|addr| self.upstreams.route(addr)) {
             route.metrics.connect_failed();
         }
+        ctx.failure_status = upstream_failure_status(&e);
         if ctx.tried.len() <= self.retries {
             warn!(
                 "cannot connect to backend {}: {e}; trying another backend",
@@ -234,9 +316,77 @@ impl ProxyHttp for LoadBalancer {
         e
     }
 
-    /// pingora warns about every retried try; a connect failure was already reported, in
-    /// operator's words, by [Self::fail_to_connect]. Other retried failures (such as a
-    /// pooled connection the backend had closed) keep pingora's warning.
+    /// A kept-alive connection the backend had already closed (it closes idle connections
+    /// on its own clock) fails before any byte of the response: the request is sent again,
+    /// over a new connection, to the same backend, whatever its method, as nginx and HAProxy
+    /// do. Any other failure after the request went out is not replayed: the backend may
+    /// have acted on it.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut RequestContext,
+        client_reused: bool,
+    ) -> Box<Error> {
+        ctx.failure_status = upstream_failure_status(&e);
+        let closed_before_answering = match e.retry {
+            RetryType::ReusedOnly => e
+                .context
+                .as_ref()
+                .is_some_and(|c| c.as_str().ends_with("bytes already read: 0")),
+            RetryType::Decided(_) => e.etype == ErrorType::WriteError,
+        };
+        let stale = client_reused
+            && closed_before_answering
+            && e.esource == ErrorSource::Upstream
+            && !session.as_ref().retry_buffer_truncated()
+            && ctx.stale_retries < MAX_STALE_RETRIES;
+        e.set_retry(stale);
+        if stale {
+            info!(
+                "backend {} had closed a kept-alive connection; sending the request again",
+                peer.address()
+            );
+            ctx.stale_retries += 1;
+            ctx.retry_same_backend = true;
+        }
+        e.more_context(format!("Peer: {peer}"))
+    }
+
+    /// pingora's answer to a failed request, except that a backend timeout is 504 (pingora
+    /// says 502 for every backend failure) and a client too slow to send its body is 408.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestContext,
+    ) -> FailToProxy {
+        let code = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(code), _) => *code,
+            (_, ErrorSource::Upstream) => upstream_failure_status(e),
+            (
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => 0,
+            (ErrorType::ReadTimedout, ErrorSource::Downstream) => 408,
+            (_, ErrorSource::Downstream) => 400,
+            (_, ErrorSource::Internal | ErrorSource::Unset) => 500,
+        };
+        if code > 0 {
+            if let Err(error) = session.respond_error(code).await {
+                info!("cannot send the error response to the client: {error}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// pingora warns about every retried try; a connect failure or a stale kept-alive
+    /// connection was already reported, in operator's words, by [Self::fail_to_connect] or
+    /// [Self::error_while_proxy].
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
@@ -245,7 +395,7 @@ impl ProxyHttp for LoadBalancer {
         context: ProxyWarnLogContext,
     ) -> bool {
         matches!(context, ProxyWarnLogContext::UpstreamRetry)
-            && ctx.connect_failures_reported == ctx.tried.len()
+            && (ctx.connect_failures_reported == ctx.tried.len() || ctx.retry_same_backend)
     }
 
     /// A client that goes away or sends a bad request is routine, not an error of the

@@ -3,11 +3,14 @@
 //! foreground parent that returns the shell prompt only once the daemon serves.
 //!
 //! Each report is one line: `listening PID` once a `-u` process waits on `upgrade_sock`,
-//! `ready` once it serves. A pipe closed without `ready` means start-up failed.
+//! `ready` once it serves, `failed REASON` when start-up fails. The reason travels in the
+//! pipe because the reader may stop the process as soon as the pipe closes: a reason only
+//! written to the error log could be lost, and the reload command runs where that log is
+//! not seen. A pipe closed without `ready` also means start-up failed.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd};
 use std::time::Instant;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -22,8 +25,8 @@ pub enum Report {
     Listening(i32),
     /// Serving.
     Ready,
-    /// The pipe closed first: start-up failed.
-    Failed,
+    /// Start-up failed, with the reason when the process could say it.
+    Failed(Option<String>),
     /// Nothing came before the deadline.
     TimedOut,
 }
@@ -70,7 +73,7 @@ impl Readiness {
                     match read_report(&mut reader, None) {
                         Report::Ready => break 0,
                         Report::Listening(_) => continue,
-                        Report::Failed | Report::TimedOut => break 1,
+                        Report::Failed(_) | Report::TimedOut => break 1,
                     }
                 };
                 std::process::exit(code);
@@ -102,14 +105,18 @@ impl Readiness {
                 .write(true)
                 .open("/dev/null")
             {
-                for target in 0..=2 {
-                    // SAFETY: 0-2 are the standard descriptors, which stay open.
-                    let mut target = unsafe { OwnedFd::from_raw_fd(target) };
-                    let _ = nix::unistd::dup2(null.as_fd(), &mut target);
-                    std::mem::forget(target);
-                }
+                let _ = nix::unistd::dup2_stdin(&null);
+                let _ = nix::unistd::dup2_stdout(&null);
+                let _ = nix::unistd::dup2_stderr(&null);
             }
         }
+    }
+
+    /// Start-up failed: the last report, with its reason on one line.
+    pub fn failed(&mut self, reason: &dyn std::fmt::Display) {
+        let reason = reason.to_string().replace(['\n', '\r'], " ");
+        self.report(&format!("failed {reason}\n"));
+        self.pipes.clear();
     }
 
     fn report(&mut self, line: &str) {
@@ -118,6 +125,21 @@ impl Readiness {
             let _ = pipe.write_all(line.as_bytes());
         }
     }
+}
+
+/// The longest report line kept.
+const MAX_LINE: usize = 4096;
+
+fn parse_report(line: &str) -> Option<Report> {
+    if line == "ready" {
+        return Some(Report::Ready);
+    }
+    if let Some(reason) = line.strip_prefix("failed ") {
+        return Some(Report::Failed(Some(reason.to_string())));
+    }
+    line.strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .map(Report::Listening)
 }
 
 /// Reads the next report, waiting until `deadline` (forever with `None`).
@@ -139,22 +161,58 @@ pub fn read_report(pipe: &mut File, deadline: Option<Instant>) -> Report {
             Ok(0) => continue,
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return Report::Failed,
+            Err(_) => return Report::Failed(None),
         }
         let mut byte = [0u8; 1];
         match pipe.read(&mut byte) {
-            Ok(0) | Err(_) => return Report::Failed,
+            Ok(0) | Err(_) => return Report::Failed(None),
             Ok(_) if byte[0] == b'\n' => {
-                let text = String::from_utf8_lossy(&line);
-                if text == "ready" {
-                    return Report::Ready;
-                }
-                if let Some(pid) = text.strip_prefix("listening ").and_then(|p| p.parse().ok()) {
-                    return Report::Listening(pid);
+                if let Some(report) = parse_report(&String::from_utf8_lossy(&line)) {
+                    return report;
                 }
                 line.clear();
             }
+            // A reason longer than this is cut rather than read without end.
+            Ok(_) if line.len() >= MAX_LINE => {}
             Ok(_) => line.push(byte[0]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe_pair() -> (File, Readiness) {
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        let readiness = Readiness {
+            pipes: vec![File::from(writer)],
+            daemonized: false,
+        };
+        (File::from(reader), readiness)
+    }
+
+    #[test]
+    fn a_failure_carries_its_reason_on_one_line() {
+        let (mut reader, mut readiness) = pipe_pair();
+        readiness.listening();
+        readiness.failed(&"cannot listen on 127.0.0.1:80\n(key `listeners[0]`)");
+        assert_eq!(
+            read_report(&mut reader, None),
+            Report::Listening(std::process::id() as i32)
+        );
+        assert_eq!(
+            read_report(&mut reader, None),
+            Report::Failed(Some(
+                "cannot listen on 127.0.0.1:80 (key `listeners[0]`)".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn a_closed_pipe_is_a_failure_without_reason() {
+        let (mut reader, readiness) = pipe_pair();
+        drop(readiness);
+        assert_eq!(read_report(&mut reader, None), Report::Failed(None));
     }
 }

@@ -89,20 +89,14 @@ fn hand_over(
     let pid = match read_report(reports, Some(deadline)) {
         Report::Listening(pid) => Pid::from_raw(pid),
         Report::Ready => return Err("the new process served without taking over".into()),
-        Report::Failed => {
-            return Err(format!(
-                "the new process exited during start-up (see the error log); process {old} keeps serving"
-            ))
-        }
+        Report::Failed(reason) => return Err(start_failure(reason, old)),
         Report::TimedOut => return Err("the new process did not start in time".into()),
     };
     *new = Some(pid);
     kill(old, Signal::SIGQUIT).map_err(|e| format!("cannot signal process {old}: {e}"))?;
     match read_report(reports, Some(deadline)) {
         Report::Ready => Ok(pid),
-        Report::Failed => Err(format!(
-            "the new process exited before serving (see the error log); process {old} keeps serving"
-        )),
+        Report::Failed(reason) => Err(start_failure(reason, old)),
         Report::TimedOut => Err(format!(
             "the new process did not serve within {}s; process {old} keeps serving",
             timeout.as_secs()
@@ -111,9 +105,19 @@ fn hand_over(
     }
 }
 
+fn start_failure(reason: Option<String>, old: Pid) -> String {
+    let reason = reason.unwrap_or_else(|| "it exited without a reason (see the error log)".into());
+    format!("the new process could not start: {reason}; process {old} keeps serving")
+}
+
 /// Starts `pingora-lb -u [-c FILE]` in its own session, not as our child (double fork), so
 /// systemd can adopt it as the main process and no one is left to reap it here. Returns the
 /// read end of its report pipe.
+///
+/// The new process gets `/dev/null` as stdin and stdout, and as stderr too unless stderr is
+/// the journal (`JOURNAL_STREAM`, under systemd): a caller reading this command's output
+/// (`out=$(pingora-lb reload)`) would otherwise wait for the new server to exit. Its
+/// start-up failure reaches this command through the report pipe instead.
 fn spawn_detached(conf: Option<&Path>) -> Result<File, ReloadError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| ReloadError::Failed(format!("{what}: {e}"));
     let exe = std::env::current_exe().map_err(|e| fail("cannot find this program", &e))?;
@@ -138,6 +142,12 @@ fn spawn_detached(conf: Option<&Path>) -> Result<File, ReloadError> {
         .collect();
     envp.push(CString::new(format!("{READY_FD_ENV}={writer_fd}")).expect("no NUL"));
     let program = to_c(exe.as_os_str());
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| fail("cannot open /dev/null", &e))?;
+    let keep_stderr = stderr_is_the_journal();
 
     // SAFETY: this command is single-threaded; the children only call async-signal-safe
     // functions (setsid, fork, fcntl, execve, _exit) before exec.
@@ -145,6 +155,11 @@ fn spawn_detached(conf: Option<&Path>) -> Result<File, ReloadError> {
         ForkResult::Child => {
             let _ = nix::unistd::setsid();
             if let Ok(ForkResult::Child) = unsafe { fork() } {
+                let _ = nix::unistd::dup2_stdin(&null);
+                let _ = nix::unistd::dup2_stdout(&null);
+                if !keep_stderr {
+                    let _ = nix::unistd::dup2_stderr(&null);
+                }
                 let _ = nix::fcntl::fcntl(
                     &writer,
                     nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
@@ -159,6 +174,19 @@ fn spawn_detached(conf: Option<&Path>) -> Result<File, ReloadError> {
             Ok(File::from(reader))
         }
     }
+}
+
+/// Whether stderr is the systemd journal stream that `JOURNAL_STREAM` (`DEVICE:INODE`)
+/// names, as for `ExecReload=` under systemd.
+fn stderr_is_the_journal() -> bool {
+    let Some((device, inode)) = std::env::var("JOURNAL_STREAM").ok().and_then(|v| {
+        v.split_once(':')
+            .map(|(d, i)| (d.to_string(), i.to_string()))
+    }) else {
+        return false;
+    };
+    nix::sys::stat::fstat(std::io::stderr())
+        .is_ok_and(|stat| device.parse() == Ok(stat.st_dev) && inode.parse() == Ok(stat.st_ino))
 }
 
 /// Stops a new process that did not make it: SIGTERM, then SIGKILL if it lingers.

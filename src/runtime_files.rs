@@ -9,18 +9,32 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Uid};
 
-/// Creates the directory holding `file` when missing (private to `owner`), and refuses a
-/// world-writable one: anyone could then plant an upgrade socket and receive our sockets.
-pub fn prepare_parent(file: &Path, owner: Option<(Uid, Gid)>) -> std::io::Result<()> {
+/// Refuses a world-writable (even sticky, like `/tmp`) directory for `file`: anyone could
+/// plant an upgrade socket there and receive our listening sockets, or a symbolic link
+/// for the pid file that root would then write through. A missing directory is fine: it
+/// is created private.
+pub fn check_private_parent(file: &Path) -> Result<(), String> {
     let Some(dir) = file.parent() else {
         return Ok(());
     };
     match std::fs::metadata(dir) {
-        Ok(meta) if meta.mode() & 0o002 != 0 => Err(std::io::Error::other(format!(
+        Ok(meta) if meta.mode() & 0o002 != 0 => Err(format!(
             "{} is writable by everyone; keep {} in a private directory such as /run/pingora-lb",
             dir.display(),
             file.display()
-        ))),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Creates the directory holding `file` when missing (private to `owner`), and refuses a
+/// world-writable one ([check_private_parent]).
+pub fn prepare_parent(file: &Path, owner: Option<(Uid, Gid)>) -> std::io::Result<()> {
+    check_private_parent(file).map_err(std::io::Error::other)?;
+    let Some(dir) = file.parent() else {
+        return Ok(());
+    };
+    match std::fs::metadata(dir) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new()
@@ -53,9 +67,20 @@ impl PidFile {
             .create(true)
             .truncate(false)
             .mode(0o644)
-            .open(path)?;
+            // Root must not write through a link planted in the directory.
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(nix::libc::ELOOP) => std::io::Error::other(
+                    "is a symbolic link; refusing to write through it".to_string(),
+                ),
+                _ => e,
+            })?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("exists and is not a regular file"));
+        }
         if let Some((uid, gid)) = owner {
-            nix::unistd::chown(path, Some(uid), Some(gid))?;
+            std::os::unix::fs::fchown(&file, Some(uid.as_raw()), Some(gid.as_raw()))?;
         }
         Ok(PidFile {
             path: path.to_owned(),

@@ -17,13 +17,14 @@ use pingora::services::background::background_service;
 
 use crate::access_log::{AccessLog, Sink};
 use crate::cli::Cli;
+use crate::client_connections::ClientConnections;
 use crate::config::{Config, ListenAddress};
 use crate::lifecycle::{Announcer, Lifecycle, Signals};
 use crate::listeners::ListeningSockets;
 use crate::logging;
 use crate::metrics::{Metrics, MetricsEndpoint};
 use crate::privileges::{drop_privileges, Identity};
-use crate::proxy::{LoadBalancer, Traffic};
+use crate::proxy::{LoadBalancer, Traffic, MAX_STALE_RETRIES};
 use crate::readiness::Readiness;
 use crate::runtime_files::{prepare_parent, PidFile};
 use crate::upgrade::HandoffSocket;
@@ -40,13 +41,46 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
         readiness.daemonize()?;
     }
     logging::init(&config);
-    let identity = Identity::resolve(&config)?;
-    let owner = identity.as_ref().map(|i| (i.uid, i.gid));
+    match prepare(cli, &config, &mut readiness) {
+        Ok(prepared) => {
+            run(&config, prepared, readiness);
+            Ok(())
+        }
+        Err(e) => {
+            // Logged and reported before the pipe closes: a reload command stops this
+            // process as soon as it sees the pipe close.
+            if !logging::goes_to_stderr() {
+                log::error!("{e}");
+            }
+            readiness.failed(&e);
+            Err(e)
+        }
+    }
+}
 
+/// Everything start-up acquires while it may still be root, ready to run unprivileged.
+struct Prepared {
+    /// The proxy's listening sockets.
+    sockets: ListeningSockets,
+    metrics_socket: Option<ListeningSockets>,
+    /// Every listening socket, to hand to a successor.
+    handed_over: Vec<(String, std::os::fd::RawFd)>,
+    pid_file: Option<PidFile>,
+    metrics: Arc<Metrics>,
+    upstreams: Arc<Upstreams>,
+    access_log_sink: Option<Sink>,
+    predecessor: Option<crate::upgrade::Predecessor>,
+    generation: u64,
+}
+
+/// Steps 3 to 5: sockets (inherited or bound), runtime files, backends, then the
+/// privilege drop. Every failure here leaves a predecessor serving.
+fn prepare(cli: &Cli, config: &Config, readiness: &mut Readiness) -> Result<Prepared, StartError> {
+    let identity = Identity::resolve(config)?;
+    let owner = identity.as_ref().map(|i| (i.uid, i.gid));
     let (inherited, predecessor, generation) = if cli.upgrade {
         let path = &config.upgrade_sock.0;
-        prepare_parent(path, owner)
-            .map_err(|e| format!("key `upgrade_sock`: {}: {e}", path.display()))?;
+        prepare_parent(path, owner).map_err(|e| format!("key `upgrade_sock`: {e}"))?;
         let socket = HandoffSocket::bind(path, owner).map_err(|e| {
             format!(
                 "key `upgrade_sock`: cannot listen on {}: {e}",
@@ -74,11 +108,17 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
     } else {
         (Default::default(), None, 1)
     };
-    let addresses: Vec<ListenAddress> = config
+    let addresses: Vec<(String, ListenAddress)> = config
         .listeners
         .iter()
-        .chain(config.metrics.as_ref().map(|m| &m.listen))
-        .copied()
+        .enumerate()
+        .map(|(i, l)| (format!("listeners[{i}]"), *l))
+        .chain(
+            config
+                .metrics
+                .as_ref()
+                .map(|m| ("metrics.listen".to_string(), m.listen)),
+        )
         .collect();
     let mut sockets = ListeningSockets::open(&addresses, inherited)?;
     let metrics_socket = config
@@ -98,15 +138,40 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
         None => None,
     };
     let metrics = Arc::new(Metrics::new(generation));
-    let upstreams = Upstreams::build(&config, &metrics)?;
+    let upstreams = Upstreams::build(config, &metrics)?;
     let access_log_sink =
         Sink::open(&config.access_log).map_err(|e| format!("key `access_log.destination`: {e}"))?;
 
     drop_privileges(identity.as_ref())?;
+    Ok(Prepared {
+        sockets,
+        metrics_socket,
+        handed_over,
+        pid_file,
+        metrics,
+        upstreams,
+        access_log_sink,
+        predecessor,
+        generation,
+    })
+}
 
+/// Step 6: pingora's services on the prepared sockets, until the process is told to stop.
+fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
+    let Prepared {
+        sockets,
+        metrics_socket,
+        handed_over,
+        pid_file,
+        metrics,
+        upstreams,
+        access_log_sink,
+        predecessor,
+        generation,
+    } = prepared;
     let access_log = access_log_sink
         .map(|sink| Arc::new(AccessLog::start(&config.access_log, sink, metrics.clone())));
-    let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(config));
     let traffic = Arc::new(Traffic::default());
     let lifecycle = Arc::new(Lifecycle {
         traffic: traffic.clone(),
@@ -120,7 +185,7 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
         generation,
         access_log: access_log.clone(),
     });
-    let mut proxy = pingora::proxy::http_proxy_service(
+    let balancer = pingora::proxy::http_proxy(
         &server.configuration,
         LoadBalancer {
             upstreams: upstreams.clone(),
@@ -129,7 +194,12 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
             forwarding: config.forwarding.clone(),
             metrics: metrics.clone(),
             access_log,
+            client: config.client.clone(),
         },
+    );
+    let mut proxy = pingora::services::listening::Service::new(
+        "proxy".to_string(),
+        ClientConnections::new(balancer, &config.client),
     );
     for address in sockets.addresses() {
         proxy.add_tcp(address);
@@ -168,7 +238,6 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
         shutdown_signal: Box::new(Signals(lifecycle.clone())),
     });
     lifecycle.clean_up();
-    Ok(())
 }
 
 /// The part of the configuration pingora itself reads.
@@ -182,7 +251,7 @@ fn server_conf(config: &Config) -> ServerConf {
         grace_period_seconds: Some(config.grace_period_seconds + 1),
         graceful_shutdown_timeout_seconds: Some(config.graceful_shutdown_timeout_seconds),
         upstream_keepalive_pool_size: config.upstream_keepalive_pool_size,
-        max_retries: config.retries + 1,
+        max_retries: config.retries + 1 + MAX_STALE_RETRIES,
         ..ServerConf::default()
     }
 }

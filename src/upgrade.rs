@@ -31,8 +31,8 @@ const CONNECT_WINDOW: Duration = Duration::from_secs(5);
 pub const ACCEPT_WINDOW: Duration = Duration::from_secs(10);
 /// How long the old process waits for the successor to serve once it has the sockets.
 const SERVING_WINDOW: Duration = Duration::from_secs(60);
-/// More listening sockets than any configuration has.
-const MAX_SOCKETS: usize = 64;
+/// Every listening socket a configuration can have: the proxy listeners and the metrics one.
+const MAX_SOCKETS: usize = crate::config::MAX_LISTENERS + 1;
 
 /// Why a handoff did not happen; the old process keeps serving in every case.
 #[derive(Debug)]
@@ -66,6 +66,19 @@ pub fn hand_over(
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     };
+    // Only a successor run by root or by our own user gets the sockets: a process of
+    // another user that managed to listen on `path` would otherwise take over the ports.
+    let peer = getsockopt(&stream, PeerCredentials)
+        .map_err(|e| HandoffError(format!("cannot read the successor's credentials: {e}")))?;
+    if peer.uid() != 0 && Uid::from_raw(peer.uid()) != Uid::effective() {
+        return Err(HandoffError(format!(
+            "refusing to hand the sockets to pid {} running as uid {}: only root or this \
+             service's user may take them over (is {} in a directory others can write?)",
+            peer.pid(),
+            peer.uid(),
+            path.display()
+        )));
+    }
     let keys = sockets
         .iter()
         .map(|(k, _)| k.as_str())
@@ -224,7 +237,11 @@ impl HandoffSocket {
         Ok(Handoff {
             sockets: keys.into_iter().map(String::from).zip(owned).collect(),
             from_pid: peer.pid(),
-            from_generation: generation.trim().parse().unwrap_or(0),
+            from_generation: generation.trim().parse().map_err(|_| {
+                HandoffError(format!(
+                    "the running process sent a malformed generation {generation:?}"
+                ))
+            })?,
             connection,
         })
     }

@@ -452,7 +452,7 @@ fn a_new_process_that_dies_before_taking_the_sockets_changes_nothing() {
         |good, _| good.replace("user: root\n", "") + "user: no-such-user-pingora-lb\n",
         &[],
         1,
-        "exited during start-up",
+        "could not start: key `user`: no user \"no-such-user-pingora-lb\"",
     );
 }
 
@@ -463,7 +463,7 @@ fn a_new_process_that_dies_after_taking_the_sockets_changes_nothing() {
         |good, backend| good.replace(&backend.addr.to_string(), "backend.invalid:80"),
         &[],
         1,
-        "exited before serving",
+        "could not start: cannot resolve backend backend.invalid:80",
     );
     assert!(
         eventually(Duration::from_secs(2), || lb

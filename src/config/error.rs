@@ -35,14 +35,8 @@ impl ConfigError {
         error: serde_path_to_error::Error<serde_yaml::Error>,
     ) -> Self {
         let path = error.path().to_string();
-        let key = if path == "." { String::new() } else { path };
+        let mut key = if path == "." { String::new() } else { path };
         let inner = error.into_inner();
-        // serde_yaml places errors raised while checking a value at the start of the
-        // enclosing mapping; the key's own line, when found, is more precise.
-        let line = match (inner.location().map(|l| l.line()), locate_key(text, &key)) {
-            (Some(reported), Some(found)) => Some(reported.max(found)),
-            (reported, found) => reported.or(found),
-        };
         let mut message = inner.to_string();
         // serde_yaml appends the position and prefixes its own path: both are given apart.
         if let Some(cut) = message.find(" at line ") {
@@ -53,10 +47,41 @@ impl ConfigError {
                 message = rest.to_string();
             }
         }
+        // serde reports a duplicate at its mapping; the second occurrence is the one to fix.
+        let duplicate = message
+            .strip_prefix("duplicate field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(field, _)| field.to_string());
+        let line = match duplicate {
+            Some(field) => {
+                key = if key.is_empty() {
+                    field
+                } else {
+                    format!("{key}.{field}")
+                };
+                message = "is given twice; keep one".to_string();
+                locate_nth_key(text, &key, 1).or(inner.location().map(|l| l.line()))
+            }
+            // serde_yaml places errors raised while checking a value at the start of the
+            // enclosing mapping; the key's own line, when found, is more precise.
+            None => match (inner.location().map(|l| l.line()), locate_key(text, &key)) {
+                (Some(reported), Some(found)) => Some(reported.max(found)),
+                (reported, found) => reported.or(found),
+            },
+        };
         ConfigError {
             file: file.to_string(),
             line,
             key,
+            message,
+        }
+    }
+
+    pub(super) fn at_line(file: &str, line: usize, message: String) -> Self {
+        ConfigError {
+            file: file.to_string(),
+            line: Some(line),
+            key: String::new(),
             message,
         }
     }
@@ -112,6 +137,13 @@ fn segments(path: &str) -> Vec<Segment<'_>> {
 /// Finds the 1-based line of a key path in block-style YAML, for errors found after parsing.
 /// Flow-style collections are not descended into: the deepest key found is returned.
 fn locate_key(text: &str, path: &str) -> Option<usize> {
+    locate_nth_key(text, path, 0)
+}
+
+/// [locate_key], taking the `nth` (0-based) occurrence of the last key among its siblings.
+fn locate_nth_key(text: &str, path: &str, nth: usize) -> Option<usize> {
+    let segments = segments(path);
+    let last = segments.len().saturating_sub(1);
     let lines: Vec<(usize, &str)> = text
         .lines()
         .map(|l| {
@@ -123,7 +155,8 @@ fn locate_key(text: &str, path: &str) -> Option<usize> {
     // The parent found so far: its line and the indentation its children are deeper than.
     let mut parent: Option<(usize, usize)> = None;
     let mut found = None;
-    for segment in segments(path) {
+    for (depth, segment) in segments.into_iter().enumerate() {
+        let skip = if depth == last { nth } else { 0 };
         let first = parent.map_or(0, |(n, _)| n);
         let mut children = Vec::new();
         for n in (first..lines.len()).filter(|&n| significant(n)) {
@@ -145,13 +178,15 @@ fn locate_key(text: &str, path: &str) -> Option<usize> {
         let Some(block_indent) = children.first().map(|c| c.1) else {
             return found;
         };
-        let mut at_block_level = children.into_iter().filter(|c| c.1 == block_indent);
+        let at_block_level = children.into_iter().filter(|c| c.1 == block_indent);
         let hit = match segment {
-            Segment::Key(key) => at_block_level.find(|(_, _, content)| {
-                content
-                    .split_once(':')
-                    .is_some_and(|(k, _)| k.trim().trim_matches(['"', '\'']) == key)
-            }),
+            Segment::Key(key) => at_block_level
+                .filter(|(_, _, content)| {
+                    content
+                        .split_once(':')
+                        .is_some_and(|(k, _)| k.trim().trim_matches(['"', '\'']) == key)
+                })
+                .nth(skip),
             Segment::Index(i) => at_block_level.filter(|c| c.2.starts_with('-')).nth(i),
         };
         let Some((n, indent, _)) = hit else {

@@ -26,16 +26,53 @@ fn in_range<'de, D: Deserializer<'de>>(
     range: std::ops::RangeInclusive<u64>,
     what: &str,
 ) -> Result<u64, D::Error> {
-    let value = u64::deserialize(d)?;
-    if range.contains(&value) {
-        Ok(value)
-    } else {
-        Err(D::Error::custom(format!(
-            "{value} is out of range: {what} must be between {} and {}",
-            range.start(),
-            range.end()
-        )))
+    /// Takes any YAML number, so that a negative or huge one is reported with the range
+    /// instead of as a type error.
+    struct Bounded<'a> {
+        range: std::ops::RangeInclusive<u64>,
+        what: &'a str,
     }
+    impl Bounded<'_> {
+        fn check<E: Error>(&self, value: impl fmt::Display, fits: Option<u64>) -> Result<u64, E> {
+            match fits {
+                Some(v) if self.range.contains(&v) => Ok(v),
+                _ => Err(E::custom(format!(
+                    "{value} is out of range: {} must be a whole number between {} and {}",
+                    self.what,
+                    self.range.start(),
+                    self.range.end()
+                ))),
+            }
+        }
+    }
+    impl serde::de::Visitor<'_> for Bounded<'_> {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(
+                f,
+                "{}: a whole number between {} and {}",
+                self.what,
+                self.range.start(),
+                self.range.end()
+            )
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<u64, E> {
+            self.check(v, Some(v))
+        }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<u64, E> {
+            self.check(v, u64::try_from(v).ok())
+        }
+        fn visit_u128<E: Error>(self, v: u128) -> Result<u64, E> {
+            self.check(v, None)
+        }
+        fn visit_i128<E: Error>(self, v: i128) -> Result<u64, E> {
+            self.check(v, None)
+        }
+        fn visit_f64<E: Error>(self, v: f64) -> Result<u64, E> {
+            self.check(v, None)
+        }
+    }
+    d.deserialize_any(Bounded { range, what })
 }
 
 pub(super) fn version<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -52,6 +89,33 @@ pub(super) fn retries<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error
 
 pub(super) fn threshold<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     in_range(d, 1..=100, "a rise/fall threshold").map(|v| v as usize)
+}
+
+pub(super) fn grace_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, 0..=3600, "a number of seconds")
+}
+
+pub(super) fn pool_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    in_range(d, 0..=100_000, "the number of idle upstream connections").map(|v| v as usize)
+}
+
+pub(super) fn keepalive_requests<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    in_range(d, 1..=1_000_000, "the number of requests per connection").map(|v| v as u32)
+}
+
+pub(super) fn uri_length<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    // The `http` crate refuses longer request-targets itself.
+    in_range(d, 256..=65_000, "the request-target length in bytes").map(|v| v as usize)
+}
+
+pub(super) fn header_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    // pingora refuses (400) any request header over 1 MiB whatever is set here.
+    in_range(d, 1024..=1_048_575, "the request header size in bytes").map(|v| v as usize)
+}
+
+pub(super) fn header_count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    // pingora parses at most 256 fields.
+    in_range(d, 8..=256, "the number of request header fields").map(|v| v as usize)
 }
 
 pub(super) fn status<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
@@ -73,24 +137,30 @@ pub(super) fn http_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Er
     }
 }
 
-/// A list that must hold at least one entry.
+/// A list that must hold at least one entry and at most `MAX`.
 #[derive(Debug, Clone)]
-pub struct NonEmpty<T>(Vec<T>);
+pub struct NonEmpty<T, const MAX: usize>(Vec<T>);
 
-impl<T> Deref for NonEmpty<T> {
+impl<T, const MAX: usize> Deref for NonEmpty<T, MAX> {
     type Target = [T];
     fn deref(&self) -> &[T] {
         &self.0
     }
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmpty<T> {
+impl<'de, T: Deserialize<'de>, const MAX: usize> Deserialize<'de> for NonEmpty<T, MAX> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let items = Vec::<T>::deserialize(d)?;
         if items.is_empty() {
             return Err(D::Error::custom(
                 "the list is empty: give at least one entry",
             ));
+        }
+        if items.len() > MAX {
+            return Err(D::Error::custom(format!(
+                "the list has {} entries: at most {MAX} are accepted",
+                items.len()
+            )));
         }
         Ok(NonEmpty(items))
     }
@@ -269,7 +339,12 @@ impl<'de> Deserialize<'de> for CaFile {
     }
 }
 
-/// A duration written as `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
+/// The longest duration any key accepts: a day is longer than any sensible timeout or
+/// interval, and far from the overflows of timers and `Instant` arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// A duration written as `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds, from 1ms
+/// to [MAX_DURATION].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -285,10 +360,18 @@ impl FromStr for HumanDuration {
             "h" => Some(3_600_000),
             _ => None,
         };
-        match (number.parse::<u64>(), unit_ms) {
-            (Ok(n), Some(ms)) if n > 0 => Ok(HumanDuration(Duration::from_millis(n * ms))),
+        let (Ok(n), Some(ms)) = (number.parse::<u64>(), unit_ms) else {
+            return Err(format!(
+                "{s:?} is not a positive duration: write e.g. 500ms, 2s, 1m or 1h \
+                 (between 1ms and {}h)",
+                MAX_DURATION.as_secs() / 3600
+            ));
+        };
+        match n.checked_mul(ms).map(Duration::from_millis) {
+            Some(d) if !d.is_zero() && d <= MAX_DURATION => Ok(HumanDuration(d)),
             _ => Err(format!(
-                "{s:?} is not a positive duration: write e.g. 500ms, 2s, 1m or 1h"
+                "{s:?} is out of range: a duration must be between 1ms and {}h",
+                MAX_DURATION.as_secs() / 3600
             )),
         }
     }
@@ -296,17 +379,34 @@ impl FromStr for HumanDuration {
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Seconds(u64),
-            Text(String),
+        /// A bare number is seconds; any number is checked, so that a negative or huge one
+        /// gets the range in its error rather than a type error.
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration such as 500ms, 2s, 1m or 1h")
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<HumanDuration, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<HumanDuration, E> {
+                self.visit_str(&format!("{v}s"))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<HumanDuration, E> {
+                self.visit_str(&format!("{v}s"))
+            }
+            fn visit_u128<E: Error>(self, v: u128) -> Result<HumanDuration, E> {
+                self.visit_str(&format!("{v}s"))
+            }
+            fn visit_i128<E: Error>(self, v: i128) -> Result<HumanDuration, E> {
+                self.visit_str(&format!("{v}s"))
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> Result<HumanDuration, E> {
+                self.visit_str(&format!("{v}s"))
+            }
         }
-        let text = match Raw::deserialize(d)? {
-            Raw::Seconds(n) => n.to_string(),
-            Raw::Text(t) => t,
-        };
-        text.parse().map_err(D::Error::custom)
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -376,7 +476,7 @@ impl<'de> Deserialize<'de> for ListenAddress {
 }
 
 /// A backend address: `IP:port`, `[IPv6]:port` or `hostname:port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UpstreamAddress {
     host: String,
     port: u16,
@@ -563,6 +663,16 @@ mod tests {
             Duration::from_secs(60)
         );
         assert!("0s".parse::<HumanDuration>().is_err());
+        assert_eq!("24h".parse::<HumanDuration>().unwrap().0, MAX_DURATION);
+        for too_long in [
+            "25h",
+            "86401",
+            "2305843009213693952s",
+            "18446744073709551615h",
+        ] {
+            let err = too_long.parse::<HumanDuration>().unwrap_err();
+            assert!(err.contains("between 1ms and 24h"), "{too_long}: {err}");
+        }
         assert!("2 weeks".parse::<HumanDuration>().is_err());
     }
 

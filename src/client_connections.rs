@@ -1,0 +1,98 @@
+//! Client connections: pingora's HTTP/1 connection loop with the limits pingora lacks.
+//!
+//! pingora bounds each read of a request header by itself (60 s), not the whole header,
+//! and waits for the next request on a kept-alive connection without any bound: a client
+//! sending a byte every few seconds, or simply staying idle, holds a connection (and its
+//! buffers) forever. This loop gives the whole request header a deadline, from the
+//! connection's accept or from the end of the previous response plus the keep-alive
+//! timeout, and sets the keep-alive limits from the configuration.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+
+use crate::config::ClientLimits;
+use crate::proxy::LoadBalancer;
+
+/// Put on a connection before each request; pingora hands it to
+/// [LoadBalancer::on_connection_reuse](pingora::proxy::ProxyHttp::on_connection_reuse) as
+/// soon as the request header is parsed, which ends the header deadline.
+pub struct HeaderParsed(pub Arc<AtomicBool>);
+
+/// The proxy's [ServerApp]: HTTP/1 connections here, anything else to pingora's own loop.
+pub struct ClientConnections {
+    proxy: Arc<HttpProxy<LoadBalancer>>,
+    header_timeout: Duration,
+    keepalive_timeout: Duration,
+    keepalive_requests: u32,
+}
+
+impl ClientConnections {
+    pub fn new(proxy: HttpProxy<LoadBalancer>, limits: &ClientLimits) -> Self {
+        ClientConnections {
+            proxy: Arc::new(proxy),
+            header_timeout: limits.header_timeout.0,
+            keepalive_timeout: limits.keepalive_timeout.0,
+            keepalive_requests: limits.keepalive_requests,
+        }
+    }
+}
+
+/// pingora counts keep-alive in whole seconds, and 0 means "forever": round up.
+pub fn keepalive_seconds(timeout: Duration) -> u64 {
+    timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0)
+}
+
+#[async_trait]
+impl ServerApp for ClientConnections {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1)) {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let mut session = ServerSession::new_http1(stream);
+        let keepalive = (!*shutdown.borrow()).then(|| keepalive_seconds(self.keepalive_timeout));
+        session.set_keepalive(keepalive);
+        // pingora allows one request more than the number of reuses it is given.
+        session.set_keepalive_reuses_remaining(Some(self.keepalive_requests - 1));
+        let mut header_deadline = self.header_timeout;
+        loop {
+            let parsed = Arc::new(AtomicBool::new(false));
+            session.set_connection_user_context(Some(Box::new(HeaderParsed(parsed.clone()))));
+            let request = self.proxy.process_new_http(session, shutdown);
+            let header_timeout = async {
+                tokio::time::sleep(header_deadline).await;
+                if parsed.load(Ordering::Acquire) {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let reusable = tokio::select! {
+                reusable = request => reusable?,
+                () = header_timeout => {
+                    log::debug!("closing a client connection: no complete request header in time");
+                    return None;
+                }
+            };
+            let (stream, settings) = reusable.consume();
+            session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            header_deadline = self.keepalive_timeout + self.header_timeout;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
