@@ -329,6 +329,15 @@ impl Client {
         Ok(Client::over(stream))
     }
 
+    /// The connection, to write raw requests on.
+    pub fn into_stream(self) -> TcpStream {
+        self.reader.into_inner()
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Client {
+        Client::over(stream)
+    }
+
     fn over(stream: TcpStream) -> Client {
         Client {
             reader: BufReader::new(stream),
