@@ -44,6 +44,17 @@
 
   retries = 2;
 
+  client = {
+    header_timeout = "60s";
+    keepalive_timeout = "75s";
+    body_timeout = "60s";
+    send_timeout = "60s";
+    keepalive_requests = 1000;
+    max_uri_length = 8192;
+    max_header_size = 32768;
+    max_header_count = 100;
+  };
+
   forwarding = {
     x_forwarded = true;
     forwarded = false;

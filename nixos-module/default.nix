@@ -143,7 +143,7 @@ let
     };
 
     grace_period_seconds = lib.mkOption {
-      type = lib.types.ints.unsigned;
+      type = lib.types.ints.between 0 3600;
       default = defaults.grace_period_seconds;
       description = ''
         How long in-flight requests may still finish after a stop or a handoff. The unit
@@ -153,7 +153,7 @@ let
     };
 
     graceful_shutdown_timeout_seconds = lib.mkOption {
-      type = lib.types.ints.unsigned;
+      type = lib.types.ints.between 0 3600;
       default = defaults.graceful_shutdown_timeout_seconds;
       description = "Time given to the runtimes to stop once the grace period is over.";
     };
@@ -304,8 +304,8 @@ in
     # Defaults of the keys without a typed option, leaf by leaf, so that setting one key of
     # a section (health_check.kind, say) keeps the packaged values of the others.
     services.pingora-lb.settings = lib.mapAttrsRecursive (_: lib.mkDefault) {
-      inherit (defaults) version syslog selection health_check timeouts retries forwarding metrics
-        access_log;
+      inherit (defaults) version syslog selection health_check timeouts retries client forwarding
+        metrics access_log;
     };
 
     assertions = [

@@ -37,6 +37,15 @@ impl Forwarding {
             .or_else(|| request.uri.host())
             .map(str::to_owned);
         let client_text = client.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+        // A backend reading the family that is not sent would otherwise see the client's own.
+        if !trusted && !self.x_forwarded {
+            for name in [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST] {
+                request.remove_header(name);
+            }
+        }
+        if !trusted && !self.forwarded {
+            request.remove_header(FORWARDED);
+        }
         if self.x_forwarded {
             let previous = trusted.then(|| joined(request, X_FORWARDED_FOR)).flatten();
             let chain = match previous {
@@ -129,6 +138,40 @@ mod tests {
             header(&r, FORWARDED),
             "for=192.0.2.9;proto=http;host=\"example.com\""
         );
+    }
+
+    #[test]
+    fn an_untrusted_client_cannot_spoof_the_family_not_sent() {
+        let spoofed = [
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil.test"),
+            ("forwarded", "for=1.2.3.4"),
+        ];
+        let client = Some("192.0.2.9".parse().unwrap());
+        let mut r = request(&spoofed);
+        let only_x = Forwarding {
+            forwarded: false,
+            ..forwarding(&[])
+        };
+        only_x.apply(client, &mut r).unwrap();
+        assert!(r.headers.get(FORWARDED).is_none());
+        let mut r = request(&spoofed);
+        let only_forwarded = Forwarding {
+            x_forwarded: false,
+            ..forwarding(&[])
+        };
+        only_forwarded.apply(client, &mut r).unwrap();
+        assert!(r.headers.get(X_FORWARDED_FOR).is_none());
+        assert!(r.headers.get(X_FORWARDED_HOST).is_none());
+        // A trusted proxy's headers stay, whichever family is sent.
+        let mut r = request(&spoofed);
+        Forwarding {
+            forwarded: false,
+            ..forwarding(&["192.0.2.0/24"])
+        }
+        .apply(client, &mut r)
+        .unwrap();
+        assert_eq!(header(&r, FORWARDED), "for=1.2.3.4");
     }
 
     #[test]

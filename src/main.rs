@@ -8,6 +8,7 @@ use pingora_lb::{allocator, lifecycle, reload, startup};
 
 fn main() {
     allocator::disable_transparent_huge_pages();
+    report_panics_in_one_line();
     lifecycle::ignore_signals_until_ready();
     let cli = Cli::parse();
     if let Some(Command::Reload { conf, pid, timeout }) = &cli.command {
@@ -39,4 +40,16 @@ fn main() {
 fn fail(code: i32, message: &dyn std::fmt::Display) -> ! {
     eprintln!("pingora-lb: {message}");
     std::process::exit(code)
+}
+
+/// A bug must still reach the operator as one line that says where, in the error log and
+/// on stderr, not as a backtrace dump (pingora contains a panic to its request).
+fn report_panics_in_one_line() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = format!("internal error, please report it: {info}").replace('\n', " ");
+        if !pingora_lb::logging::goes_to_stderr() {
+            log::error!("{message}");
+        }
+        eprintln!("pingora-lb: {message}");
+    }));
 }
