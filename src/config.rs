@@ -36,6 +36,9 @@ pub const MAX_FILE_SIZE: u64 = 1024 * 1024;
 /// must fit into the one handoff message (see `upgrade`).
 pub const MAX_LISTENERS: usize = 63;
 
+/// The shortest time between two health probes of a backend.
+pub const MIN_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Backends one process may balance over.
 pub const MAX_UPSTREAMS: usize = 10_000;
 
@@ -545,6 +548,15 @@ impl Config {
                     "`sni` and `ca_file` only apply with `tls: true`".to_string(),
                 );
             }
+        }
+        if self.health_check.interval.0 < MIN_HEALTH_INTERVAL {
+            return fail(
+                "health_check.interval".to_string(),
+                format!(
+                    "must be at least {}ms: probing more often only loads the backends",
+                    MIN_HEALTH_INTERVAL.as_millis()
+                ),
+            );
         }
         if self.health_check.kind == HealthCheckKind::Http
             && self.health_check.timeout.0 > self.health_check.interval.0

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use log::info;
 use nix::unistd::Uid;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
@@ -120,6 +122,7 @@ fn prepare(cli: &Cli, config: &Config, readiness: &mut Readiness) -> Result<Prep
                 .map(|m| ("metrics.listen".to_string(), m.listen)),
         )
         .collect();
+    raise_open_file_limit();
     let mut sockets = ListeningSockets::open(&addresses, inherited)?;
     let metrics_socket = config
         .metrics
@@ -202,7 +205,13 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
         ClientConnections::new(balancer, &config.client),
     );
     for address in sockets.addresses() {
-        proxy.add_tcp(address);
+        // Reads go straight into the request's own buffer: pingora's default 64 KiB read
+        // buffer per connection would be most of what an idle kept-alive client costs.
+        let unbuffered_reads = L4BufferSettings {
+            read: Some(0),
+            write: None,
+        };
+        proxy.add_listener(ListenerConfig::tcp(address).l4_buffer(unbuffered_reads));
     }
     let proxy = server.add_boxed_service(sockets.attach(Box::new(proxy)));
     server.add_service(background_service(
@@ -238,6 +247,21 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
         shutdown_signal: Box::new(Signals(lifecycle.clone())),
     });
     lifecycle.clean_up();
+}
+
+/// Every client connection takes a file descriptor: the soft limit (often 1024 outside
+/// systemd) is raised to the hard one, as HAProxy does, so idle clients cannot exhaust it
+/// long before memory would.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => info!("open file limit raised from {soft} to {hard}"),
+                Err(e) => log::warn!("cannot raise the open file limit from {soft}: {e}"),
+            }
+        }
+    }
 }
 
 /// The part of the configuration pingora itself reads.

@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -103,9 +102,19 @@ pub fn hand_over(
         Ok(_) => Err(HandoffError(
             "the new process exited before serving".to_string(),
         )),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(HandoffError(format!(
+                "the new process did not report serving within {}s",
+                SERVING_WINDOW.as_secs()
+            )))
+        }
         Err(e) => Err(HandoffError(format!(
-            "the new process did not report serving within {}s ({e})",
-            SERVING_WINDOW.as_secs()
+            "the new process exited before serving ({e})"
         ))),
     }
 }
@@ -145,9 +154,9 @@ impl HandoffSocket {
         let bound = UnixListener::bind(path);
         umask(previous);
         let listener = bound?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         if let Some((uid, gid)) = owner {
-            nix::unistd::chown(path, Some(uid), Some(gid))?;
+            // Not through a link someone swapped in since the bind.
+            std::os::unix::fs::lchown(path, Some(uid.as_raw()), Some(gid.as_raw()))?;
         }
         Ok(HandoffSocket {
             listener,
@@ -272,5 +281,119 @@ impl Predecessor {
     pub fn confirm_serving(mut self) -> std::io::Result<()> {
         self.connection.write_all(&[SERVING])?;
         self.connection.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn socket_path(dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join("upgrade.sock")
+    }
+
+    fn listening_socket() -> (String, OwnedFd) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        (
+            listener.local_addr().unwrap().to_string(),
+            OwnedFd::from(listener),
+        )
+    }
+
+    /// Sends `payload` with `fds` as the old process would, without any check of ours.
+    fn send_raw(path: &Path, payload: &str, fds: &[RawFd]) -> UnixStream {
+        let stream = UnixStream::connect(path).unwrap();
+        sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(payload.as_bytes())],
+            &[ControlMessage::ScmRights(fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        stream
+    }
+
+    fn ours() -> Vec<Uid> {
+        vec![Uid::effective()]
+    }
+
+    #[test]
+    fn sockets_and_generation_arrive_and_serving_is_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(&dir);
+        let socket = HandoffSocket::bind(&path, None).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (address, fd) = listening_socket();
+        let sent = vec![(address.clone(), fd.as_raw_fd())];
+        let sender = std::thread::spawn(move || hand_over(&path, &sent, 7));
+        let handoff = socket.receive(&ours()).unwrap();
+        assert_eq!(handoff.from_generation, 7);
+        assert_eq!(handoff.from_pid, std::process::id() as i32);
+        let (sockets, predecessor) = handoff.into_parts();
+        assert!(sockets.contains_key(&address));
+        predecessor.confirm_serving().unwrap();
+        sender.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_peer_of_an_untrusted_user_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(&dir);
+        let socket = HandoffSocket::bind(&path, None).unwrap();
+        let (address, fd) = listening_socket();
+        let sent = vec![(address, fd.as_raw_fd())];
+        let sender = std::thread::spawn(move || hand_over(&path, &sent, 1));
+        let stranger = Uid::from_raw(Uid::effective().as_raw().wrapping_add(4242));
+        let error = socket.receive(&[stranger]).err().unwrap();
+        assert!(error.0.contains("refusing sockets"), "{error}");
+        // The old process learns that its successor went away, and keeps serving.
+        let error = sender.join().unwrap().unwrap_err();
+        assert!(error.0.contains("exited before serving"), "{error}");
+    }
+
+    #[test]
+    fn addresses_and_descriptors_must_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(&dir);
+        let socket = HandoffSocket::bind(&path, None).unwrap();
+        let (_, fd) = listening_socket();
+        let _sender = send_raw(&path, "127.0.0.1:1 127.0.0.1:2\n1", &[fd.as_raw_fd()]);
+        let error = socket.receive(&ours()).err().unwrap();
+        assert!(
+            error.0.contains("received 2 addresses but 1 sockets"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_generation_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(&dir);
+        let socket = HandoffSocket::bind(&path, None).unwrap();
+        let (address, fd) = listening_socket();
+        let _sender = send_raw(&path, &format!("{address}\nseven"), &[fd.as_raw_fd()]);
+        let error = socket.receive(&ours()).err().unwrap();
+        assert!(error.0.contains("malformed generation"), "{error}");
+    }
+
+    #[test]
+    fn a_successor_gone_before_serving_leaves_the_old_process_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(&dir);
+        let listener = UnixListener::bind(&path).unwrap();
+        let successor = std::thread::spawn(move || {
+            // Takes the sockets, then dies without a word.
+            let (connection, _) = listener.accept().unwrap();
+            let mut buffer = [0u8; 4096];
+            let _ = (&connection).read(&mut buffer);
+        });
+        let (address, fd) = listening_socket();
+        let error = hand_over(&path, &[(address, fd.as_raw_fd())], 1).unwrap_err();
+        assert!(error.0.contains("exited before serving"), "{error}");
+        successor.join().unwrap();
     }
 }

@@ -42,6 +42,7 @@ fn bad_configurations_name_file_line_and_key() {
         ("listeners: [\"127.0.0.1:1\"]\nthreads: many\nupstreams:\n  - address: 127.0.0.1:2\n", 2, "threads", "invalid type"),
         ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\nhealth_check:\n  interval: soon\n", 5, "health_check.interval", "not a positive duration"),
         ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n  - address: 127.0.0.1:2\n", 4, "upstreams[1].address", "listed twice"),
+        ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\nhealth_check:\n  interval: 10ms\n", 5, "health_check.interval", "at least 100ms"),
         ("listeners: [\"127.0.0.1:1\"\nupstreams:\n", 2, "", "did not find expected"),
     ];
     for (text, line, key, words) in table {
