@@ -14,15 +14,11 @@ fn check(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, text).unwrap();
-    let output = Command::new(BINARY)
-        .arg("-t")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr =
-        String::from_utf8_lossy(&output.stderr).replace(&path.display().to_string(), "FILE");
-    (output.status.code().unwrap_or(-1), stderr)
+    let (code, stderr) = check_config(&path);
+    (
+        code.unwrap_or(-1),
+        stderr.replace(&path.display().to_string(), "FILE"),
+    )
 }
 
 #[test]

@@ -450,14 +450,8 @@ fn runtime_files_in_a_world_writable_directory_are_refused_at_check() {
             .position(|l| l.starts_with(&format!("{key}:")))
             .unwrap()
             + 1;
-        let output = Command::new(BINARY)
-            .arg("-t")
-            .arg("-c")
-            .arg(&config)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(78), "{key}: {stderr}");
+        let (code, stderr) = check_config(&config);
+        assert_eq!(code, Some(78), "{key}: {stderr}");
         assert!(
             stderr.contains(&format!(":{line}: key `{key}`"))
                 && stderr.contains("writable by everyone"),

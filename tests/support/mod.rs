@@ -620,6 +620,18 @@ impl Drop for Lb {
     }
 }
 
+/// Runs `pingora-lb -t -c config`: its exit status and stderr.
+pub fn check_config(config: &Path) -> (Option<i32>, String) {
+    let output = Command::new(BINARY)
+        .arg("-t")
+        .arg("-c")
+        .arg(config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
+}
+
 pub fn is_root() -> bool {
     unsafe { nix::libc::geteuid() == 0 }
 }
