@@ -37,7 +37,8 @@ pub enum Command {
     /// start a new process that takes over the listening sockets, and wait until it serves.
     /// The running process is left untouched if anything fails.
     Reload {
-        /// Configuration file of the new process.
+        /// Configuration file of the new process; by default the one the running process
+        /// was started with.
         #[arg(short = 'c', long = "conf", value_name = "FILE")]
         conf: Option<PathBuf>,
 

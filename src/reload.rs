@@ -43,6 +43,14 @@ pub fn reload(
     pid: Option<i32>,
     timeout: Duration,
 ) -> Result<i32, ReloadError> {
+    let inherited_conf;
+    let conf = match (conf, pid) {
+        (None, Some(pid)) => {
+            inherited_conf = configuration_of(pid)?;
+            inherited_conf.as_deref()
+        }
+        _ => conf,
+    };
     let config = Config::load_or_seed(conf).map_err(ReloadError::Config)?;
     let old = match (pid, &config.pid_file) {
         (Some(pid), _) => pid,
@@ -103,6 +111,58 @@ fn hand_over(
         )),
         Report::Listening(_) => Err("unexpected report from the new process".into()),
     }
+}
+
+/// Without `-c`, the configuration file the running process was started with: a forgotten
+/// `-c` must not swap a production configuration for the embedded default.
+fn configuration_of(pid: i32) -> Result<Option<PathBuf>, ReloadError> {
+    let unreadable = |e: std::io::Error| {
+        ReloadError::Failed(format!(
+            "cannot tell which configuration process {pid} runs ({e}); give -c"
+        ))
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(unreadable)?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let Some(path) = conf_argument(&args) else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(path);
+    if path.is_absolute() {
+        return Ok(Some(path));
+    }
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).map_err(unreadable)?;
+    Ok(Some(cwd.join(path)))
+}
+
+/// The value of `-c`/`--conf` in a `pingora-lb` command line (clap's spellings: `-c F`,
+/// `-cF`, `-dc F`, `--conf F`, `--conf=F`).
+fn conf_argument(args: &[String]) -> Option<&str> {
+    let mut args = args.iter().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--conf" {
+            return args.next().map(String::as_str);
+        }
+        if let Some(value) = arg.strip_prefix("--conf=") {
+            return Some(value);
+        }
+        if arg.starts_with("--") {
+            continue;
+        }
+        if let Some((_, rest)) = arg
+            .strip_prefix('-')
+            .and_then(|flags| flags.split_once('c'))
+        {
+            return if rest.is_empty() {
+                args.next().map(String::as_str)
+            } else {
+                Some(rest)
+            };
+        }
+    }
+    None
 }
 
 fn start_failure(reason: Option<String>, old: Pid) -> String {
@@ -202,4 +262,30 @@ fn stop(pid: Pid) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = kill(pid, Signal::SIGKILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conf_argument;
+
+    fn conf(line: &str) -> Option<String> {
+        let args: Vec<String> = line.split(' ').map(String::from).collect();
+        conf_argument(&args).map(String::from)
+    }
+
+    #[test]
+    fn finds_the_configuration_in_every_spelling() {
+        for line in [
+            "pingora-lb -c /etc/lb.yaml",
+            "pingora-lb -u -c /etc/lb.yaml",
+            "pingora-lb -c/etc/lb.yaml",
+            "pingora-lb -dc /etc/lb.yaml",
+            "pingora-lb --conf /etc/lb.yaml -d",
+            "pingora-lb --conf=/etc/lb.yaml",
+        ] {
+            assert_eq!(conf(line).as_deref(), Some("/etc/lb.yaml"), "{line}");
+        }
+        assert_eq!(conf("pingora-lb"), None);
+        assert_eq!(conf("pingora-lb -d -u"), None);
+    }
 }

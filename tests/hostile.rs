@@ -388,6 +388,37 @@ fn the_reload_command_lets_go_of_its_callers_output() {
     assert_eq!(lb.get("/").unwrap().status, 200);
 }
 
+#[test]
+fn a_reload_without_c_keeps_the_running_configuration() {
+    let backend = Backend::start("a");
+    let lb = Lb::start(listen(), &one_upstream(backend.addr));
+    let output = Command::new(BINARY)
+        .args(["reload", "--pid", &lb.pid.to_string()])
+        .env("NOTIFY_SOCKET", &lb.notify.path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let new_pid: i32 = stdout
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap();
+    let _successor = KillOnDrop(new_pid);
+    let cmdline = std::fs::read_to_string(format!("/proc/{new_pid}/cmdline")).unwrap();
+    assert!(
+        cmdline.contains(&lb.config.display().to_string()),
+        "{cmdline:?}"
+    );
+    assert!(eventually(Duration::from_secs(10), || !alive(lb.pid)));
+    let response = lb.get("/").unwrap();
+    assert_eq!((response.status, response.backend()), (200, "a"));
+}
+
 struct KillOnDrop(i32);
 
 impl Drop for KillOnDrop {
