@@ -7,6 +7,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,7 @@ pub fn reload(
             "process {old} is not running ({e}); nothing to reload"
         ))
     })?;
+    check_is_pingora_lb(old)?;
 
     let deadline = Instant::now() + timeout;
     let mut reports = spawn_detached(conf)?;
@@ -110,6 +112,31 @@ fn hand_over(
             timeout.as_secs()
         )),
         Report::Listening(_) => Err("unexpected report from the new process".into()),
+    }
+}
+
+/// SIGQUIT kills a process that does not handle it: a stale pid file or a mistyped `--pid`
+/// must not reach an unrelated process.
+fn check_is_pingora_lb(pid: Pid) -> Result<(), ReloadError> {
+    let program = |cmdline: &[u8]| {
+        let first = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        Path::new(std::ffi::OsStr::from_bytes(first))
+            .file_name()
+            .map(|name| name.to_os_string())
+    };
+    let ours = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.file_name().map(|n| n.to_os_string()));
+    let theirs = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .and_then(|cmdline| program(&cmdline));
+    match (ours, theirs) {
+        (Some(ours), Some(theirs)) if ours != theirs => Err(ReloadError::Failed(format!(
+            "process {pid} runs {}, not {}; refusing to signal it (check --pid or the pid file)",
+            theirs.to_string_lossy(),
+            ours.to_string_lossy()
+        ))),
+        _ => Ok(()),
     }
 }
 

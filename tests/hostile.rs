@@ -419,6 +419,76 @@ fn a_reload_without_c_keeps_the_running_configuration() {
     assert_eq!((response.status, response.backend()), (200, "a"));
 }
 
+#[test]
+fn a_reload_never_signals_a_process_that_is_not_pingora_lb() {
+    let backend = Backend::start("a");
+    let lb = Lb::start(listen(), &one_upstream(backend.addr));
+    let mut bystander = Command::new("sleep").arg("30").spawn().unwrap();
+    let output = Command::new(BINARY)
+        .args(["reload", "-c"])
+        .arg(&lb.config)
+        .args(["--pid", &bystander.id().to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("runs sleep, not pingora-lb"), "{stderr}");
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the bystander was signalled"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
+
+#[test]
+fn operator_faults_change_nothing() {
+    let backend = Backend::start("a");
+    let mut lb = Lb::start(listen(), &one_upstream(backend.addr));
+    let pid = lb.pid;
+    // SIGQUIT twice with no successor waiting: one handoff attempt, then serving as before.
+    let quit = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGQUIT,
+        )
+        .unwrap()
+    };
+    quit();
+    assert!(eventually(Duration::from_secs(5), || lb
+        .error_log()
+        .contains("handing the listening sockets over")));
+    quit();
+    assert_eq!(lb.get("/").unwrap().status, 200);
+    assert!(
+        eventually(Duration::from_secs(10), || lb
+            .error_log()
+            .contains("this process keeps serving")),
+        "{}",
+        lb.error_log()
+    );
+    assert!(lb.error_log().contains("a handoff is already under way"));
+    // A reload whose configuration file vanished.
+    let config = lb.config.clone();
+    let kept = std::fs::read_to_string(&config).unwrap();
+    std::fs::remove_file(&config).unwrap();
+    let outcome = lb.reload(&[]);
+    assert_eq!(outcome.code, 78, "{outcome:?}");
+    assert!(
+        outcome
+            .stderr
+            .contains("cannot read the configuration file"),
+        "{outcome:?}"
+    );
+    std::fs::write(&config, kept).unwrap();
+    assert_eq!(lb.pid, pid);
+    assert_eq!(lb.get("/").unwrap().status, 200);
+    // And a reload after all that still works.
+    assert_eq!(lb.reload(&[]).code, 0);
+    assert_eq!(lb.get("/").unwrap().status, 200);
+}
+
 struct KillOnDrop(i32);
 
 impl Drop for KillOnDrop {
