@@ -186,6 +186,24 @@ fn slow_and_idle_clients_are_closed_without_starving_others() {
     );
 }
 
+#[test]
+fn a_thousand_idle_connections_do_not_stop_new_ones() {
+    let backend = Backend::start("a");
+    let lb = Lb::start(listen(), &one_upstream(backend.addr));
+    // Each holds a kept-alive connection after one answered request.
+    let idle: Vec<Client> = (0..1000)
+        .map(|_| {
+            let mut client = Client::connect(lb.listen).unwrap();
+            assert_eq!(client.request("/", &[], false).unwrap().status, 200);
+            client
+        })
+        .collect();
+    for _ in 0..20 {
+        assert_eq!(lb.get("/").unwrap().status, 200);
+    }
+    drop(idle);
+}
+
 /// A backend that keeps connections alive as far as its responses say, but closes each
 /// one `close_after` after answering (as Node, gunicorn and Apache do on their own clock).
 fn closing_backend(close_after: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
