@@ -116,28 +116,45 @@ fn hand_over(
 }
 
 /// SIGQUIT kills a process that does not handle it: a stale pid file or a mistyped `--pid`
-/// must not reach an unrelated process.
+/// must not reach an unrelated process. The program is recognised by its file name, as
+/// started (a symbolic link's name) or as run (`/proc/PID/exe`, " (deleted)" once a package
+/// upgrade replaced it); a process whose name cannot be read is given the benefit of doubt.
 fn check_is_pingora_lb(pid: Pid) -> Result<(), ReloadError> {
-    let program = |cmdline: &[u8]| {
-        let first = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-        Path::new(std::ffi::OsStr::from_bytes(first))
-            .file_name()
-            .map(|name| name.to_os_string())
+    let Some(ours) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.file_name().map(|n| n.to_string_lossy().into_owned()))
+    else {
+        return Ok(());
     };
-    let ours = std::env::current_exe()
+    let started_as = std::fs::read(format!("/proc/{pid}/cmdline"))
         .ok()
-        .and_then(|exe| exe.file_name().map(|n| n.to_os_string()));
-    let theirs = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .and_then(|cmdline| {
+            let first = cmdline
+                .split(|b| *b == 0)
+                .next()
+                .unwrap_or_default()
+                .to_vec();
+            Path::new(std::ffi::OsStr::from_bytes(&first))
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        });
+    let running = std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
-        .and_then(|cmdline| program(&cmdline));
-    match (ours, theirs) {
-        (Some(ours), Some(theirs)) if ours != theirs => Err(ReloadError::Failed(format!(
-            "process {pid} runs {}, not {}; refusing to signal it (check --pid or the pid file)",
-            theirs.to_string_lossy(),
-            ours.to_string_lossy()
-        ))),
-        _ => Ok(()),
+        .and_then(|exe| {
+            exe.file_name().map(|n| {
+                n.to_string_lossy()
+                    .trim_end_matches(" (deleted)")
+                    .to_string()
+            })
+        });
+    let names: Vec<String> = started_as.into_iter().chain(running).collect();
+    if names.is_empty() || names.contains(&ours) {
+        return Ok(());
     }
+    Err(ReloadError::Failed(format!(
+        "process {pid} runs {}, not {ours}; refusing to signal it (check --pid or the pid file)",
+        names[0]
+    )))
 }
 
 /// Without `-c`, the configuration file the running process was started with: a forgotten
