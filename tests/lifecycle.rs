@@ -495,7 +495,8 @@ fn an_unreachable_upgrade_socket_fails_the_reload_and_changes_nothing() {
 #[test]
 fn the_manual_upgrade_works_with_sigquit_first() {
     // pingora's documented flow in the other order: SIGQUIT to the old process, then the
-    // new one started with -u within the retry window.
+    // new one started with -u within the retry window (5 s: a loaded machine needs most
+    // of what is left of it to start the new process).
     let backend = Backend::start("a");
     let mut lb = Lb::start(
         listen(),
@@ -503,7 +504,7 @@ fn the_manual_upgrade_works_with_sigquit_first() {
     );
     let old = lb.pid;
     signal(old, nix::libc::SIGQUIT);
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         lb.get("/").unwrap().status,
         200,
