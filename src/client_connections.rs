@@ -15,27 +15,26 @@ use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
-use pingora::proxy::HttpProxy;
+use pingora::proxy::{HttpProxy, ProxyHttp};
 use pingora::server::ShutdownWatch;
 
 use crate::config::ClientLimits;
-use crate::proxy::LoadBalancer;
 
 /// Put on a connection before each request; pingora hands it to
-/// [LoadBalancer::on_connection_reuse](pingora::proxy::ProxyHttp::on_connection_reuse) as
-/// soon as the request header is parsed, which ends the header deadline.
+/// [ProxyHttp::on_connection_reuse] as soon as the request header is parsed, and the
+/// proxy's implementation sets it, which ends the header deadline.
 pub struct HeaderParsed(pub Arc<AtomicBool>);
 
 /// The proxy's [ServerApp]: HTTP/1 connections here, anything else to pingora's own loop.
-pub struct ClientConnections {
-    proxy: Arc<HttpProxy<LoadBalancer>>,
+pub struct ClientConnections<P> {
+    proxy: Arc<HttpProxy<P>>,
     header_timeout: Duration,
     keepalive_timeout: Duration,
     keepalive_requests: u32,
 }
 
-impl ClientConnections {
-    pub fn new(proxy: HttpProxy<LoadBalancer>, limits: &ClientLimits) -> Self {
+impl<P> ClientConnections<P> {
+    pub fn new(proxy: HttpProxy<P>, limits: &ClientLimits) -> Self {
         ClientConnections {
             proxy: Arc::new(proxy),
             header_timeout: limits.header_timeout.0,
@@ -51,7 +50,11 @@ pub fn keepalive_seconds(timeout: Duration) -> u64 {
 }
 
 #[async_trait]
-impl ServerApp for ClientConnections {
+impl<P> ServerApp for ClientConnections<P>
+where
+    P: ProxyHttp + Send + Sync + 'static,
+    P::CTX: Send + Sync,
+{
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,

@@ -225,8 +225,8 @@ pub struct Upstream {
     #[serde(default)]
     pub sni: Option<String>,
     /// `Host` header sent to this backend instead of the client's.
-    #[serde(default)]
-    pub host: Option<String>,
+    #[serde(default, deserialize_with = "values::host_header")]
+    pub host: Option<http::HeaderValue>,
     /// Verify the backend's certificate chain and name.
     #[serde(default = "defaults::yes")]
     pub verify_cert: bool,
@@ -315,8 +315,8 @@ pub struct HealthCheck {
     )]
     pub expected_status: u16,
     /// `Host` header of HTTP checks; defaults to the backend's `host` or address.
-    #[serde(default)]
-    pub host: Option<String>,
+    #[serde(default, deserialize_with = "values::host_header")]
+    pub host: Option<http::HeaderValue>,
 }
 
 impl Default for HealthCheck {
@@ -536,12 +536,6 @@ impl Config {
                     ),
                 );
             }
-            if upstream.host.as_deref().is_some_and(invalid_host) {
-                return fail(
-                    format!("upstreams[{i}].host"),
-                    "is not a valid Host header value".to_string(),
-                );
-            }
             if !upstream.tls && (upstream.sni.is_some() || upstream.ca_file.is_some()) {
                 return fail(
                     format!("upstreams[{i}].tls"),
@@ -564,12 +558,6 @@ impl Config {
             return fail(
                 "health_check.timeout".to_string(),
                 "must not be longer than health_check.interval".to_string(),
-            );
-        }
-        if self.health_check.host.as_deref().is_some_and(invalid_host) {
-            return fail(
-                "health_check.host".to_string(),
-                "is not a valid Host header value".to_string(),
             );
         }
         if let Err(message) = check_private_parent(&self.upgrade_sock.0) {
@@ -649,10 +637,6 @@ fn read_bounded(path: &Path) -> std::io::Result<String> {
         )));
     }
     Ok(text)
-}
-
-fn invalid_host(host: &str) -> bool {
-    host.is_empty() || http::HeaderValue::from_str(host).is_err()
 }
 
 /// Default values, named so the configuration reference can point at them.
@@ -766,7 +750,7 @@ mod tests {
         assert_eq!(addresses, ["1.1.1.1:443", "1.0.0.1:443"]);
         assert!(config.upstreams.iter().all(|u| u.tls
             && u.effective_sni() == "one.one.one.one"
-            && u.host.as_deref() == Some("one.one.one.one")));
+            && u.host.as_ref().is_some_and(|h| h == "one.one.one.one")));
         assert_eq!(config.selection, Selection::RoundRobin);
         assert_eq!(config.health_check.kind, HealthCheckKind::Tcp);
         assert_eq!(

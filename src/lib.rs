@@ -21,8 +21,10 @@ pub mod lifecycle;
 pub mod listeners;
 /// The error log: stderr, syslog or a file.
 pub mod logging;
-/// Prometheus metrics and the status endpoint.
+/// Prometheus metrics: the handles every other module counts with.
 pub mod metrics;
+/// The metrics listener's `/metrics` and `/status` endpoint.
+pub mod metrics_endpoint;
 /// sd_notify messages to systemd.
 pub mod notify;
 /// Giving up root and capabilities after binding.
@@ -35,11 +37,13 @@ pub mod readiness;
 pub mod reload;
 /// The HTTP/1 request rules checked before a request is forwarded.
 pub mod request_rules;
+/// Requests in flight and draining.
+pub mod traffic;
 /// The pid file and the runtime directory.
 pub mod runtime_files;
 /// The start-up sequence of a serving process.
 pub mod startup;
 /// The socket handoff between an old process and its successor.
 pub mod upgrade;
-/// The backends, their selection and health checks.
+/// The backends, their selection and health.
 pub mod upstreams;

@@ -21,10 +21,11 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::access_log::AccessLog;
 use crate::notify;
-use crate::proxy::Traffic;
 use crate::readiness::Readiness;
 use crate::runtime_files::PidFile;
+use crate::traffic::Traffic;
 use crate::upgrade::{self, Predecessor};
+use crate::upstreams::health::HealthSummary;
 use crate::upstreams::Upstreams;
 
 /// How long responses carry `Connection: close` before accepting stops, so that busy
@@ -60,13 +61,13 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    fn status_line(&self) -> String {
+    fn status_line(&self, health: &HealthSummary) -> String {
         let listening: Vec<&str> = self.sockets.iter().map(|(a, _)| a.as_str()).collect();
         format!(
             "serving on {}; {}/{} backends healthy",
             listening.join(", "),
-            self.upstreams.healthy(),
-            self.upstreams.total()
+            health.healthy,
+            health.total
         )
     }
 
@@ -124,7 +125,9 @@ impl BackgroundService for Announcer {
         let lifecycle = &self.0;
         // Readiness means the first health-check round is done: no request is sent to a
         // backend already known to be down.
-        lifecycle.upstreams.first_health_round().await;
+        let mut health = lifecycle.upstreams.health().subscribe();
+        // The sender lives as long as the upstreams: waiting cannot fail.
+        let _ = health.wait_for(|summary| summary.checked).await;
         let predecessor = lifecycle.predecessor.lock().expect("not poisoned").take();
         let took_over = predecessor.is_some();
         if let Some(predecessor) = predecessor {
@@ -142,7 +145,7 @@ impl BackgroundService for Announcer {
                 warn!("cannot write the pid file: {e}");
             }
         }
-        let status = lifecycle.status_line();
+        let status = lifecycle.status_line(&health.borrow_and_update());
         notify::ready(took_over, &status);
         lifecycle.readiness.lock().expect("not poisoned").ready();
         info!("{status}");
@@ -152,8 +155,8 @@ impl BackgroundService for Announcer {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = lifecycle.upstreams.health_changed.notified() => {
-                    notify::status(&lifecycle.status_line());
+                Ok(()) = health.changed() => {
+                    notify::status(&lifecycle.status_line(&health.borrow_and_update()));
                 }
                 _ = tick.tick(), if watchdog.is_some() => notify::watchdog(),
             }

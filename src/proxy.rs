@@ -2,7 +2,7 @@
 //! Host header, and closes client connections cleanly while the process drains.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,63 +20,17 @@ use crate::client_connections::{keepalive_seconds, HeaderParsed};
 use crate::config::{ClientLimits, Forwarding, HashKey};
 use crate::metrics::Metrics;
 use crate::request_rules;
-use crate::upstreams::Upstreams;
+use crate::traffic::{InFlight, Traffic};
+use crate::upstreams::{BackendId, Destination, Upstreams};
 
 /// How many times one request is sent again over a new connection after a kept-alive one
 /// turned out closed by the backend.
 pub const MAX_STALE_RETRIES: usize = 2;
 
-/// Requests in flight and whether the process is draining; shared with the shutdown path.
-#[derive(Default)]
-pub struct Traffic {
-    in_flight: AtomicUsize,
-    started: AtomicUsize,
-    draining: AtomicBool,
-}
-
-impl Traffic {
-    /// Requests that have started and not finished.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
-    }
-
-    /// Requests started since the process started (wrapping).
-    pub fn started(&self) -> usize {
-        self.started.load(Ordering::Acquire)
-    }
-
-    /// From now on every response closes its connection, so clients reconnect (to the
-    /// new process, after a handoff) instead of finding their idle connection closed.
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
-    }
-
-    fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-}
-
-/// Counts a request as in flight for as long as its context lives.
-pub struct InFlight(Arc<Traffic>);
-
-impl InFlight {
-    fn new(traffic: &Arc<Traffic>) -> Self {
-        traffic.in_flight.fetch_add(1, Ordering::AcqRel);
-        traffic.started.fetch_add(1, Ordering::Release);
-        InFlight(traffic.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Per-request state.
 pub struct RequestContext {
     /// Backends tried so far, the current one last.
-    tried: Vec<SocketAddr>,
+    tried: Vec<BackendId>,
     started: Instant,
     /// When the current backend was chosen.
     upstream_started: Option<Instant>,
@@ -85,7 +39,7 @@ pub struct RequestContext {
     /// Whether this request goes to the access log.
     logged: bool,
     /// How many of the tries so far failed to connect and were reported by
-    /// [LoadBalancer::fail_to_connect].
+    /// [Balancer::fail_to_connect].
     connect_failures_reported: usize,
     /// The next try goes to the backend just tried (its kept-alive connection was stale).
     retry_same_backend: bool,
@@ -95,8 +49,9 @@ pub struct RequestContext {
     _in_flight: InFlight,
 }
 
-/// The load balancer's [ProxyHttp] implementation.
-pub struct LoadBalancer {
+/// The load balancer's [ProxyHttp] implementation: pingora-proxy calls it for every
+/// request.
+pub struct Balancer {
     pub upstreams: Arc<Upstreams>,
     pub retries: usize,
     pub traffic: Arc<Traffic>,
@@ -140,8 +95,15 @@ fn hash_input<'a>(key: &HashKey, session: &'a Session, client_ip: &'a mut [u8; 1
     }
 }
 
+impl Balancer {
+    /// The backend the request went to last.
+    fn chosen(&self, ctx: &RequestContext) -> Option<&Destination> {
+        ctx.tried.last().map(|id| self.upstreams.destination(*id))
+    }
+}
+
 #[async_trait]
-impl ProxyHttp for LoadBalancer {
+impl ProxyHttp for Balancer {
     type CTX = RequestContext;
 
     /// No downstream modules: pingora's default adds a (disabled) compression module that
@@ -222,7 +184,7 @@ impl ProxyHttp for LoadBalancer {
             Some(&last) if same_again => Some(last),
             _ => self.upstreams.select(key, &ctx.tried),
         };
-        let Some(addr) = selected else {
+        let Some(id) = selected else {
             // Like nginx: 503 when no backend is in rotation, 502 (or 504 after a timeout)
             // when those tried failed.
             return if ctx.tried.is_empty() {
@@ -235,13 +197,10 @@ impl ProxyHttp for LoadBalancer {
             };
         };
         if !same_again {
-            ctx.tried.push(addr);
+            ctx.tried.push(id);
         }
         ctx.upstream_started = Some(Instant::now());
-        let route = self.upstreams.route(&addr).ok_or_else(|| {
-            Error::explain(ErrorType::InternalError, "selected an unknown backend")
-        })?;
-        Ok(Box::new(route.peer.clone()))
+        Ok(Box::new(self.upstreams.destination(id).peer.clone()))
     }
 
     async fn upstream_request_filter(
@@ -257,12 +216,7 @@ impl ProxyHttp for LoadBalancer {
                 .map(|a| a.ip());
             self.forwarding.apply(client, upstream_request)?;
         }
-        let host = ctx
-            .tried
-            .last()
-            .and_then(|addr| self.upstreams.route(addr))
-            .and_then(|route| route.host.clone());
-        if let Some(host) = host {
+        if let Some(host) = self.chosen(ctx).and_then(|d| d.host.clone()) {
             upstream_request.insert_header(http::header::HOST, host)?;
         }
         Ok(())
@@ -300,8 +254,8 @@ impl ProxyHttp for LoadBalancer {
         ctx: &mut RequestContext,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let Some(route) = ctx.tried.last().and_then(|addr| self.upstreams.route(addr)) {
-            route.metrics.connect_failed();
+        if let Some(destination) = self.chosen(ctx) {
+            destination.metrics.connect_failed();
         }
         ctx.failure_status = upstream_failure_status(&e);
         if ctx.tried.len() <= self.retries {
@@ -415,11 +369,12 @@ impl ProxyHttp for LoadBalancer {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestContext) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let total = ctx.started.elapsed();
-        let route = ctx.tried.last().and_then(|addr| self.upstreams.route(addr));
+        let destination = self.chosen(ctx);
         // 0: the client went away before any response.
         if status != 0 {
+            let metrics = destination.map(|d| &d.metrics);
             self.metrics
-                .request_done(route.map(|r| &r.metrics), status, total, ctx.upstream_time);
+                .request_done(metrics, status, total, ctx.upstream_time);
         }
         if !ctx.logged {
             return;
@@ -451,7 +406,7 @@ impl ProxyHttp for LoadBalancer {
             bytes: session.body_bytes_sent(),
             referer: header(http::header::REFERER),
             user_agent: header(http::header::USER_AGENT),
-            upstream: route.map(|r| r.name.clone()),
+            upstream: destination.map(|d| d.name().to_string()),
             total,
             upstream_time: ctx.upstream_time,
             retries: ctx.tried.len().saturating_sub(1),

@@ -24,14 +24,15 @@ use crate::config::{Config, ListenAddress};
 use crate::lifecycle::{Announcer, Lifecycle, Signals};
 use crate::listeners::ListeningSockets;
 use crate::logging;
-use crate::metrics::{Metrics, MetricsEndpoint};
+use crate::metrics::Metrics;
+use crate::metrics_endpoint::MetricsEndpoint;
 use crate::privileges::{drop_privileges, Identity};
-use crate::proxy::{LoadBalancer, Traffic, MAX_STALE_RETRIES};
+use crate::proxy::{Balancer, MAX_STALE_RETRIES};
 use crate::readiness::Readiness;
 use crate::runtime_files::{prepare_parent, PidFile};
+use crate::traffic::Traffic;
 use crate::upgrade::HandoffSocket;
-use crate::upstreams::health::HealthChecks;
-use crate::upstreams::Upstreams;
+use crate::upstreams::{HealthChecks, Upstreams};
 
 /// Why the process could not start.
 pub type StartError = Box<dyn std::error::Error>;
@@ -190,7 +191,7 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
     });
     let balancer = pingora::proxy::http_proxy(
         &server.configuration,
-        LoadBalancer {
+        Balancer {
             upstreams: upstreams.clone(),
             retries: config.retries,
             traffic: traffic.clone(),

@@ -137,6 +137,19 @@ pub(super) fn http_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Er
     }
 }
 
+/// A `Host` header value, checked (and converted) once when the configuration is read.
+pub(super) fn host_header<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<http::HeaderValue>, D::Error> {
+    let host = String::deserialize(d)?;
+    match http::HeaderValue::from_str(&host) {
+        Ok(value) if !host.is_empty() => Ok(Some(value)),
+        _ => Err(D::Error::custom(format!(
+            "{host:?} is not a valid Host header value"
+        ))),
+    }
+}
+
 /// A list that must hold at least one entry and at most `MAX`.
 #[derive(Debug, Clone)]
 pub struct NonEmpty<T, const MAX: usize>(Vec<T>);

@@ -1,12 +1,16 @@
-//! Active health checks: each backend is probed the way it is reached (its own TLS, SNI and
-//! CA settings), by a TCP connection or an HTTP request, with the configured rise/fall
-//! thresholds.
+//! Backend health: active checks, each backend probed the way it is reached (its own TLS,
+//! SNI and CA settings), by a TCP connection or an HTTP request, with the configured
+//! rise/fall thresholds; and the health state every other part reads, which this module
+//! alone changes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
+use http::HeaderValue;
 use pingora::connectors::TransportConnector;
 use pingora::http::RequestHeader;
 use pingora::lb::health_check::HealthCheck;
@@ -14,33 +18,137 @@ use pingora::lb::Backend;
 use pingora::protocols::http::v1::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
-use super::{Route, Upstreams};
-use crate::config::{Config, HealthCheckKind};
-use crate::metrics::BackendState;
+use crate::config::{self, HealthCheckKind};
+use crate::metrics::HealthMetrics;
 
-/// The background service that runs the health-check rounds, one at a time, every interval.
-pub struct HealthChecks {
-    pub upstreams: Arc<Upstreams>,
-    pub interval: std::time::Duration,
+/// What a backend's last health probe found.
+#[derive(Clone)]
+pub struct CheckRecord {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub at: SystemTime,
 }
 
-#[async_trait]
-impl pingora::services::background::BackgroundService for HealthChecks {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = self.upstreams.check_health_once() => {}
-            }
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(self.interval) => {}
-            }
+/// The health of one backend, as the selector, the status endpoint and metrics see it.
+pub struct BackendState {
+    /// The address as configured.
+    pub name: String,
+    pub weight: usize,
+    healthy: AtomicBool,
+    last_check: Mutex<Option<CheckRecord>>,
+    metrics: HealthMetrics,
+}
+
+impl BackendState {
+    /// A backend starts healthy, as pingora's do.
+    pub fn new(name: String, weight: usize, metrics: HealthMetrics) -> BackendState {
+        BackendState {
+            name,
+            weight,
+            healthy: AtomicBool::new(true),
+            last_check: Mutex::new(None),
+            metrics,
         }
     }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The outcome of the last probe, if any ran.
+    pub fn last_check(&self) -> Option<CheckRecord> {
+        self.last_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+        self.metrics.transition(healthy);
+    }
+
+    fn record_check(&self, error: Option<String>) {
+        *self.last_check.lock().unwrap_or_else(|p| p.into_inner()) = Some(CheckRecord {
+            ok: error.is_none(),
+            error,
+            at: SystemTime::now(),
+        });
+    }
 }
+
+/// What the health checks have found so far: readiness waits for the first round, and
+/// systemd's status line follows every transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthSummary {
+    /// The first round of checks is done.
+    pub checked: bool,
+    pub healthy: usize,
+    pub total: usize,
+}
+
+/// The health state of every backend of the pool, and one channel that says when it
+/// changed. A `watch` keeps the latest summary, so a change that happens while no one
+/// waits is still seen by the next wait.
+pub struct HealthWatch {
+    /// In configuration order.
+    states: Vec<Arc<BackendState>>,
+    summary: watch::Sender<HealthSummary>,
+}
+
+impl HealthWatch {
+    pub fn new(states: Vec<Arc<BackendState>>) -> HealthWatch {
+        let summary = HealthSummary {
+            checked: false,
+            healthy: states.iter().filter(|s| s.healthy()).count(),
+            total: states.len(),
+        };
+        HealthWatch {
+            states,
+            summary: watch::Sender::new(summary),
+        }
+    }
+
+    /// Every backend's state, in configuration order.
+    pub fn states(&self) -> impl Iterator<Item = &BackendState> {
+        self.states.iter().map(|s| &**s)
+    }
+
+    /// The summary now, and its later changes.
+    pub fn subscribe(&self) -> watch::Receiver<HealthSummary> {
+        self.summary.subscribe()
+    }
+
+    /// A round of checks is done.
+    pub fn round_done(&self) {
+        self.update(|summary| summary.checked = true);
+    }
+
+    fn backend_changed(&self) {
+        let healthy = self.states().filter(|s| s.healthy()).count();
+        self.update(|summary| summary.healthy = healthy);
+    }
+
+    fn update(&self, change: impl FnOnce(&mut HealthSummary)) {
+        self.summary.send_if_modified(|summary| {
+            let before = *summary;
+            change(summary);
+            before != *summary
+        });
+    }
+}
+
+/// A backend as the health checks see it: how requests reach it, and its state.
+pub struct Target<'a> {
+    pub addr: SocketAddr,
+    pub peer: &'a HttpPeer,
+    /// The `Host` header requests to it carry, if overridden.
+    pub host: Option<&'a HeaderValue>,
+    pub state: Arc<BackendState>,
+}
+
 
 /// The health check of the whole pool: each backend probed the way requests reach it,
 /// behind the pool-wide thresholds.
@@ -52,7 +160,7 @@ pub struct BackendHealth {
     connector: TransportConnector,
     rise: usize,
     fall: usize,
-    changed: Arc<Notify>,
+    watch: Arc<HealthWatch>,
 }
 
 /// How one backend is checked, and where the result goes.
@@ -76,34 +184,34 @@ enum Check {
 impl BackendHealth {
     /// `None` when health checks are disabled (`kind: none`).
     pub fn build(
-        config: &Config,
-        routes: &HashMap<SocketAddr, Route>,
-        changed: Arc<Notify>,
+        settings: &config::HealthCheck,
+        targets: Vec<Target<'_>>,
+        watch: Arc<HealthWatch>,
     ) -> Option<BackendHealth> {
-        let settings = &config.health_check;
         let sends_request = match settings.kind {
             HealthCheckKind::None => return None,
             HealthCheckKind::Tcp => false,
             HealthCheckKind::Http => true,
         };
-        let probes = routes
-            .iter()
-            .map(|(addr, route)| {
-                let mut peer = route.peer.clone();
-                peer.options.connection_timeout = Some(settings.timeout.0);
-                peer.options.total_connection_timeout = Some(settings.timeout.0);
-                peer.options.read_timeout = Some(settings.timeout.0);
-                peer.options.write_timeout = Some(settings.timeout.0);
+        let probes = targets
+            .into_iter()
+            .map(|target| {
+                let mut peer = target.peer.clone();
+                let timeout = Some(settings.timeout.0);
+                peer.options.connection_timeout = timeout;
+                peer.options.total_connection_timeout = timeout;
+                peer.options.read_timeout = timeout;
+                peer.options.write_timeout = timeout;
                 let check = if sends_request {
                     Check::Request {
-                        request: Box::new(health_request(config, route)),
+                        request: Box::new(health_request(settings, &target)),
                         expected_status: settings.expected_status,
                     }
                 } else {
                     Check::Connect
                 };
-                let state = route.state.clone();
-                (*addr, Probe { peer, check, state })
+                let state = target.state;
+                (target.addr, Probe { peer, check, state })
             })
             .collect();
         Some(BackendHealth {
@@ -111,29 +219,26 @@ impl BackendHealth {
             connector: TransportConnector::new(None),
             rise: settings.rise,
             fall: settings.fall,
-            changed,
+            watch,
         })
     }
 }
 
 /// `GET {path}` with the configured Host, else the backend's Host override, else its address.
-fn health_request(config: &Config, route: &Route) -> RequestHeader {
-    let settings = &config.health_check;
+fn health_request(settings: &config::HealthCheck, target: &Target<'_>) -> RequestHeader {
     let host = settings
         .host
-        .clone()
-        .or_else(|| {
-            route
-                .host
-                .as_ref()
-                .and_then(|h| h.to_str().ok().map(String::from))
-        })
-        .unwrap_or_else(|| route.name.clone());
+        .as_ref()
+        .or(target.host)
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&target.state.name).expect("an address is a valid header value")
+        });
     let mut request = RequestHeader::build("GET", settings.path.as_bytes(), None)
         .expect("the path was validated with the configuration");
     request
         .insert_header(http::header::HOST, host)
-        .expect("a host name is a valid header value");
+        .expect("a header value is valid");
     request
 }
 
@@ -195,7 +300,7 @@ impl HealthCheck for BackendHealth {
         if let Ok(probe) = self.probe(target) {
             probe.state.set_healthy(healthy);
         }
-        self.changed.notify_waiters();
+        self.watch.backend_changed();
     }
 
     /// pingora logs each transition once, as "{summary} becomes (un)healthy".
