@@ -37,7 +37,7 @@
     KillMode = "control-group";
     Restart = "on-failure";
     RestartSec = "2s";
-    RestartPreventExitStatus = 78;
+    RestartPreventExitStatus = "78 77 67";
     LimitNOFILE = 1048576;
 
     RuntimeDirectory = "pingora-lb";

@@ -14,10 +14,10 @@ use serde::Deserialize;
 
 use crate::runtime_files::check_private_parent;
 
-pub use error::{ConfigError, EXIT_CONFIG};
+pub use error::ConfigError;
 pub use values::{
-    AbsolutePath, CaFile, Cidr, HashKey, HumanDuration, ListenAddress, LogLevel, NonEmpty,
-    SyslogFacility, UpstreamAddress, Weight,
+    AbsolutePath, AccessLogDestination, CaFile, Cidr, ErrorLog, HashKey, HumanDuration,
+    ListenAddress, LogLevel, NonEmpty, SyslogFacility, UpstreamAddress, Weight,
 };
 
 /// The configuration the binary runs when no `-c` is given: the pingora quickstart's
@@ -144,18 +144,6 @@ pub struct Forwarding {
     /// replaced, so a client cannot pose as another.
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
-}
-
-/// Where access log lines go.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum AccessLogDestination {
-    /// No access log.
-    #[default]
-    Off,
-    /// The local syslog socket.
-    Syslog,
-    /// A file, reopened on SIGHUP.
-    File(PathBuf),
 }
 
 /// Format of access log lines.
@@ -420,18 +408,6 @@ impl Default for ClientLimits {
     }
 }
 
-/// Destination of the error log.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum ErrorLog {
-    /// Standard error (the journal, under systemd).
-    #[default]
-    Stderr,
-    /// The local syslog socket.
-    Syslog,
-    /// A file, appended to and reopened on SIGHUP.
-    File(PathBuf),
-}
-
 /// Syslog settings for the error log.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -493,88 +469,110 @@ impl Config {
 
     /// Checks that span several keys, which serde cannot express per field.
     fn check_consistency(&self, name: &str, text: &str) -> Result<(), ConfigError> {
-        let fail =
-            |key: String, message: String| Err(ConfigError::at_key(name, text, key, message));
+        self.check_listeners()
+            .and_then(|()| self.check_upstreams())
+            .and_then(|()| self.check_health_check())
+            .and_then(|()| self.check_process())
+            .map_err(|(key, message)| ConfigError::at_key(name, text, key, message))
+    }
+
+    fn check_listeners(&self) -> Result<(), Inconsistency> {
         if let Some(metrics) = &self.metrics {
             if self.listeners.contains(&metrics.listen) {
-                return fail(
+                return Err((
                     "metrics.listen".to_string(),
                     format!(
                         "{} is also a proxy listener; give the metrics endpoint its own port",
                         metrics.listen
                     ),
-                );
+                ));
             }
         }
         let mut seen = std::collections::HashSet::new();
-        for (i, listener) in self.listeners.iter().enumerate() {
-            if !seen.insert(listener) {
-                return fail(
-                    format!("listeners[{i}]"),
-                    format!("{listener} is listed twice; each listening address may appear once"),
-                );
-            }
+        match self
+            .listeners
+            .iter()
+            .enumerate()
+            .find(|(_, l)| !seen.insert(*l))
+        {
+            Some((i, listener)) => Err((
+                format!("listeners[{i}]"),
+                format!("{listener} is listed twice; each listening address may appear once"),
+            )),
+            None => Ok(()),
         }
+    }
+
+    fn check_upstreams(&self) -> Result<(), Inconsistency> {
         let mut seen = std::collections::HashSet::new();
         for (i, upstream) in self.upstreams.iter().enumerate() {
             if !seen.insert(&upstream.address) {
-                return fail(
+                return Err((
                     format!("upstreams[{i}].address"),
                     format!(
                         "{} is listed twice; give it a larger weight instead",
                         upstream.address
                     ),
-                );
+                ));
             }
             if upstream.tls && upstream.verify_cert && upstream.effective_sni().is_empty() {
-                return fail(
+                return Err((
                     format!("upstreams[{i}].sni"),
                     format!(
                         "{} is an IP address with tls on: set `sni` to the name its certificate \
                          is issued for (or `verify_cert: false` to skip verification)",
                         upstream.address
                     ),
-                );
+                ));
             }
             if !upstream.tls && (upstream.sni.is_some() || upstream.ca_file.is_some()) {
-                return fail(
+                return Err((
                     format!("upstreams[{i}].tls"),
                     "`sni` and `ca_file` only apply with `tls: true`".to_string(),
-                );
+                ));
             }
         }
-        if self.health_check.interval.0 < MIN_HEALTH_INTERVAL {
-            return fail(
+        Ok(())
+    }
+
+    fn check_health_check(&self) -> Result<(), Inconsistency> {
+        let check = &self.health_check;
+        if check.interval.0 < MIN_HEALTH_INTERVAL {
+            return Err((
                 "health_check.interval".to_string(),
                 format!(
                     "must be at least {}ms: probing more often only loads the backends",
                     MIN_HEALTH_INTERVAL.as_millis()
                 ),
-            );
+            ));
         }
-        if self.health_check.kind == HealthCheckKind::Http
-            && self.health_check.timeout.0 > self.health_check.interval.0
-        {
-            return fail(
+        if check.kind == HealthCheckKind::Http && check.timeout.0 > check.interval.0 {
+            return Err((
                 "health_check.timeout".to_string(),
                 "must not be longer than health_check.interval".to_string(),
-            );
+            ));
         }
-        if let Err(message) = check_private_parent(&self.upgrade_sock.0) {
-            return fail("upgrade_sock".to_string(), message);
-        }
-        if let Some(Err(message)) = self.pid_file.as_ref().map(|p| check_private_parent(&p.0)) {
-            return fail("pid_file".to_string(), message);
+        Ok(())
+    }
+
+    /// The runtime files and the account the process runs as.
+    fn check_process(&self) -> Result<(), Inconsistency> {
+        check_private_parent(&self.upgrade_sock.0).map_err(|m| ("upgrade_sock".to_string(), m))?;
+        if let Some(pid_file) = &self.pid_file {
+            check_private_parent(&pid_file.0).map_err(|m| ("pid_file".to_string(), m))?;
         }
         if self.user.is_none() && self.group.is_some() {
-            return fail(
+            return Err((
                 "group".to_string(),
                 "`group` needs `user` as well".to_string(),
-            );
+            ));
         }
         Ok(())
     }
 }
+
+/// A key and what is wrong with it in the light of other keys.
+type Inconsistency = (String, String);
 
 /// The deepest nesting of flow collections (`[`, `{`) accepted. The YAML parser's time
 /// grows with the square of that depth (a 40,000-deep file took 8 s): refuse it first.

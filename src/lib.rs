@@ -13,6 +13,8 @@ pub mod cli;
 pub mod client_connections;
 /// The YAML configuration and its validation.
 pub mod config;
+/// Exit statuses (sysexits.h).
+pub mod exit_codes;
 /// X-Forwarded-* and Forwarded headers.
 pub mod forwarding;
 /// The process's life after start-up: readiness, signals, handoff, draining.
@@ -37,12 +39,14 @@ pub mod readiness;
 pub mod reload;
 /// The HTTP/1 request rules checked before a request is forwarded.
 pub mod request_rules;
-/// Requests in flight and draining.
-pub mod traffic;
 /// The pid file and the runtime directory.
 pub mod runtime_files;
 /// The start-up sequence of a serving process.
 pub mod startup;
+/// The few system calls no safe crate wraps: the only `unsafe` code.
+pub mod system;
+/// Requests in flight and draining.
+pub mod traffic;
 /// The socket handoff between an old process and its successor.
 pub mod upgrade;
 /// The backends, their selection and health.

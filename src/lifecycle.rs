@@ -36,10 +36,9 @@ const DRAIN_WINDOW: Duration = Duration::from_millis(1000);
 /// would kill a process that is still starting (a reload racing a start, a logrotate).
 /// Call first thing in `main`.
 pub fn ignore_signals_until_ready() {
-    use nix::sys::signal::{signal as set_disposition, SigHandler, Signal};
-    for sig in [Signal::SIGQUIT, Signal::SIGHUP] {
-        // SAFETY: SIG_IGN installs no handler code.
-        let _ = unsafe { set_disposition(sig, SigHandler::SigIgn) };
+    use nix::sys::signal::Signal;
+    for signal in [Signal::SIGQUIT, Signal::SIGHUP] {
+        let _ = crate::system::ignore_signal(signal);
     }
 }
 

@@ -14,35 +14,26 @@ use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 use crate::config::ListenAddress;
 
 /// A listening address that cannot be bound.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address} (key `{key}`): {source}{}", hint(.source))]
 pub struct BindError {
     /// The configuration key of the address, such as `listeners[1]`.
     pub key: String,
     pub address: ListenAddress,
-    pub error: std::io::Error,
+    pub source: std::io::Error,
 }
 
-impl std::fmt::Display for BindError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "cannot listen on {} (key `{}`): {}",
-            self.address, self.key, self.error
-        )?;
-        match self.error.kind() {
-            std::io::ErrorKind::AddrInUse => write!(f, "; another process holds this port"),
-            std::io::ErrorKind::PermissionDenied => {
-                write!(f, "; ports below 1024 need root or CAP_NET_BIND_SERVICE")
-            }
-            std::io::ErrorKind::AddrNotAvailable => {
-                write!(f, "; no interface of this machine has that address")
-            }
-            _ => Ok(()),
+/// What the operator can do about a bind failure.
+fn hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => "; another process holds this port",
+        std::io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
         }
+        std::io::ErrorKind::AddrNotAvailable => "; no interface of this machine has that address",
+        _ => "",
     }
 }
-
-impl std::error::Error for BindError {}
 
 /// The process's listening sockets, keyed by the address string pingora is given.
 pub struct ListeningSockets {
@@ -61,10 +52,10 @@ impl ListeningSockets {
             let key = address.to_string();
             let fd = match inherited.remove(&key) {
                 Some(fd) => fd,
-                None => bind(address).map_err(|error| BindError {
+                None => bind(address).map_err(|source| BindError {
                     key: config_key.clone(),
                     address: *address,
-                    error,
+                    source,
                 })?,
             };
             sockets.push((key, fd));
@@ -126,24 +117,8 @@ fn bind(address: &ListenAddress) -> std::io::Result<OwnedFd> {
 /// drops the connections still waiting for a request; with this option none of those is a
 /// connection whose request is already on its way.
 fn defer_accept(listener: &TcpListener) -> std::io::Result<()> {
-    use nix::libc;
     // Seconds a silent connection may wait before it is accepted all the same.
-    let seconds: libc::c_int = 10;
-    // SAFETY: a valid socket, and an option value of the size given.
-    let result = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&seconds as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::system::set_defer_accept(listener, 10)
 }
 
 struct WithListeningSockets {

@@ -1,45 +1,50 @@
 //! The `pingora-lb` binary: dispatches the command line.
 
+use std::process::ExitCode;
+
 use clap::Parser;
 
 use pingora_lb::cli::{Cli, Command};
-use pingora_lb::config::{Config, ConfigError, EXIT_CONFIG};
-use pingora_lb::{allocator, lifecycle, reload, startup};
+use pingora_lb::config::{Config, SEED_CONFIG_NAME};
+use pingora_lb::{allocator, exit_codes, lifecycle, logging, reload, startup};
 
-fn main() {
+fn main() -> ExitCode {
     allocator::disable_transparent_huge_pages();
     report_panics_in_one_line();
     lifecycle::ignore_signals_until_ready();
     let cli = Cli::parse();
     if let Some(Command::Reload { conf, pid, timeout }) = &cli.command {
         let timeout = std::time::Duration::from_secs(*timeout);
-        match reload::reload(conf.as_deref(), *pid, timeout) {
-            Ok(pid) => println!("pingora-lb: reloaded; process {pid} serves"),
-            Err(e @ reload::ReloadError::Config(_)) => fail(EXIT_CONFIG, &e),
-            Err(e) => fail(1, &format!("reload failed: {e}")),
-        }
-        return;
+        return match reload::reload(conf.as_deref(), *pid, timeout) {
+            Ok(pid) => {
+                println!("pingora-lb: reloaded; process {pid} serves");
+                ExitCode::SUCCESS
+            }
+            Err(e @ reload::ReloadError::Config(_)) => fail(e.exit_code(), &e),
+            Err(e) => fail(e.exit_code(), &format!("reload failed: {e}")),
+        };
     }
-    let config = Config::load_or_seed(cli.conf.as_deref())
-        .unwrap_or_else(|e: ConfigError| fail(EXIT_CONFIG, &format!("configuration error: {e}")));
+    let config = match Config::load_or_seed(cli.conf.as_deref()) {
+        Ok(config) => config,
+        Err(e) => return fail(exit_codes::CONFIG, &format!("configuration error: {e}")),
+    };
     if cli.test {
         let name = cli
             .conf
             .as_ref()
-            .map_or(pingora_lb::config::SEED_CONFIG_NAME.into(), |c| {
-                c.display().to_string()
-            });
+            .map_or(SEED_CONFIG_NAME.into(), |c| c.display().to_string());
         println!("pingora-lb: configuration {name} is valid");
-        return;
+        return ExitCode::SUCCESS;
     }
-    if let Err(e) = startup::serve(&cli, config) {
-        fail(1, &e);
+    match startup::serve(&cli, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e.exit_code(), &e),
     }
 }
 
-fn fail(code: i32, message: &dyn std::fmt::Display) -> ! {
+fn fail(code: u8, message: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("pingora-lb: {message}");
-    std::process::exit(code)
+    ExitCode::from(code)
 }
 
 /// A bug must still reach the operator as one line that says where, in the error log and
@@ -47,7 +52,7 @@ fn fail(code: i32, message: &dyn std::fmt::Display) -> ! {
 fn report_panics_in_one_line() {
     std::panic::set_hook(Box::new(|info| {
         let message = format!("internal error, please report it: {info}").replace('\n', " ");
-        if !pingora_lb::logging::goes_to_stderr() {
+        if !logging::goes_to_stderr() {
             log::error!("{message}");
         }
         eprintln!("pingora-lb: {message}");

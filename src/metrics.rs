@@ -124,6 +124,25 @@ impl Registrar {
     }
 }
 
+impl Registrar {
+    /// Metrics set once: when the process started, and its version.
+    fn process_info(&self) {
+        let start = SystemTime::now().duration_since(UNIX_EPOCH);
+        self.add(Gauge::new(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch.",
+        ))
+        .set(start.unwrap_or_default().as_secs_f64());
+        self.gauges(
+            "pingora_lb_build_info",
+            "Always 1; labelled with the version.",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    }
+}
+
 impl Metrics {
     /// Registers every metric; `generation` counts this process among its reload chain.
     pub fn new(generation: u64) -> Metrics {
@@ -189,23 +208,7 @@ impl Metrics {
             registry: r.0.clone(),
         };
         metrics.generation.set(generation as i64);
-        r.add(Gauge::new(
-            "process_start_time_seconds",
-            "Start time of the process since the Unix epoch.",
-        ))
-        .set(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64(),
-        );
-        r.gauges(
-            "pingora_lb_build_info",
-            "Always 1; labelled with the version.",
-            &["version"],
-        )
-        .with_label_values(&[env!("CARGO_PKG_VERSION")])
-        .set(1);
+        r.process_info();
         metrics
     }
 

@@ -7,6 +7,7 @@ use log::info;
 use nix::unistd::{Gid, Group, Uid, User};
 
 use crate::config::Config;
+use crate::exit_codes;
 
 /// Account a root process switches to when `user` is not configured, as nginx's workers do.
 const FALLBACK_USER: &str = "nobody";
@@ -20,16 +21,35 @@ pub struct Identity {
 }
 
 /// Why the process cannot become what the configuration asks for.
-#[derive(Debug)]
-pub struct PrivilegeError(pub String);
-
-impl std::fmt::Display for PrivilegeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("key `user`: cannot switch to user {0:?}: the process was not started as root")]
+    NotRoot(String),
+    #[error("key `{key}`: no {key} {name:?} exists on this system")]
+    NoSuchAccount { key: &'static str, name: String },
+    #[error("key `{key}`: cannot look up {key} {name:?}: {source}")]
+    Lookup {
+        key: &'static str,
+        name: String,
+        source: nix::Error,
+    },
+    #[error("cannot drop privileges: {step}: {source}")]
+    Drop {
+        step: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
-impl std::error::Error for PrivilegeError {}
+impl PrivilegeError {
+    /// The process's exit status for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            PrivilegeError::NotRoot(_) => exit_codes::NO_PERMISSION,
+            PrivilegeError::NoSuchAccount { .. } => exit_codes::NO_USER,
+            PrivilegeError::Lookup { .. } | PrivilegeError::Drop { .. } => exit_codes::OS_ERROR,
+        }
+    }
+}
 
 impl Identity {
     /// Decides, before anything is bound, whom to switch to: `None` means staying who we
@@ -48,34 +68,15 @@ impl Identity {
                 return if me.as_ref().is_some_and(|me| &me.name == user) {
                     Ok(None)
                 } else {
-                    Err(PrivilegeError(format!(
-                        "key `user`: cannot switch to user {user:?}: the process was not started as root"
-                    )))
+                    Err(PrivilegeError::NotRoot(user.clone()))
                 };
             }
             (None, false) => return Ok(None),
         };
-        let user = User::from_name(&name)
-            .map_err(|e| PrivilegeError(format!("key `user`: cannot look up user {name:?}: {e}")))?
-            .ok_or_else(|| {
-                PrivilegeError(format!(
-                    "key `user`: no user {name:?} exists on this system"
-                ))
-            })?;
+        let user = account("user", &name, User::from_name(&name))?;
         let gid = match &config.group {
             None => user.gid,
-            Some(group) => {
-                Group::from_name(group)
-                    .map_err(|e| {
-                        PrivilegeError(format!("key `group`: cannot look up group {group:?}: {e}"))
-                    })?
-                    .ok_or_else(|| {
-                        PrivilegeError(format!(
-                            "key `group`: no group {group:?} exists on this system"
-                        ))
-                    })?
-                    .gid
-            }
+            Some(group) => account("group", group, Group::from_name(group))?.gid,
         };
         if config.user.is_none() {
             info!("started as root with no `user` configured: switching to {name:?}");
@@ -88,29 +89,48 @@ impl Identity {
     }
 }
 
+/// The user or group an account lookup found, or why there is none.
+fn account<T>(
+    key: &'static str,
+    name: &str,
+    found: nix::Result<Option<T>>,
+) -> Result<T, PrivilegeError> {
+    let name = name.to_string();
+    match found {
+        Ok(Some(account)) => Ok(account),
+        Ok(None) => Err(PrivilegeError::NoSuchAccount { key, name }),
+        Err(source) => Err(PrivilegeError::Lookup { key, name, source }),
+    }
+}
+
 /// Switches to `identity` (if any), then clears every capability and sets no_new_privs.
 /// Must run before any thread is started, so that every thread inherits the result.
 pub fn drop_privileges(identity: Option<&Identity>) -> Result<(), PrivilegeError> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        PrivilegeError(format!("cannot drop privileges: {what}: {e}"))
-    };
+    fn fail<E: std::error::Error + Send + Sync + 'static>(
+        step: &'static str,
+    ) -> impl FnOnce(E) -> PrivilegeError {
+        move |e| PrivilegeError::Drop {
+            step,
+            source: Box::new(e),
+        }
+    }
     let staying_root = identity.is_none() && Uid::effective().is_root();
     if staying_root {
         return Ok(());
     }
     if let Some(identity) = identity {
         // Clearing the bounding set needs CAP_SETPCAP, which only root still has here.
-        caps::clear(None, CapSet::Bounding).map_err(|e| fail("bounding set", &e))?;
-        nix::unistd::setgroups(&[identity.gid]).map_err(|e| fail("setgroups", &e))?;
-        nix::unistd::setgid(identity.gid).map_err(|e| fail("setgid", &e))?;
-        nix::unistd::setuid(identity.uid).map_err(|e| fail("setuid", &e))?;
+        caps::clear(None, CapSet::Bounding).map_err(fail("bounding set"))?;
+        nix::unistd::setgroups(&[identity.gid]).map_err(fail("setgroups"))?;
+        nix::unistd::setgid(identity.gid).map_err(fail("setgid"))?;
+        nix::unistd::setuid(identity.uid).map_err(fail("setuid"))?;
     }
     for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
-        caps::clear(None, set).map_err(|e| fail("capabilities", &e))?;
+        caps::clear(None, set).map_err(fail("capabilities"))?;
     }
     // Kernels without ambient capabilities have none to clear.
     let _ = caps::clear(None, CapSet::Ambient);
-    nix::sys::prctl::set_no_new_privs().map_err(|e| fail("no_new_privs", &e))?;
+    nix::sys::prctl::set_no_new_privs().map_err(fail("no_new_privs"))?;
     if let Some(identity) = identity {
         info!(
             "now running as user {} (uid {}, gid {}) without capabilities",

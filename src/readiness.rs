@@ -10,10 +10,12 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd};
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::system;
 
 /// Environment variable naming the inherited pipe descriptor to report on.
 pub const READY_FD_ENV: &str = "PINGORA_LB_READY_FD";
@@ -48,8 +50,9 @@ impl Readiness {
         {
             // Children of this process must not inherit the variable.
             std::env::remove_var(READY_FD_ENV);
-            // SAFETY: the reload command made this descriptor for us and nothing else owns it.
-            let pipe = unsafe { File::from_raw_fd(fd) };
+            let Some(pipe) = system::adopt_inherited_descriptor(fd) else {
+                return readiness;
+            };
             let _ = nix::fcntl::fcntl(
                 &pipe,
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
@@ -60,20 +63,19 @@ impl Readiness {
     }
 
     /// Forks into the background. The parent waits for the child's `ready` and exits 0, or
-    /// exits 1 if the child fails first (its error is already on the shared stderr).
-    /// Must run before any thread is started.
+    /// exits with the child's status if the child fails first (its error is already on the
+    /// shared stderr). Must run before any thread is started.
     pub fn daemonize(&mut self) -> std::io::Result<()> {
         let (reader, writer) = nix::unistd::pipe()?;
-        // SAFETY: no other thread exists yet (see above), so the child is a complete copy.
-        match unsafe { nix::unistd::fork() }? {
-            nix::unistd::ForkResult::Parent { .. } => {
+        match system::fork_single_threaded()? {
+            nix::unistd::ForkResult::Parent { child } => {
                 drop(writer);
                 let mut reader = File::from(reader);
                 let code = loop {
                     match read_report(&mut reader, None) {
                         Report::Ready => break 0,
                         Report::Listening(_) => continue,
-                        Report::Failed(_) | Report::TimedOut => break 1,
+                        Report::Failed(_) | Report::TimedOut => break exit_status(child),
                     }
                 };
                 std::process::exit(code);
@@ -124,6 +126,14 @@ impl Readiness {
         for pipe in &mut self.pipes {
             let _ = pipe.write_all(line.as_bytes());
         }
+    }
+}
+
+/// The exit status of a child that failed to start; 1 if it ended otherwise.
+fn exit_status(child: nix::unistd::Pid) -> i32 {
+    match nix::sys::wait::waitpid(child, None) {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => code,
+        _ => 1,
     }
 }
 

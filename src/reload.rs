@@ -12,31 +12,68 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::{ForkResult, Pid};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::exit_codes;
 use crate::readiness::{read_report, Report, READY_FD_ENV};
 use crate::runtime_files::read_pid;
+use crate::system::{exit_forked_child, fork_single_threaded};
 
 /// Why a reload did not happen. The running process keeps serving in every case.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    /// The new configuration is invalid (exit status 78).
-    Config(crate::config::ConfigError),
-    /// Anything else (exit status 1).
-    Failed(String),
+    #[error("configuration error: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot tell which process runs: {0}; give --pid")]
+    PidFile(std::io::Error),
+    #[error("cannot tell which process runs: give --pid, or set pid_file")]
+    NoPid,
+    #[error("process {pid} is not running ({source}); nothing to reload")]
+    NotRunning { pid: Pid, source: nix::Error },
+    #[error("process {pid} runs {name}, not {ours}; refusing to signal it (check --pid or the pid file)")]
+    NotPingoraLb {
+        pid: Pid,
+        name: String,
+        ours: String,
+    },
+    #[error("cannot tell which configuration process {pid} runs ({source}); give -c")]
+    UnknownConfiguration { pid: i32, source: std::io::Error },
+    #[error("{what}: {source}")]
+    System {
+        what: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot signal process {old}: {source}")]
+    Signal { old: Pid, source: nix::Error },
+    #[error("the new process could not start: {}; process {old} keeps serving", .reason.as_deref().unwrap_or("it exited without a reason (see the error log)"))]
+    StartFailed { reason: Option<String>, old: Pid },
+    #[error("the new process did not start in time; process {old} keeps serving")]
+    NotStarted { old: Pid },
+    #[error("the new process did not serve within {}s; process {old} keeps serving", .timeout.as_secs())]
+    NotServing { old: Pid, timeout: Duration },
+    #[error("the new process reported {report:?} out of turn; process {old} keeps serving")]
+    OutOfTurn { report: Report, old: Pid },
 }
 
-impl std::fmt::Display for ReloadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl ReloadError {
+    /// The command's exit status for this failure.
+    pub fn exit_code(&self) -> u8 {
         match self {
-            ReloadError::Config(e) => write!(f, "configuration error: {e}"),
-            ReloadError::Failed(reason) => f.write_str(reason),
+            ReloadError::Config(_) => exit_codes::CONFIG,
+            ReloadError::PidFile(_)
+            | ReloadError::NoPid
+            | ReloadError::NotPingoraLb { .. }
+            | ReloadError::UnknownConfiguration { .. } => exit_codes::USAGE,
+            ReloadError::System { .. } | ReloadError::Signal { .. } => exit_codes::OS_ERROR,
+            ReloadError::NotRunning { .. }
+            | ReloadError::StartFailed { .. }
+            | ReloadError::NotStarted { .. }
+            | ReloadError::NotServing { .. }
+            | ReloadError::OutOfTurn { .. } => exit_codes::UNAVAILABLE,
         }
     }
 }
-
-impl std::error::Error for ReloadError {}
 
 /// Runs the reload; returns the pid of the process now serving.
 pub fn reload(
@@ -52,24 +89,14 @@ pub fn reload(
         }
         _ => conf,
     };
-    let config = Config::load_or_seed(conf).map_err(ReloadError::Config)?;
+    let config = Config::load_or_seed(conf)?;
     let old = match (pid, &config.pid_file) {
         (Some(pid), _) => pid,
-        (None, Some(pid_file)) => read_pid(&pid_file.0).map_err(|e| {
-            ReloadError::Failed(format!("cannot tell which process runs: {e}; give --pid"))
-        })?,
-        (None, None) => {
-            return Err(ReloadError::Failed(
-                "cannot tell which process runs: give --pid, or set pid_file".into(),
-            ))
-        }
+        (None, Some(pid_file)) => read_pid(&pid_file.0).map_err(ReloadError::PidFile)?,
+        (None, None) => return Err(ReloadError::NoPid),
     };
     let old = Pid::from_raw(old);
-    kill(old, None).map_err(|e| {
-        ReloadError::Failed(format!(
-            "process {old} is not running ({e}); nothing to reload"
-        ))
-    })?;
+    kill(old, None).map_err(|source| ReloadError::NotRunning { pid: old, source })?;
     check_is_pingora_lb(old)?;
 
     let deadline = Instant::now() + timeout;
@@ -78,11 +105,11 @@ pub fn reload(
     let outcome = hand_over(&mut reports, old, &mut new, deadline, timeout);
     match outcome {
         Ok(new) => Ok(new.as_raw()),
-        Err(reason) => {
+        Err(error) => {
             if let Some(pid) = new {
                 stop(pid);
             }
-            Err(ReloadError::Failed(reason))
+            Err(error)
         }
     }
 }
@@ -95,23 +122,20 @@ fn hand_over(
     new: &mut Option<Pid>,
     deadline: Instant,
     timeout: Duration,
-) -> Result<Pid, String> {
+) -> Result<Pid, ReloadError> {
     let pid = match read_report(reports, Some(deadline)) {
         Report::Listening(pid) => Pid::from_raw(pid),
-        Report::Ready => return Err("the new process served without taking over".into()),
-        Report::Failed(reason) => return Err(start_failure(reason, old)),
-        Report::TimedOut => return Err("the new process did not start in time".into()),
+        Report::Failed(reason) => return Err(ReloadError::StartFailed { reason, old }),
+        Report::TimedOut => return Err(ReloadError::NotStarted { old }),
+        report @ Report::Ready => return Err(ReloadError::OutOfTurn { report, old }),
     };
     *new = Some(pid);
-    kill(old, Signal::SIGQUIT).map_err(|e| format!("cannot signal process {old}: {e}"))?;
+    kill(old, Signal::SIGQUIT).map_err(|source| ReloadError::Signal { old, source })?;
     match read_report(reports, Some(deadline)) {
         Report::Ready => Ok(pid),
-        Report::Failed(reason) => Err(start_failure(reason, old)),
-        Report::TimedOut => Err(format!(
-            "the new process did not serve within {}s; process {old} keeps serving",
-            timeout.as_secs()
-        )),
-        Report::Listening(_) => Err("unexpected report from the new process".into()),
+        Report::Failed(reason) => Err(ReloadError::StartFailed { reason, old }),
+        Report::TimedOut => Err(ReloadError::NotServing { old, timeout }),
+        report @ Report::Listening(_) => Err(ReloadError::OutOfTurn { report, old }),
     }
 }
 
@@ -151,20 +175,17 @@ fn check_is_pingora_lb(pid: Pid) -> Result<(), ReloadError> {
     if names.is_empty() || names.contains(&ours) {
         return Ok(());
     }
-    Err(ReloadError::Failed(format!(
-        "process {pid} runs {}, not {ours}; refusing to signal it (check --pid or the pid file)",
-        names[0]
-    )))
+    Err(ReloadError::NotPingoraLb {
+        pid,
+        name: names[0].clone(),
+        ours,
+    })
 }
 
 /// Without `-c`, the configuration file the running process was started with: a forgotten
 /// `-c` must not swap a production configuration for the embedded default.
 fn configuration_of(pid: i32) -> Result<Option<PathBuf>, ReloadError> {
-    let unreadable = |e: std::io::Error| {
-        ReloadError::Failed(format!(
-            "cannot tell which configuration process {pid} runs ({e}); give -c"
-        ))
-    };
+    let unreadable = |source| ReloadError::UnknownConfiguration { pid, source };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(unreadable)?;
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
@@ -209,11 +230,6 @@ fn conf_argument(args: &[String]) -> Option<&str> {
     None
 }
 
-fn start_failure(reason: Option<String>, old: Pid) -> String {
-    let reason = reason.unwrap_or_else(|| "it exited without a reason (see the error log)".into());
-    format!("the new process could not start: {reason}; process {old} keeps serving")
-}
-
 /// Starts `pingora-lb -u [-c FILE]` in its own session, not as our child (double fork), so
 /// systemd can adopt it as the main process and no one is left to reap it here. Returns the
 /// read end of its report pipe.
@@ -223,15 +239,22 @@ fn start_failure(reason: Option<String>, old: Pid) -> String {
 /// (`out=$(pingora-lb reload)`) would otherwise wait for the new server to exit. Its
 /// start-up failure reaches this command through the report pipe instead.
 fn spawn_detached(conf: Option<&Path>) -> Result<File, ReloadError> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| ReloadError::Failed(format!("{what}: {e}"));
-    let exe = std::env::current_exe().map_err(|e| fail("cannot find this program", &e))?;
+    fn fail<E: std::error::Error + Send + Sync + 'static>(
+        what: &'static str,
+    ) -> impl FnOnce(E) -> ReloadError {
+        move |e| ReloadError::System {
+            what,
+            source: Box::new(e),
+        }
+    }
+    let exe = std::env::current_exe().map_err(fail("cannot find this program"))?;
     let mut args = vec![exe.clone(), PathBuf::from("-u")];
     if let Some(conf) = conf {
-        let absolute = std::path::absolute(conf).map_err(|e| fail("configuration path", &e))?;
+        let absolute = std::path::absolute(conf).map_err(fail("configuration path"))?;
         args.extend([PathBuf::from("-c"), absolute]);
     }
-    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| fail("cannot create a pipe", &e))?;
+    let (reader, writer) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("cannot create a pipe"))?;
     let writer_fd = writer.as_raw_fd();
     let to_c = |s: &std::ffi::OsStr| CString::new(s.as_encoded_bytes()).expect("no NUL in paths");
     let argv: Vec<CString> = args.iter().map(|a| to_c(a.as_os_str())).collect();
@@ -250,15 +273,15 @@ fn spawn_detached(conf: Option<&Path>) -> Result<File, ReloadError> {
         .read(true)
         .write(true)
         .open("/dev/null")
-        .map_err(|e| fail("cannot open /dev/null", &e))?;
+        .map_err(fail("cannot open /dev/null"))?;
     let keep_stderr = stderr_is_the_journal();
 
-    // SAFETY: this command is single-threaded; the children only call async-signal-safe
-    // functions (setsid, fork, fcntl, execve, _exit) before exec.
-    match unsafe { fork() }.map_err(|e| fail("cannot fork", &e))? {
+    // The children only call async-signal-safe functions (setsid, fork, dup2, fcntl,
+    // execve, _exit) before exec.
+    match fork_single_threaded().map_err(fail("cannot fork"))? {
         ForkResult::Child => {
             let _ = nix::unistd::setsid();
-            if let Ok(ForkResult::Child) = unsafe { fork() } {
+            if let Ok(ForkResult::Child) = fork_single_threaded() {
                 let _ = nix::unistd::dup2_stdin(&null);
                 let _ = nix::unistd::dup2_stdout(&null);
                 if !keep_stderr {
@@ -270,7 +293,7 @@ fn spawn_detached(conf: Option<&Path>) -> Result<File, ReloadError> {
                 );
                 let _ = nix::unistd::execve(&program, &argv, &envp);
             }
-            unsafe { nix::libc::_exit(0) }
+            exit_forked_child()
         }
         ForkResult::Parent { child } => {
             drop(writer);

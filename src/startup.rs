@@ -6,6 +6,7 @@
 //! 5. privileges are dropped, while the process still has a single thread;
 //! 6. pingora runs, with this crate's signal handling and readiness announcement.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,32 +17,81 @@ use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
+use pingora::services::ServiceWithDependents;
 
 use crate::access_log::{AccessLog, Sink};
 use crate::cli::Cli;
 use crate::client_connections::ClientConnections;
 use crate::config::{Config, ListenAddress};
+use crate::exit_codes;
 use crate::lifecycle::{Announcer, Lifecycle, Signals};
+use crate::listeners::BindError;
 use crate::listeners::ListeningSockets;
 use crate::logging;
 use crate::metrics::Metrics;
 use crate::metrics_endpoint::MetricsEndpoint;
-use crate::privileges::{drop_privileges, Identity};
+use crate::privileges::{drop_privileges, Identity, PrivilegeError};
 use crate::proxy::{Balancer, MAX_STALE_RETRIES};
 use crate::readiness::Readiness;
 use crate::runtime_files::{prepare_parent, PidFile};
 use crate::traffic::Traffic;
-use crate::upgrade::HandoffSocket;
-use crate::upstreams::{HealthChecks, Upstreams};
+use crate::upgrade::{Handoff, HandoffError, HandoffSocket};
+use crate::upstreams::{HealthChecks, ResolveError, Upstreams};
 
-/// Why the process could not start.
-pub type StartError = Box<dyn std::error::Error>;
+/// Why the process could not start. A predecessor, if any, keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot fork into the background: {0}")]
+    Daemonize(std::io::Error),
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
+    #[error("key `upgrade_sock`: {0}")]
+    UpgradeDirectory(std::io::Error),
+    #[error("key `upgrade_sock`: cannot listen on {}: {source}", .path.display())]
+    UpgradeSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("upgrade failed: {0}")]
+    Handoff(#[from] HandoffError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("key `pid_file`: {}: {source}", .path.display())]
+    PidFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("key `access_log.destination`: {0}")]
+    AccessLog(std::io::Error),
+}
+
+impl StartError {
+    /// The process's exit status for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Privileges(e) => e.exit_code(),
+            StartError::Bind(e) if e.source.kind() == std::io::ErrorKind::PermissionDenied => {
+                exit_codes::NO_PERMISSION
+            }
+            StartError::Bind(_) | StartError::Resolve(_) | StartError::Handoff(_) => {
+                exit_codes::UNAVAILABLE
+            }
+            StartError::UpgradeDirectory(_)
+            | StartError::UpgradeSocket { .. }
+            | StartError::PidFile { .. }
+            | StartError::AccessLog(_) => exit_codes::CANNOT_CREATE,
+            StartError::Daemonize(_) => exit_codes::OS_ERROR,
+        }
+    }
+}
 
 /// Runs the load balancer until it is told to stop.
 pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
     let mut readiness = Readiness::from_env();
     if cli.daemon || config.daemon {
-        readiness.daemonize()?;
+        readiness.daemonize().map_err(StartError::Daemonize)?;
     }
     logging::init(&config);
     match prepare(cli, &config, &mut readiness) {
@@ -82,49 +132,15 @@ fn prepare(cli: &Cli, config: &Config, readiness: &mut Readiness) -> Result<Prep
     let identity = Identity::resolve(config)?;
     let owner = identity.as_ref().map(|i| (i.uid, i.gid));
     let (inherited, predecessor, generation) = if cli.upgrade {
-        let path = &config.upgrade_sock.0;
-        prepare_parent(path, owner).map_err(|e| format!("key `upgrade_sock`: {e}"))?;
-        let socket = HandoffSocket::bind(path, owner).map_err(|e| {
-            format!(
-                "key `upgrade_sock`: cannot listen on {}: {e}",
-                path.display()
-            )
-        })?;
-        readiness.listening();
-        info!(
-            "waiting for the running process's sockets on {}",
-            path.display()
-        );
-        let mut trusted = vec![Uid::from_raw(0), Uid::effective()];
-        trusted.extend(identity.as_ref().map(|i| i.uid));
-        let handoff = socket
-            .receive(&trusted)
-            .map_err(|e| format!("upgrade failed: {e}"))?;
-        info!(
-            "received {} listening sockets from process {}",
-            handoff.sockets.len(),
-            handoff.from_pid
-        );
+        let handoff = take_over(config, identity.as_ref(), readiness)?;
         let generation = handoff.from_generation + 1;
         let (sockets, predecessor) = handoff.into_parts();
         (sockets, Some(predecessor), generation)
     } else {
         (Default::default(), None, 1)
     };
-    let addresses: Vec<(String, ListenAddress)> = config
-        .listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (format!("listeners[{i}]"), *l))
-        .chain(
-            config
-                .metrics
-                .as_ref()
-                .map(|m| ("metrics.listen".to_string(), m.listen)),
-        )
-        .collect();
     raise_open_file_limit();
-    let mut sockets = ListeningSockets::open(&addresses, inherited)?;
+    let mut sockets = ListeningSockets::open(&listening_addresses(config), inherited)?;
     let metrics_socket = config
         .metrics
         .as_ref()
@@ -135,16 +151,19 @@ fn prepare(cli: &Cli, config: &Config, readiness: &mut Readiness) -> Result<Prep
         .chain(metrics_socket.iter().flat_map(|m| m.raw()))
         .collect();
     let pid_file = match &config.pid_file {
-        Some(path) => Some(
-            PidFile::open(&path.0, owner)
-                .map_err(|e| format!("key `pid_file`: {}: {e}", path.0.display()))?,
-        ),
+        Some(path) => {
+            Some(
+                PidFile::open(&path.0, owner).map_err(|source| StartError::PidFile {
+                    path: path.0.clone(),
+                    source,
+                })?,
+            )
+        }
         None => None,
     };
     let metrics = Arc::new(Metrics::new(generation));
     let upstreams = Upstreams::build(config, &metrics)?;
-    let access_log_sink =
-        Sink::open(&config.access_log).map_err(|e| format!("key `access_log.destination`: {e}"))?;
+    let access_log_sink = Sink::open(&config.access_log).map_err(StartError::AccessLog)?;
 
     drop_privileges(identity.as_ref())?;
     Ok(Prepared {
@@ -160,61 +179,82 @@ fn prepare(cli: &Cli, config: &Config, readiness: &mut Readiness) -> Result<Prep
     })
 }
 
+/// Step 3, with `-u`: listens on `upgrade_sock` and receives the running process's sockets.
+fn take_over(
+    config: &Config,
+    identity: Option<&Identity>,
+    readiness: &mut Readiness,
+) -> Result<Handoff, StartError> {
+    let owner = identity.map(|i| (i.uid, i.gid));
+    let path = &config.upgrade_sock.0;
+    prepare_parent(path, owner).map_err(StartError::UpgradeDirectory)?;
+    let socket = HandoffSocket::bind(path, owner).map_err(|source| StartError::UpgradeSocket {
+        path: path.clone(),
+        source,
+    })?;
+    readiness.listening();
+    info!(
+        "waiting for the running process's sockets on {}",
+        path.display()
+    );
+    let mut trusted = vec![Uid::from_raw(0), Uid::effective()];
+    trusted.extend(identity.map(|i| i.uid));
+    let handoff = socket.receive(&trusted)?;
+    info!(
+        "received {} listening sockets from process {}",
+        handoff.sockets.len(),
+        handoff.from_pid
+    );
+    Ok(handoff)
+}
+
+/// Every address to listen on, with its configuration key: the proxy's, then the metrics'.
+fn listening_addresses(config: &Config) -> Vec<(String, ListenAddress)> {
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("listeners[{i}]"), *l))
+        .chain(
+            config
+                .metrics
+                .as_ref()
+                .map(|m| ("metrics.listen".to_string(), m.listen)),
+        )
+        .collect()
+}
+
 /// Step 6: pingora's services on the prepared sockets, until the process is told to stop.
 fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
-    let Prepared {
-        sockets,
-        metrics_socket,
-        handed_over,
-        pid_file,
-        metrics,
-        upstreams,
-        access_log_sink,
-        predecessor,
-        generation,
-    } = prepared;
-    let access_log = access_log_sink
+    let (metrics, upstreams) = (prepared.metrics.clone(), prepared.upstreams.clone());
+    let access_log = prepared
+        .access_log_sink
         .map(|sink| Arc::new(AccessLog::start(&config.access_log, sink, metrics.clone())));
     let mut server = Server::new_with_opt_and_conf(None, server_conf(config));
     let traffic = Arc::new(Traffic::default());
     let lifecycle = Arc::new(Lifecycle {
         traffic: traffic.clone(),
         upstreams: upstreams.clone(),
-        sockets: handed_over,
+        sockets: prepared.handed_over,
         upgrade_sock: config.upgrade_sock.0.clone(),
         grace_period: Duration::from_secs(config.grace_period_seconds),
-        pid_file,
-        predecessor: Mutex::new(predecessor),
+        pid_file: prepared.pid_file,
+        predecessor: Mutex::new(prepared.predecessor),
         readiness: Mutex::new(readiness),
-        generation,
+        generation: prepared.generation,
         access_log: access_log.clone(),
     });
-    let balancer = pingora::proxy::http_proxy(
-        &server.configuration,
-        Balancer {
-            upstreams: upstreams.clone(),
-            retries: config.retries,
-            traffic: traffic.clone(),
-            forwarding: config.forwarding.clone(),
-            metrics: metrics.clone(),
-            access_log,
-            client: config.client.clone(),
-        },
-    );
-    let mut proxy = pingora::services::listening::Service::new(
-        "proxy".to_string(),
-        ClientConnections::new(balancer, &config.client),
-    );
-    for address in sockets.addresses() {
-        // Reads go straight into the request's own buffer: pingora's default 64 KiB read
-        // buffer per connection would be most of what an idle kept-alive client costs.
-        let unbuffered_reads = L4BufferSettings {
-            read: Some(0),
-            write: None,
-        };
-        proxy.add_listener(ListenerConfig::tcp(address).l4_buffer(unbuffered_reads));
-    }
-    let proxy = server.add_boxed_service(sockets.attach(Box::new(proxy)));
+    let balancer = Balancer {
+        upstreams: upstreams.clone(),
+        retries: config.retries,
+        traffic: traffic.clone(),
+        forwarding: config.forwarding.clone(),
+        metrics: metrics.clone(),
+        access_log,
+        client: config.client.clone(),
+    };
+    let proxy = proxy_service(&server.configuration, config, balancer, prepared.sockets);
+    let proxy = server.add_boxed_service(proxy);
     server.add_service(background_service(
         "health check",
         HealthChecks {
@@ -222,21 +262,14 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
             interval: config.health_check.interval.0,
         },
     ));
-    if let Some(socket) = metrics_socket {
+    if let Some(socket) = prepared.metrics_socket {
         let endpoint = MetricsEndpoint {
-            metrics,
-            upstreams,
+            metrics: metrics.clone(),
+            upstreams: upstreams.clone(),
             traffic,
             listeners: config.listeners.iter().map(|l| l.0).collect(),
         };
-        let mut service = pingora::services::listening::Service::new(
-            "metrics".to_string(),
-            pingora::apps::http_app::HttpServer::new_app(endpoint),
-        );
-        for address in socket.addresses() {
-            service.add_tcp(address);
-        }
-        server.add_boxed_service(socket.attach(Box::new(service)));
+        server.add_boxed_service(metrics_service(endpoint, socket));
     }
     let announcer = server.add_service(background_service(
         "announcer",
@@ -248,6 +281,47 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
         shutdown_signal: Box::new(Signals(lifecycle.clone())),
     });
     lifecycle.clean_up();
+}
+
+/// The proxy: client connections on the proxy's sockets, each request through `balancer`.
+fn proxy_service(
+    server_conf: &Arc<ServerConf>,
+    config: &Config,
+    balancer: Balancer,
+    sockets: ListeningSockets,
+) -> Box<dyn ServiceWithDependents> {
+    let mut proxy = pingora::services::listening::Service::new(
+        "proxy".to_string(),
+        ClientConnections::new(
+            pingora::proxy::http_proxy(server_conf, balancer),
+            &config.client,
+        ),
+    );
+    // Reads go straight into the request's own buffer: pingora's default 64 KiB read
+    // buffer per connection would be most of what an idle kept-alive client costs.
+    let unbuffered_reads = L4BufferSettings {
+        read: Some(0),
+        write: None,
+    };
+    for address in sockets.addresses() {
+        proxy.add_listener(ListenerConfig::tcp(address).l4_buffer(unbuffered_reads));
+    }
+    sockets.attach(Box::new(proxy))
+}
+
+/// `/metrics` and `/status` on the metrics socket.
+fn metrics_service(
+    endpoint: MetricsEndpoint,
+    socket: ListeningSockets,
+) -> Box<dyn ServiceWithDependents> {
+    let mut service = pingora::services::listening::Service::new(
+        "metrics".to_string(),
+        pingora::apps::http_app::HttpServer::new_app(endpoint),
+    );
+    for address in socket.addresses() {
+        service.add_tcp(address);
+    }
+    socket.attach(Box::new(service))
 }
 
 /// Every client connection takes a file descriptor: the soft limit (often 1024 outside

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,6 +21,8 @@ use nix::sys::socket::{
 };
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{Gid, Uid};
+
+use crate::system;
 
 /// Written by the successor once it serves.
 const SERVING: u8 = b'S';
@@ -34,16 +36,44 @@ const SERVING_WINDOW: Duration = Duration::from_secs(60);
 const MAX_SOCKETS: usize = crate::config::MAX_LISTENERS + 1;
 
 /// Why a handoff did not happen; the old process keeps serving in every case.
-#[derive(Debug)]
-pub struct HandoffError(pub String);
-
-impl std::fmt::Display for HandoffError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("no new process listens on {path} ({source}); start one with `-u` or use `pingora-lb reload`")]
+    NoSuccessor {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "refusing to hand the sockets to pid {pid} running as uid {uid}: only root or this \
+         service's user may take them over (is {path} in a directory others can write?)"
+    )]
+    UntrustedSuccessor { pid: i32, uid: u32, path: PathBuf },
+    #[error("refusing sockets from pid {pid} running as uid {uid}: only the service's user or root may hand them over")]
+    UntrustedSender { pid: i32, uid: u32 },
+    #[error("cannot read the peer's credentials: {0}")]
+    Credentials(nix::Error),
+    #[error("cannot send the listening sockets: {0}")]
+    Send(nix::Error),
+    #[error("cannot receive the sockets: {0}")]
+    Receive(nix::Error),
+    #[error("{what}: {source}")]
+    Socket {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("no running process handed its sockets over within {}s: send it SIGQUIT", ACCEPT_WINDOW.as_secs())]
+    NoSender,
+    #[error("the new process exited before serving{}", .0.as_ref().map(|e| format!(" ({e})")).unwrap_or_default())]
+    SuccessorGone(Option<std::io::Error>),
+    #[error("the new process did not report serving within {}s", SERVING_WINDOW.as_secs())]
+    NotServing,
+    #[error("the list of addresses received is not UTF-8")]
+    NotUtf8,
+    #[error("received {addresses} addresses but {sockets} sockets")]
+    CountMismatch { addresses: usize, sockets: usize },
+    #[error("the running process sent a malformed generation {0:?}")]
+    MalformedGeneration(String),
 }
-
-impl std::error::Error for HandoffError {}
 
 /// Old process: sends the listening sockets to the successor listening on `path`, then
 /// waits (bounded) until the successor says it serves. Blocking: run it on its own thread.
@@ -52,32 +82,8 @@ pub fn hand_over(
     sockets: &[(String, RawFd)],
     generation: u64,
 ) -> Result<(), HandoffError> {
-    let deadline = Instant::now() + CONNECT_WINDOW;
-    let mut stream = loop {
-        match UnixStream::connect(path) {
-            Ok(stream) => break stream,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(HandoffError(format!(
-                    "no new process listens on {} ({e}); start one with `-u` or use `pingora-lb reload`",
-                    path.display()
-                )))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
-    // Only a successor run by root or by our own user gets the sockets: a process of
-    // another user that managed to listen on `path` would otherwise take over the ports.
-    let peer = getsockopt(&stream, PeerCredentials)
-        .map_err(|e| HandoffError(format!("cannot read the successor's credentials: {e}")))?;
-    if peer.uid() != 0 && Uid::from_raw(peer.uid()) != Uid::effective() {
-        return Err(HandoffError(format!(
-            "refusing to hand the sockets to pid {} running as uid {}: only root or this \
-             service's user may take them over (is {} in a directory others can write?)",
-            peer.pid(),
-            peer.uid(),
-            path.display()
-        )));
-    }
+    let mut stream = connect_to_successor(path)?;
+    check_successor(&stream, path)?;
     let keys = sockets
         .iter()
         .map(|(k, _)| k.as_str())
@@ -92,30 +98,62 @@ pub fn hand_over(
         MsgFlags::empty(),
         None,
     )
-    .map_err(|e| HandoffError(format!("cannot send the listening sockets: {e}")))?;
+    .map_err(HandoffError::Send)?;
+    wait_until_serving(&mut stream)
+}
+
+/// Connects to `path`, retrying for [CONNECT_WINDOW] while the successor starts.
+fn connect_to_successor(path: &Path) -> Result<UnixStream, HandoffError> {
+    let deadline = Instant::now() + CONNECT_WINDOW;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(source) if Instant::now() >= deadline => {
+                return Err(HandoffError::NoSuccessor {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Only a successor run by root or by our own user gets the sockets: a process of another
+/// user that managed to listen on `path` would otherwise take over the ports.
+fn check_successor(stream: &UnixStream, path: &Path) -> Result<(), HandoffError> {
+    let peer = getsockopt(stream, PeerCredentials).map_err(HandoffError::Credentials)?;
+    if peer.uid() != 0 && Uid::from_raw(peer.uid()) != Uid::effective() {
+        return Err(HandoffError::UntrustedSuccessor {
+            pid: peer.pid(),
+            uid: peer.uid(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Waits (at most [SERVING_WINDOW]) for the successor's [SERVING].
+fn wait_until_serving(stream: &mut UnixStream) -> Result<(), HandoffError> {
     stream
         .set_read_timeout(Some(SERVING_WINDOW))
-        .map_err(|e| HandoffError(e.to_string()))?;
+        .map_err(|source| HandoffError::Socket {
+            what: "upgrade connection",
+            source,
+        })?;
     let mut reply = [0u8; 1];
     match stream.read(&mut reply) {
         Ok(1) if reply[0] == SERVING => Ok(()),
-        Ok(_) => Err(HandoffError(
-            "the new process exited before serving".to_string(),
-        )),
+        Ok(_) => Err(HandoffError::SuccessorGone(None)),
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            Err(HandoffError(format!(
-                "the new process did not report serving within {}s",
-                SERVING_WINDOW.as_secs()
-            )))
+            Err(HandoffError::NotServing)
         }
-        Err(e) => Err(HandoffError(format!(
-            "the new process exited before serving ({e})"
-        ))),
+        Err(e) => Err(HandoffError::SuccessorGone(Some(e))),
     }
 }
 
@@ -173,87 +211,96 @@ impl HandoffSocket {
     }
 
     fn accept_and_receive(&self, trusted: &[Uid]) -> Result<Handoff, HandoffError> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| HandoffError(format!("{what}: {e}"));
+        let connection = self.accept()?;
+        let peer = getsockopt(&connection, PeerCredentials).map_err(HandoffError::Credentials)?;
+        if !trusted.contains(&Uid::from_raw(peer.uid())) {
+            return Err(HandoffError::UntrustedSender {
+                pid: peer.pid(),
+                uid: peer.uid(),
+            });
+        }
+        let (payload, fds) = receive_message(&connection)?;
+        let (sockets, from_generation) = parse_message(&payload, fds)?;
+        Ok(Handoff {
+            sockets,
+            from_pid: peer.pid(),
+            from_generation,
+            connection,
+        })
+    }
+
+    /// Waits up to [ACCEPT_WINDOW] for the old process to connect.
+    fn accept(&self) -> Result<UnixStream, HandoffError> {
+        let socket_error = |what| move |source| HandoffError::Socket { what, source };
         self.listener
             .set_nonblocking(true)
-            .map_err(|e| fail("upgrade socket", &e))?;
+            .map_err(socket_error("upgrade socket"))?;
         let deadline = Instant::now() + ACCEPT_WINDOW;
         let connection = loop {
             match self.listener.accept() {
                 Ok((connection, _)) => break connection,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        return Err(HandoffError(format!(
-                            "no running process handed its sockets over within {}s: send it SIGQUIT",
-                            ACCEPT_WINDOW.as_secs()
-                        )));
+                        return Err(HandoffError::NoSender);
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => return Err(fail("accepting on the upgrade socket", &e)),
+                Err(e) => return Err(socket_error("accepting on the upgrade socket")(e)),
             }
         };
         connection
             .set_nonblocking(false)
-            .map_err(|e| fail("upgrade connection", &e))?;
-        let peer = getsockopt(&connection, PeerCredentials)
-            .map_err(|e| fail("reading the peer's credentials", &e))?;
-        if !trusted.contains(&Uid::from_raw(peer.uid())) {
-            return Err(HandoffError(format!(
-                "refusing sockets from pid {} running as uid {}: only the service's user or root may hand them over",
-                peer.pid(),
-                peer.uid()
-            )));
-        }
-        let mut payload = vec![0u8; 4096];
-        let mut control = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
-        let (length, fds) = {
-            let mut iov = [IoSliceMut::new(&mut payload)];
-            let message = recvmsg::<()>(
-                connection.as_raw_fd(),
-                &mut iov,
-                Some(&mut control),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(|e| fail("receiving the sockets", &e))?;
-            let mut fds = Vec::new();
-            for cmsg in message
-                .cmsgs()
-                .map_err(|e| fail("receiving the sockets", &e))?
-            {
-                if let ControlMessageOwned::ScmRights(received) = cmsg {
-                    fds.extend(received);
-                }
-            }
-            (message.bytes, fds)
-        };
-        // SAFETY: the kernel just installed these descriptors in this process for us.
-        let owned: Vec<OwnedFd> = fds
-            .into_iter()
-            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-            .collect();
-        let text = std::str::from_utf8(&payload[..length])
-            .map_err(|e| fail("the list of addresses received", &e))?;
-        let (keys, generation) = text.split_once('\n').unwrap_or((text, "0"));
-        let keys: Vec<&str> = keys.split(' ').filter(|k| !k.is_empty()).collect();
-        if keys.len() != owned.len() {
-            return Err(HandoffError(format!(
-                "received {} addresses but {} sockets",
-                keys.len(),
-                owned.len()
-            )));
-        }
-        Ok(Handoff {
-            sockets: keys.into_iter().map(String::from).zip(owned).collect(),
-            from_pid: peer.pid(),
-            from_generation: generation.trim().parse().map_err(|_| {
-                HandoffError(format!(
-                    "the running process sent a malformed generation {generation:?}"
-                ))
-            })?,
-            connection,
-        })
+            .map_err(socket_error("upgrade connection"))?;
+        Ok(connection)
     }
+}
+
+/// Reads the one message of the old process: its payload, and the descriptors it carries.
+fn receive_message(connection: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoffError> {
+    let mut payload = vec![0u8; 4096];
+    let mut control = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
+    let mut iov = [IoSliceMut::new(&mut payload)];
+    let message = recvmsg::<()>(
+        connection.as_raw_fd(),
+        &mut iov,
+        Some(&mut control),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(HandoffError::Receive)?;
+    let mut fds = Vec::new();
+    for cmsg in message.cmsgs().map_err(HandoffError::Receive)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            fds.extend(received);
+        }
+    }
+    let length = message.bytes;
+    let fds = system::adopt_received_descriptors(fds);
+    payload.truncate(length);
+    Ok((payload, fds))
+}
+
+/// Pairs the addresses of the payload with the descriptors, and reads the generation.
+fn parse_message(
+    payload: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<(HashMap<String, OwnedFd>, u64), HandoffError> {
+    let text = std::str::from_utf8(payload).map_err(|_| HandoffError::NotUtf8)?;
+    let (keys, generation) = text.split_once('\n').unwrap_or((text, "0"));
+    let keys: Vec<&str> = keys.split(' ').filter(|k| !k.is_empty()).collect();
+    if keys.len() != fds.len() {
+        return Err(HandoffError::CountMismatch {
+            addresses: keys.len(),
+            sockets: fds.len(),
+        });
+    }
+    let generation = generation
+        .trim()
+        .parse()
+        .map_err(|_| HandoffError::MalformedGeneration(generation.to_string()))?;
+    Ok((
+        keys.into_iter().map(String::from).zip(fds).collect(),
+        generation,
+    ))
 }
 
 /// Held by a process that took over, to tell the old one to stop.
@@ -349,10 +396,13 @@ mod tests {
         let sender = std::thread::spawn(move || hand_over(&path, &sent, 1));
         let stranger = Uid::from_raw(Uid::effective().as_raw().wrapping_add(4242));
         let error = socket.receive(&[stranger]).err().unwrap();
-        assert!(error.0.contains("refusing sockets"), "{error}");
+        assert!(
+            matches!(error, HandoffError::UntrustedSender { .. }),
+            "{error}"
+        );
         // The old process learns that its successor went away, and keeps serving.
         let error = sender.join().unwrap().unwrap_err();
-        assert!(error.0.contains("exited before serving"), "{error}");
+        assert!(matches!(error, HandoffError::SuccessorGone(_)), "{error}");
     }
 
     #[test]
@@ -364,7 +414,13 @@ mod tests {
         let _sender = send_raw(&path, "127.0.0.1:1 127.0.0.1:2\n1", &[fd.as_raw_fd()]);
         let error = socket.receive(&ours()).err().unwrap();
         assert!(
-            error.0.contains("received 2 addresses but 1 sockets"),
+            matches!(
+                error,
+                HandoffError::CountMismatch {
+                    addresses: 2,
+                    sockets: 1
+                }
+            ),
             "{error}"
         );
     }
@@ -377,7 +433,10 @@ mod tests {
         let (address, fd) = listening_socket();
         let _sender = send_raw(&path, &format!("{address}\nseven"), &[fd.as_raw_fd()]);
         let error = socket.receive(&ours()).err().unwrap();
-        assert!(error.0.contains("malformed generation"), "{error}");
+        assert!(
+            matches!(&error, HandoffError::MalformedGeneration(g) if g == "seven"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -393,7 +452,7 @@ mod tests {
         });
         let (address, fd) = listening_socket();
         let error = hand_over(&path, &[(address, fd.as_raw_fd())], 1).unwrap_err();
-        assert!(error.0.contains("exited before serving"), "{error}");
+        assert!(matches!(error, HandoffError::SuccessorGone(_)), "{error}");
         successor.join().unwrap();
     }
 }

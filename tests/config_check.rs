@@ -3,21 +3,20 @@
 
 mod support;
 
-use std::net::TcpListener;
 use std::process::Command;
 
 use support::*;
 
-const GOOD: &str = "listeners: [\"127.0.0.1:PORT\"]\nupstreams:\n  - address: 127.0.0.1:9\n";
+const GOOD: &str = "listeners: [\"LISTEN\"]\nupstreams:\n  - address: 127.0.0.1:9\n";
 
 fn check(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, text).unwrap();
-    let (code, stderr) = check_config(&path);
+    let outcome = check_config(&path);
     (
-        code.unwrap_or(-1),
-        stderr.replace(&path.display().to_string(), "FILE"),
+        outcome.code,
+        outcome.stderr.replace(&path.display().to_string(), "FILE"),
     )
 }
 
@@ -38,6 +37,7 @@ fn bad_configurations_name_file_line_and_key() {
         ("listeners: [\"127.0.0.1:1\"]\nthreads: many\nupstreams:\n  - address: 127.0.0.1:2\n", 2, "threads", "invalid type"),
         ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\nhealth_check:\n  interval: soon\n", 5, "health_check.interval", "not a positive duration"),
         ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n  - address: 127.0.0.1:2\n", 4, "upstreams[1].address", "listed twice"),
+        ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n    host: \"\"\n", 4, "upstreams[0].host", "not a valid Host header value"),
         ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\nhealth_check:\n  interval: 10ms\n", 5, "health_check.interval", "at least 100ms"),
         ("listeners: [\"127.0.0.1:1\"\nupstreams:\n", 2, "", "did not find expected"),
     ];
@@ -61,23 +61,25 @@ fn bad_configurations_name_file_line_and_key() {
     }
 }
 
+/// Whether a process bound or wrote anything can only be seen while it runs: after it
+/// exits, its sockets are closed and it may have removed its files (a clean exit removes
+/// the pid file). So the test holds every port the configuration names for the whole run,
+/// and a process that tried to bind one would meet EADDRINUSE and fail the way a start on
+/// a busy port does (`a_busy_port_is_a_clear_error`); and it watches the directory that
+/// holds the pid file, upgrade socket and error log from before the process starts.
 #[test]
 fn check_binds_nothing_and_writes_nothing() {
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &GOOD.replace("PORT", &port.to_string()));
-    let output = Command::new(BINARY)
-        .arg("-t")
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    assert!(String::from_utf8_lossy(&output.stdout).contains("is valid"));
-    // The port is still free and no runtime file was created.
-    TcpListener::bind(("127.0.0.1", port)).expect("-t left the port bound");
-    assert!(!dir.path().join("run").exists());
-    assert!(!dir.path().join("error.log").exists());
+    let (listener, metrics) = (held_port(), held_port());
+    let (dir, config) = config_in_new_directory(&format!(
+        "{}metrics:\n  listen: {}\n",
+        GOOD.replace("LISTEN", &listener.local_addr().unwrap().to_string()),
+        metrics.local_addr().unwrap()
+    ));
+    let watch = DirectoryWatch::new(dir.path());
+    let outcome = check_config(&config);
+    assert_eq!(outcome.code, 0, "{outcome:?}");
+    assert!(outcome.stdout.contains("is valid"), "{outcome:?}");
+    assert_eq!(watch.changes(), Vec::<String>::new(), "-t wrote in {dir:?}");
 }
 
 #[test]
@@ -86,41 +88,28 @@ fn the_embedded_default_is_valid() {
     assert!(output.status.success(), "{output:?}");
 }
 
+/// As `check_binds_nothing_and_writes_nothing`, for a start refused for its configuration:
+/// a start that bound its port before judging the configuration would fail on the held
+/// port with 1, not 78.
 #[test]
 fn a_bad_configuration_starts_nothing() {
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!("listeners: [\"127.0.0.1:{port}\"]\nupstreams: []\n"),
-    );
-    let output = Command::new(BINARY)
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(78));
-    TcpListener::bind(("127.0.0.1", port)).expect("the port was bound");
+    let listener = held_port();
+    let (dir, config) = config_in_new_directory(&format!(
+        "listeners: [\"{}\"]\nupstreams: []\n",
+        listener.local_addr().unwrap()
+    ));
+    let watch = DirectoryWatch::new(dir.path());
+    let outcome = start_to_end(&config);
+    assert_eq!(outcome.code, 78, "{outcome:?}");
+    assert_eq!(watch.changes(), Vec::<String>::new(), "wrote in {dir:?}");
 }
 
 #[test]
 fn a_busy_port_is_a_clear_error() {
-    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = busy.local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &GOOD.replace("PORT", &port.to_string()));
-    let output = Command::new(BINARY)
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}"))
-            && stderr.contains("listeners[0]"),
-        "{stderr}"
-    );
+    let busy = held_port();
+    let address = busy.local_addr().unwrap();
+    let (_dir, config) = config_in_new_directory(&GOOD.replace("LISTEN", &address.to_string()));
+    assert_port_taken(&start_to_end(&config), address);
 }
 
 #[test]

@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,14 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
-
-fn listen() -> SocketAddr {
-    format!("127.0.0.1:{}", free_port()).parse().unwrap()
-}
-
-fn one_upstream(backend: SocketAddr) -> String {
-    format!("upstreams:\n  - address: {backend}\n")
-}
 
 /// Sends raw bytes on a new connection and reads until the server closes it or stays
 /// silent for `quiet`.
@@ -48,11 +40,8 @@ fn status_lines(text: &str) -> Vec<&str> {
 
 #[test]
 fn requests_rfc_9112_refuses_are_not_forwarded() {
-    let backend = Backend::start("a");
-    let lb = Lb::start(
-        listen(),
-        &(one_upstream(backend.addr) + "client:\n  max_uri_length: 1024\n  max_header_count: 20\n"),
-    );
+    let (backend, lb) =
+        balancer_with_one_backend("client:\n  max_uri_length: 1024\n  max_header_count: 20\n");
     let quiet = Duration::from_secs(3);
     let long_path = format!("/{}", "a".repeat(2000));
     let big_header = format!("X-Big: {}\r\n", "b".repeat(40_000));
@@ -105,8 +94,7 @@ fn requests_rfc_9112_refuses_are_not_forwarded() {
 
 #[test]
 fn pipelined_requests_are_all_answered_in_order() {
-    let backend = Backend::start("a");
-    let lb = Lb::start(listen(), &one_upstream(backend.addr));
+    let (backend, lb) = balancer_with_one_backend("");
     let mut requests = String::new();
     for i in 1..=5 {
         let close = if i == 5 { "Connection: close\r\n" } else { "" };
@@ -130,11 +118,8 @@ fn pipelined_requests_are_all_answered_in_order() {
 
 #[test]
 fn slow_and_idle_clients_are_closed_without_starving_others() {
-    let backend = Backend::start("a");
-    let lb = Lb::start(
-        listen(),
-        &(one_upstream(backend.addr) + "client:\n  header_timeout: 2s\n  keepalive_timeout: 1s\n"),
-    );
+    let (_backend, lb) =
+        balancer_with_one_backend("client:\n  header_timeout: 2s\n  keepalive_timeout: 1s\n");
     // Slowloris: 20 connections sending their header one byte every 300 ms, each read
     // well inside any per-read timeout.
     let started = Instant::now();
@@ -188,8 +173,7 @@ fn slow_and_idle_clients_are_closed_without_starving_others() {
 
 #[test]
 fn a_thousand_idle_connections_do_not_stop_new_ones() {
-    let backend = Backend::start("a");
-    let lb = Lb::start(listen(), &one_upstream(backend.addr));
+    let (_backend, lb) = balancer_with_one_backend("");
     // Each holds a kept-alive connection after one answered request.
     let idle: Vec<Client> = (0..1000)
         .map(|_| {
@@ -207,7 +191,7 @@ fn a_thousand_idle_connections_do_not_stop_new_ones() {
 /// A backend that keeps connections alive as far as its responses say, but closes each
 /// one `close_after` after answering (as Node, gunicorn and Apache do on their own clock).
 fn closing_backend(close_after: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = held_port();
     let addr = listener.local_addr().unwrap();
     let answered = Arc::new(AtomicUsize::new(0));
     let counter = answered.clone();
@@ -251,8 +235,8 @@ fn a_backend_closing_kept_alive_connections_costs_no_request() {
     ] {
         let (backend, answered) = closing_backend(close_after);
         let lb = Lb::start(
-            listen(),
-            &(one_upstream(backend) + "health_check:\n  kind: none\n"),
+            listen_address(),
+            &(upstreams(&[backend]) + "health_check:\n  kind: none\n"),
         );
         let mut client = Client::connect(lb.listen).unwrap();
         let mut failed = Vec::new();
@@ -316,7 +300,7 @@ fn send_on(client: Client, addr: SocketAddr, request: &str) -> (Client, u16) {
 
 /// A backend that accepts and then behaves as `answer` says.
 fn broken_backend(answer: &'static [u8], reset: bool) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = held_port();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
@@ -354,8 +338,8 @@ fn broken_backends_give_502_and_silent_ones_504_in_time() {
     for (answer, reset, expected) in cases {
         let backend = broken_backend(answer, reset);
         let lb = Lb::start(
-            listen(),
-            &(one_upstream(backend) + "health_check:\n  kind: none\ntimeouts:\n  read: 1s\n"),
+            listen_address(),
+            &(upstreams(&[backend]) + "health_check:\n  kind: none\ntimeouts:\n  read: 1s\n"),
         );
         let started = Instant::now();
         let response = lb.get("/").unwrap();
@@ -373,8 +357,7 @@ fn broken_backends_give_502_and_silent_ones_504_in_time() {
 
 #[test]
 fn the_reload_command_lets_go_of_its_callers_output() {
-    let backend = Backend::start("a");
-    let lb = Lb::start(listen(), &one_upstream(backend.addr));
+    let (_backend, lb) = balancer_with_one_backend("");
     let mut command = Command::new(BINARY);
     command
         .args(["reload", "-c"])
@@ -387,45 +370,25 @@ fn the_reload_command_lets_go_of_its_callers_output() {
     std::thread::spawn(move || {
         let _ = sender.send(command.output());
     });
-    let output = receiver
+    let outcome: Outcome = receiver
         .recv_timeout(Duration::from_secs(20))
         .expect("the reload command's output stayed open")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let new_pid: i32 = stdout
-        .split_whitespace()
-        .find_map(|w| w.parse().ok())
-        .unwrap();
-    let _successor = KillOnDrop(new_pid);
+        .unwrap()
+        .into();
+    assert_eq!(outcome.code, 0, "{outcome:?}");
+    let _successor = KillOnDrop(reloaded_pid(&outcome.stdout));
     assert!(eventually(Duration::from_secs(10), || !alive(lb.pid)));
     assert_eq!(lb.get("/").unwrap().status, 200);
 }
 
 #[test]
 fn a_reload_without_c_keeps_the_running_configuration() {
-    let backend = Backend::start("a");
-    let lb = Lb::start(listen(), &one_upstream(backend.addr));
-    let output = Command::new(BINARY)
+    let (_backend, lb) = balancer_with_one_backend("");
+    let outcome = run(Command::new(BINARY)
         .args(["reload", "--pid", &lb.pid.to_string()])
-        .env("NOTIFY_SOCKET", &lb.notify.path)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let new_pid: i32 = stdout
-        .split_whitespace()
-        .find_map(|w| w.parse().ok())
-        .unwrap();
+        .env("NOTIFY_SOCKET", &lb.notify.path));
+    assert_eq!(outcome.code, 0, "{outcome:?}");
+    let new_pid = reloaded_pid(&outcome.stdout);
     let _successor = KillOnDrop(new_pid);
     let cmdline = std::fs::read_to_string(format!("/proc/{new_pid}/cmdline")).unwrap();
     assert!(
@@ -439,19 +402,17 @@ fn a_reload_without_c_keeps_the_running_configuration() {
 
 #[test]
 fn a_reload_never_signals_a_process_that_is_not_pingora_lb() {
-    let backend = Backend::start("a");
-    let lb = Lb::start(listen(), &one_upstream(backend.addr));
+    let (_backend, lb) = balancer_with_one_backend("");
     let mut bystander = Command::new("sleep").arg("30").spawn().unwrap();
-    let output = Command::new(BINARY)
+    let outcome = run(Command::new(BINARY)
         .args(["reload", "-c"])
         .arg(&lb.config)
-        .args(["--pid", &bystander.id().to_string()])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("runs sleep, not pingora-lb"), "{stderr}");
+        .args(["--pid", &bystander.id().to_string()]));
+    assert_eq!(outcome.code, 64, "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("runs sleep, not pingora-lb"),
+        "{outcome:?}"
+    );
     assert!(
         bystander.try_wait().unwrap().is_none(),
         "the bystander was signalled"
@@ -462,30 +423,14 @@ fn a_reload_never_signals_a_process_that_is_not_pingora_lb() {
 
 #[test]
 fn operator_faults_change_nothing() {
-    let backend = Backend::start("a");
-    let mut lb = Lb::start(listen(), &one_upstream(backend.addr));
+    let (_backend, mut lb) = balancer_with_one_backend("");
     let pid = lb.pid;
     // SIGQUIT twice with no successor waiting: one handoff attempt, then serving as before.
-    let quit = || {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGQUIT,
-        )
-        .unwrap()
-    };
-    quit();
-    assert!(eventually(Duration::from_secs(5), || lb
-        .error_log()
-        .contains("handing the listening sockets over")));
-    quit();
+    signal(pid, Signal::SIGQUIT);
+    lb.wait_for_log("handing the listening sockets over", Duration::from_secs(5));
+    signal(pid, Signal::SIGQUIT);
     assert_eq!(lb.get("/").unwrap().status, 200);
-    assert!(
-        eventually(Duration::from_secs(10), || lb
-            .error_log()
-            .contains("this process keeps serving")),
-        "{}",
-        lb.error_log()
-    );
+    lb.wait_for_log("this process keeps serving", Duration::from_secs(10));
     assert!(lb.error_log().contains("a handoff is already under way"));
     // A reload whose configuration file vanished.
     let config = lb.config.clone();
@@ -507,22 +452,10 @@ fn operator_faults_change_nothing() {
     assert_eq!(lb.get("/").unwrap().status, 200);
 }
 
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
 #[test]
 fn a_reload_onto_a_taken_port_says_which_every_time() {
-    let backend = Backend::start("a");
-    let mut lb = Lb::start(listen(), &one_upstream(backend.addr));
-    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (_backend, mut lb) = balancer_with_one_backend("");
+    let taken = held_port();
     let port = taken.local_addr().unwrap();
     let good = std::fs::read_to_string(&lb.config).unwrap();
     std::fs::write(
@@ -532,15 +465,7 @@ fn a_reload_onto_a_taken_port_says_which_every_time() {
     .unwrap();
     let pid = lb.pid;
     for _ in 0..10 {
-        let outcome = lb.reload(&[]);
-        assert_eq!(outcome.code, 1, "{outcome:?}");
-        assert!(
-            outcome
-                .stderr
-                .contains(&format!("cannot listen on {port} (key `listeners[0]`)"))
-                && outcome.stderr.contains("another process holds this port"),
-            "{outcome:?}"
-        );
+        assert_port_taken(&lb.reload(&[]), port);
         assert_eq!(lb.pid, pid);
     }
     assert_eq!(lb.get("/").unwrap().status, 200);
@@ -555,22 +480,18 @@ fn runtime_files_in_a_world_writable_directory_are_refused_at_check() {
     )
     .unwrap();
     for key in ["upgrade_sock", "pid_file"] {
-        let dir = tempfile::tempdir().unwrap();
-        let config = write_config(
-            dir.path(),
-            &format!(
-                "{key}: {}/lb.file\nlisteners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n",
-                shared.path().display()
-            ),
-        );
+        let (_dir, config) = config_in_new_directory(&format!(
+            "{key}: {}/lb.file\nlisteners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n",
+            shared.path().display()
+        ));
         let line = std::fs::read_to_string(&config)
             .unwrap()
             .lines()
             .position(|l| l.starts_with(&format!("{key}:")))
             .unwrap()
             + 1;
-        let (code, stderr) = check_config(&config);
-        assert_eq!(code, Some(78), "{key}: {stderr}");
+        let Outcome { code, stderr, .. } = check_config(&config);
+        assert_eq!(code, 78, "{key}: {stderr}");
         assert!(
             stderr.contains(&format!(":{line}: key `{key}`"))
                 && stderr.contains("writable by everyone"),
@@ -591,17 +512,12 @@ fn a_pid_file_that_is_a_symbolic_link_is_not_written_through() {
         dir.path(),
         &format!(
             "listeners: [\"{}\"]\n{}",
-            listen(),
-            one_upstream(backend.addr)
+            listen_address(),
+            upstreams(&[backend.addr])
         ),
     );
-    let output = Command::new(BINARY)
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let Outcome { code, stderr, .. } = start_to_end(&config);
+    assert_eq!(code, 73, "{stderr}");
     assert!(
         stderr.contains("key `pid_file`") && stderr.contains("symbolic link"),
         "{stderr}"
@@ -617,8 +533,7 @@ fn sockets_are_never_handed_to_another_user() {
         eprintln!("skipped: needs root to run the impostor as another user");
         return;
     }
-    let backend = Backend::start("a");
-    let lb = Lb::start(listen(), &one_upstream(backend.addr));
+    let (_backend, lb) = balancer_with_one_backend("");
     let run = lb.dir.path().join("run");
     std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let socket = run.join("upgrade.sock");
@@ -649,22 +564,12 @@ print("received", len(fds), flush=True)
     let mut line = String::new();
     output.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "listening");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(lb.pid),
-        nix::sys::signal::Signal::SIGQUIT,
-    )
-    .unwrap();
+    signal(lb.pid, Signal::SIGQUIT);
     line.clear();
     output.read_line(&mut line).unwrap();
     let _ = child.wait();
     assert_eq!(line.trim(), "received 0", "the impostor got sockets");
-    assert!(
-        eventually(Duration::from_secs(5), || lb
-            .error_log()
-            .contains("refusing to hand the sockets")),
-        "{}",
-        lb.error_log()
-    );
+    lb.wait_for_log("refusing to hand the sockets", Duration::from_secs(5));
     assert!(alive(lb.pid));
     assert_eq!(lb.get("/").unwrap().status, 200);
 }

@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn listen() -> SocketAddr {
-    format!("127.0.0.1:{}", free_port()).parse().unwrap()
-}
-
-fn signal(pid: i32, signal: i32) {
-    assert_eq!(unsafe { nix::libc::kill(pid, signal) }, 0, "kill {pid}");
-}
-
 fn proc_status(pid: i32) -> std::collections::HashMap<String, String> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -27,24 +19,14 @@ fn proc_status(pid: i32) -> std::collections::HashMap<String, String> {
         .collect()
 }
 
-/// A privileged port (below 1024) that is free on loopback.
-fn privileged_port() -> u16 {
-    (700..1000)
-        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .expect("a free port below 1024")
-}
-
 #[test]
 fn started_as_root_it_serves_a_low_port_as_an_unprivileged_user_without_capabilities() {
-    assert!(
-        is_root(),
-        "privilege tests run as root (CI runs the suite as root)"
-    );
+    require_root();
     let backend = Backend::start("a");
-    let addr: SocketAddr = format!("127.0.0.1:{}", privileged_port()).parse().unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], privileged_port()));
     let lb = Lb::start(
         addr,
-        &format!("user: nobody\nupstreams:\n  - address: {}\n", backend.addr),
+        &format!("user: nobody\n{}", upstreams(&[backend.addr])),
     );
     assert_eq!(lb.get("/").unwrap().status, 200);
     let status = proc_status(lb.pid);
@@ -71,21 +53,15 @@ fn started_as_root_it_serves_a_low_port_as_an_unprivileged_user_without_capabili
 
 #[test]
 fn started_as_root_without_user_it_drops_to_nobody() {
-    assert!(
-        is_root(),
-        "privilege tests run as root (CI runs the suite as root)"
-    );
+    require_root();
     let backend = Backend::start("a");
     let dir = tempfile::tempdir().unwrap();
     // `user` is left out on purpose; write_config would otherwise add `user: root`.
     let config = dir.path().join("lb.yaml");
-    let port = free_port();
+    let addr = listen_address();
     std::fs::write(
         &config,
-        format!(
-            "listeners: [\"127.0.0.1:{port}\"]\nupstreams:\n  - address: {}\n",
-            backend.addr
-        ),
+        format!("listeners: [\"{addr}\"]\n{}", upstreams(&[backend.addr])),
     )
     .unwrap();
     let mut child = std::process::Command::new(BINARY)
@@ -94,7 +70,6 @@ fn started_as_root_without_user_it_drops_to_nobody() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(eventually(Duration::from_secs(5), || get(addr, "/", &[])
         .is_ok_and(|r| r.status == 200)));
     let status = proc_status(child.id() as i32);
@@ -106,11 +81,7 @@ fn started_as_root_without_user_it_drops_to_nobody() {
 
 #[test]
 fn systemd_hears_ready_status_and_stopping() {
-    let backend = Backend::start("a");
-    let mut lb = Lb::start(
-        listen(),
-        &format!("upstreams:\n  - address: {}\n", backend.addr),
-    );
+    let (_backend, mut lb) = balancer_with_one_backend("");
     // READY came first (Lb::start waited for it): a connection is accepted right away.
     assert_eq!(lb.get("/").unwrap().status, 200);
     let ready = lb
@@ -128,48 +99,20 @@ fn systemd_hears_ready_status_and_stopping() {
         ready.contains("STATUS=serving on") && ready.contains("1/1 backends healthy"),
         "{ready}"
     );
-    signal(lb.pid, nix::libc::SIGTERM);
-    assert!(lb
-        .notify
-        .wait_for("STOPPING=1", Duration::from_secs(5))
-        .is_some());
+    signal(lb.pid, Signal::SIGTERM);
+    lb.notify.expect("STOPPING=1", Duration::from_secs(5));
     let mut child = lb.child.take().unwrap();
     assert!(child.wait().unwrap().success());
 }
 
 #[test]
 fn the_error_log_reaches_syslog_with_the_configured_identifier() {
-    let backend = Backend::start("a");
-    let dir = tempfile::tempdir().unwrap();
-    let socket_path = dir.path().join("log.sock");
-    let syslog = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    syslog
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let lb = Lb::start(
-        listen(),
-        &format!(
-            "error_log: syslog\nsyslog:\n  identifier: lb-test\n  facility: local3\n  socket: {}\nupstreams:\n  - address: {}\n",
-            socket_path.display(),
-            backend.addr
-        ),
-    );
-    let mut lines = Vec::new();
-    let mut buf = vec![0u8; 8192];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        let Ok(n) = syslog.recv(&mut buf) else { break };
-        let line = String::from_utf8_lossy(&buf[..n]).into_owned();
-        let done = line.contains("serving on");
-        lines.push(line);
-        if done {
-            break;
-        }
-    }
-    let serving = lines
-        .iter()
-        .find(|l| l.contains("serving on"))
-        .unwrap_or_else(|| panic!("{lines:?}"));
+    let mut syslog = DatagramSocket::in_new_directory();
+    let (_backend, lb) = balancer_with_one_backend(&format!(
+        "error_log: syslog\nsyslog:\n  identifier: lb-test\n  facility: local3\n  socket: {}\n",
+        syslog.path.display()
+    ));
+    let serving = syslog.expect("serving on", Duration::from_secs(5));
     // RFC 3164: <PRI> with local3 (19) * 8 + info (6) = 158, then "lb-test[PID]:".
     assert!(serving.starts_with("<158>"), "{serving}");
     assert!(
@@ -180,12 +123,8 @@ fn the_error_log_reaches_syslog_with_the_configured_identifier() {
 
 #[test]
 fn sighup_does_not_kill_and_sigterm_lets_a_slow_request_finish() {
-    let backend = Backend::start("a");
-    let mut lb = Lb::start(
-        listen(),
-        &format!("upstreams:\n  - address: {}\n", backend.addr),
-    );
-    signal(lb.pid, nix::libc::SIGHUP);
+    let (_backend, mut lb) = balancer_with_one_backend("");
+    signal(lb.pid, Signal::SIGHUP);
     std::thread::sleep(Duration::from_millis(200));
     assert!(alive(lb.pid));
     assert_eq!(lb.get("/").unwrap().status, 200);
@@ -194,7 +133,7 @@ fn sighup_does_not_kill_and_sigterm_lets_a_slow_request_finish() {
     let slow = std::thread::spawn(move || get(addr, "/slow/2000", &[]));
     std::thread::sleep(Duration::from_millis(300));
     let signalled = Instant::now();
-    signal(lb.pid, nix::libc::SIGTERM);
+    signal(lb.pid, Signal::SIGTERM);
     let response = slow
         .join()
         .unwrap()
@@ -212,13 +151,9 @@ fn sighup_does_not_kill_and_sigterm_lets_a_slow_request_finish() {
 
 #[test]
 fn sigterm_on_an_idle_process_exits_promptly() {
-    let backend = Backend::start("a");
-    let mut lb = Lb::start(
-        listen(),
-        &format!("upstreams:\n  - address: {}\n", backend.addr),
-    );
+    let (_backend, mut lb) = balancer_with_one_backend("");
     let signalled = Instant::now();
-    signal(lb.pid, nix::libc::SIGTERM);
+    signal(lb.pid, Signal::SIGTERM);
     let mut child = lb.child.take().unwrap();
     assert!(child.wait().unwrap().success());
     assert!(
@@ -237,15 +172,11 @@ fn sigterm_on_an_idle_process_exits_promptly() {
 #[test]
 fn daemon_mode_returns_once_serving() {
     let backend = Backend::start("a");
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "listeners: [\"127.0.0.1:{port}\"]\nupstreams:\n  - address: {}\n",
-            backend.addr
-        ),
-    );
+    let addr = listen_address();
+    let (dir, config) = config_in_new_directory(&format!(
+        "listeners: [\"{addr}\"]\n{}",
+        upstreams(&[backend.addr])
+    ));
     let status = std::process::Command::new(BINARY)
         .arg("-d")
         .arg("-c")
@@ -254,7 +185,6 @@ fn daemon_mode_returns_once_serving() {
         .unwrap();
     assert!(status.success());
     // No waiting: it serves as soon as -d returns.
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert_eq!(get(addr, "/", &[]).unwrap().status, 200);
     let pid: i32 = std::fs::read_to_string(dir.path().join("run/pingora-lb.pid"))
         .unwrap()
@@ -262,7 +192,7 @@ fn daemon_mode_returns_once_serving() {
         .parse()
         .unwrap();
     assert!(alive(pid));
-    signal(pid, nix::libc::SIGTERM);
+    signal(pid, Signal::SIGTERM);
     assert!(eventually(Duration::from_secs(5), || !alive(pid)));
 }
 
@@ -349,13 +279,7 @@ impl Load {
 #[test]
 fn twenty_reloads_under_load_fail_no_request() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
-    let mut lb = Lb::start(
-        listen(),
-        &format!(
-            "upstreams:\n  - address: {}\n  - address: {}\n",
-            a.addr, b.addr
-        ),
-    );
+    let mut lb = Lb::start(listen_address(), &upstreams(&[a.addr, b.addr]));
     let first = lb.pid;
     let load = Load::start(lb.listen, Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(300));
@@ -373,14 +297,8 @@ fn twenty_reloads_under_load_fail_no_request() {
         pids.push(lb.pid);
         // The new process announced itself as the main process, and the old one drains
         // without telling systemd it stops.
-        let mainpid = format!("MAINPID={}", lb.pid);
-        assert!(
-            lb.notify
-                .wait_for(&mainpid, Duration::from_secs(2))
-                .is_some(),
-            "{:?}",
-            lb.notify.messages
-        );
+        lb.notify
+            .expect(&format!("MAINPID={}", lb.pid), Duration::from_secs(2));
         std::thread::sleep(Duration::from_millis(150));
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -416,11 +334,7 @@ fn failed_reload(
     code: i32,
     words: &str,
 ) -> Lb {
-    let backend = Backend::start("a");
-    let mut lb = Lb::start(
-        listen(),
-        &format!("upstreams:\n  - address: {}\n", backend.addr),
-    );
+    let (backend, mut lb) = balancer_with_one_backend("");
     let pid = lb.pid;
     let good = std::fs::read_to_string(&lb.config).unwrap();
     std::fs::write(&lb.config, change(&good, &backend)).unwrap();
@@ -451,7 +365,7 @@ fn a_new_process_that_dies_before_taking_the_sockets_changes_nothing() {
     failed_reload(
         |good, _| good.replace("user: root\n", "") + "user: no-such-user-pingora-lb\n",
         &[],
-        1,
+        69,
         "could not start: key `user`: no user \"no-such-user-pingora-lb\"",
     );
 }
@@ -462,16 +376,10 @@ fn a_new_process_that_dies_after_taking_the_sockets_changes_nothing() {
     let lb = failed_reload(
         |good, backend| good.replace(&backend.addr.to_string(), "backend.invalid:80"),
         &[],
-        1,
+        69,
         "could not start: cannot resolve backend backend.invalid:80",
     );
-    assert!(
-        eventually(Duration::from_secs(2), || lb
-            .error_log()
-            .contains("keeps serving")),
-        "{}",
-        lb.error_log()
-    );
+    lb.wait_for_log("keeps serving", Duration::from_secs(2));
 }
 
 #[test]
@@ -481,7 +389,7 @@ fn an_unreachable_upgrade_socket_fails_the_reload_and_changes_nothing() {
     let lb = failed_reload(
         |good, _| good.replace("run/upgrade.sock", "elsewhere/upgrade.sock"),
         &["--timeout", "7"],
-        1,
+        69,
         "did not serve within 7s",
     );
     assert!(started.elapsed() < Duration::from_secs(12));
@@ -497,13 +405,9 @@ fn the_manual_upgrade_works_with_sigquit_first() {
     // pingora's documented flow in the other order: SIGQUIT to the old process, then the
     // new one started with -u within the retry window (5 s: a loaded machine needs most
     // of what is left of it to start the new process).
-    let backend = Backend::start("a");
-    let mut lb = Lb::start(
-        listen(),
-        &format!("upstreams:\n  - address: {}\n", backend.addr),
-    );
+    let (_backend, mut lb) = balancer_with_one_backend("");
     let old = lb.pid;
-    signal(old, nix::libc::SIGQUIT);
+    signal(old, Signal::SIGQUIT);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         lb.get("/").unwrap().status,
@@ -517,17 +421,30 @@ fn the_manual_upgrade_works_with_sigquit_first() {
         .env("NOTIFY_SOCKET", &lb.notify.path)
         .spawn()
         .unwrap();
-    let mainpid = format!("MAINPID={}", new.id());
-    assert!(
-        lb.notify
-            .wait_for(&mainpid, Duration::from_secs(10))
-            .is_some(),
-        "{:?}",
-        lb.notify.messages
-    );
+    lb.notify
+        .expect(&format!("MAINPID={}", new.id()), Duration::from_secs(10));
     lb.successors.push(new.id() as i32);
     assert!(eventually(Duration::from_secs(5), || !alive(old)));
     assert_eq!(lb.get("/").unwrap().status, 200);
     new.kill().unwrap();
     new.wait().unwrap();
+}
+
+#[test]
+fn a_missing_user_is_a_failure_no_restart_can_fix() {
+    require_root();
+    let (_dir, config) = config_in_new_directory(&format!(
+        "listeners: [\"{}\"]\nuser: no-such-user-pingora-lb\n{}",
+        listen_address(),
+        upstreams(&["127.0.0.1:9".parse().unwrap()])
+    ));
+    let outcome = start_to_end(&config);
+    // EX_NOUSER, which the unit's RestartPreventExitStatus lists.
+    assert_eq!(outcome.code, 67, "{outcome:?}");
+    assert!(
+        outcome
+            .stderr
+            .contains("key `user`: no user \"no-such-user-pingora-lb\" exists"),
+        "{outcome:?}"
+    );
 }

@@ -8,14 +8,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn upstreams(backends: &[&Backend]) -> String {
-    let mut text = String::from("upstreams:\n");
-    for b in backends {
-        text.push_str(&format!("  - address: {}\n", b.addr));
-    }
-    text
-}
-
 fn count_backends(lb: &Lb, requests: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for _ in 0..requests {
@@ -29,10 +21,7 @@ fn count_backends(lb: &Lb, requests: usize, headers: &[(&str, &str)]) -> HashMap
 #[test]
 fn round_robin_alternates_exactly() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
-    let lb = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        &upstreams(&[&a, &b]),
-    );
+    let lb = Lb::start(listen_address(), &upstreams(&[a.addr, b.addr]));
     let order: Vec<String> = (0..10)
         .map(|_| lb.get("/").unwrap().backend().to_string())
         .collect();
@@ -45,7 +34,7 @@ fn round_robin_alternates_exactly() {
 fn weights_are_honoured() {
     let (a, b) = (Backend::start("heavy"), Backend::start("light"));
     let lb = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        listen_address(),
         &format!(
             "upstreams:\n  - address: {}\n    weight: 3\n  - address: {}\n    weight: 1\n",
             a.addr, b.addr
@@ -60,8 +49,11 @@ fn weights_are_honoured() {
 fn random_selection_uses_every_backend() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
     let lb = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        &format!("{}selection:\n  algorithm: random\n", upstreams(&[&a, &b])),
+        listen_address(),
+        &format!(
+            "{}selection:\n  algorithm: random\n",
+            upstreams(&[a.addr, b.addr])
+        ),
     );
     let counts = count_backends(&lb, 60, &[]);
     assert!(
@@ -73,12 +65,12 @@ fn random_selection_uses_every_backend() {
 #[test]
 fn consistent_hashing_is_stable_for_a_key() {
     let backends: Vec<Backend> = (0..4).map(|i| Backend::start(&format!("b{i}"))).collect();
-    let refs: Vec<&Backend> = backends.iter().collect();
+    let addresses: Vec<_> = backends.iter().map(|b| b.addr).collect();
     let lb = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        listen_address(),
         &format!(
             "{}selection:\n  algorithm: consistent_hash\n  key: header:X-User\n",
-            upstreams(&refs)
+            upstreams(&addresses)
         ),
     );
     let mut chosen = HashMap::new();
@@ -103,7 +95,7 @@ fn consistent_hashing_is_stable_for_a_key() {
 fn host_header_override_reaches_the_backend() {
     let a = Backend::start("a");
     let lb = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        listen_address(),
         &format!(
             "upstreams:\n  - address: {}\n    host: backend.internal\n",
             a.addr
@@ -127,7 +119,7 @@ fn tls_backend_gets_sni_and_is_verified_against_the_ca_file() {
         )
     };
     let verified = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        listen_address(),
         &upstream(&format!("    ca_file: {}\n", ca.display())),
     );
     let response = verified.get("/").unwrap();
@@ -140,7 +132,7 @@ fn tls_backend_gets_sni_and_is_verified_against_the_ca_file() {
     // Without the CA the certificate chain is untrusted: the request must not go through.
     // (Health checks are off so the failure shows in the proxy, not as a down backend.)
     let unverified = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        listen_address(),
         &format!("{}health_check:\n  kind: none\n", upstream("")),
     );
     let before = backend.requests.load(std::sync::atomic::Ordering::Relaxed);
@@ -157,7 +149,7 @@ fn a_dead_backend_fails_no_request_even_before_health_checks_notice() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
     let dead = free_port();
     let lb = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        listen_address(),
         &format!(
             "upstreams:\n  - address: 127.0.0.1:{dead}\n  - address: {}\n  - address: {}\nhealth_check:\n  kind: none\n",
             a.addr, b.addr
@@ -187,18 +179,15 @@ fn an_http_health_check_wants_its_status_path_and_host() {
     let backend = Backend::start("a");
     let addr = backend.addr;
     let lb = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        listen_address(),
         &format!(
             "{}health_check:\n  kind: http\n  path: /health\n  expected_status: 204\n  interval: 200ms\n  timeout: 200ms\n  rise: 1\n  fall: 1\n",
-            upstreams(&[&backend])
+            upstreams(&[backend.addr])
         ),
     );
-    assert!(
-        eventually(Duration::from_secs(3), || lb
-            .error_log()
-            .contains(&format!("backend {addr} becomes unhealthy"))),
-        "{}",
-        lb.error_log()
+    lb.wait_for_log(
+        &format!("backend {addr} becomes unhealthy"),
+        Duration::from_secs(3),
     );
     assert!(
         lb.error_log().contains("health check expected status 204"),
@@ -214,10 +203,7 @@ fn an_http_health_check_wants_its_status_path_and_host() {
 #[test]
 fn a_client_that_goes_away_is_not_an_error() {
     let backend = Backend::start("a");
-    let lb = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        &upstreams(&[&backend]),
-    );
+    let lb = Lb::start(listen_address(), &upstreams(&[backend.addr]));
     let mut client = std::net::TcpStream::connect(lb.listen).unwrap();
     std::io::Write::write_all(
         &mut client,
@@ -226,12 +212,9 @@ fn a_client_that_goes_away_is_not_an_error() {
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     drop(client);
-    assert!(
-        eventually(Duration::from_secs(3), || lb.error_log().contains(
-            "INFO pingora_lb::proxy: client request failed: Downstream"
-        )),
-        "{}",
-        lb.error_log()
+    lb.wait_for_log(
+        "INFO pingora_lb::proxy: client request failed: Downstream",
+        Duration::from_secs(3),
     );
     let log = lb.error_log();
     assert!(!log.contains(" ERROR "), "{log}");
@@ -244,22 +227,19 @@ fn health_checks_remove_and_restore_a_backend() {
     let b = Backend::start("b");
     let b_addr = b.addr;
     let mut lb = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        listen_address(),
         &format!(
             "{}health_check:\n  kind: http\n  path: /health\n  interval: 200ms\n  timeout: 200ms\n  rise: 2\n  fall: 2\n",
-            upstreams(&[&a, &b])
+            upstreams(&[a.addr, b.addr])
         ),
     );
     assert_eq!(count_backends(&lb, 4, &[]).len(), 2);
 
     b.stop();
     let stopped = Instant::now();
-    assert!(
-        eventually(Duration::from_secs(3), || lb
-            .error_log()
-            .contains(&format!("backend {b_addr} becomes unhealthy"))),
-        "{}",
-        lb.error_log()
+    lb.wait_for_log(
+        &format!("backend {b_addr} becomes unhealthy"),
+        Duration::from_secs(3),
     );
     // interval x fall, plus one probe's timeout and scheduling slack.
     assert!(
@@ -269,20 +249,15 @@ fn health_checks_remove_and_restore_a_backend() {
     );
     let counts = count_backends(&lb, 6, &[]);
     assert_eq!(counts.get("a"), Some(&6), "{counts:?}");
-    let status = lb
-        .notify
-        .wait_for("1/2 backends healthy", Duration::from_secs(2));
-    assert!(
-        status.is_some(),
-        "no STATUS update: {:?}",
-        lb.notify.messages
-    );
+    lb.notify
+        .expect("1/2 backends healthy", Duration::from_secs(2));
 
     let back = Backend::start_at("b", b_addr);
     let restarted = Instant::now();
-    assert!(eventually(Duration::from_secs(3), || lb
-        .error_log()
-        .contains(&format!("backend {b_addr} becomes healthy"))));
+    lb.wait_for_log(
+        &format!("backend {b_addr} becomes healthy"),
+        Duration::from_secs(3),
+    );
     assert!(
         restarted.elapsed() < Duration::from_millis(2 * 200 + 800),
         "{:?}",
@@ -308,7 +283,7 @@ fn health_checks_remove_and_restore_a_backend() {
 #[test]
 fn all_backends_down_is_answered_fast() {
     let lb = Lb::start(
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        listen_address(),
         &format!(
             "upstreams:\n  - address: 127.0.0.1:{}\n  - address: 127.0.0.1:{}\n",
             free_port(),

@@ -8,10 +8,6 @@ use std::time::Duration;
 
 use support::*;
 
-fn listen() -> SocketAddr {
-    format!("127.0.0.1:{}", free_port()).parse().unwrap()
-}
-
 fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
     let response = get(addr, "/metrics", &[]).unwrap();
     assert_eq!(response.status, 200);
@@ -44,9 +40,9 @@ fn status(addr: SocketAddr) -> serde_json::Value {
 #[test]
 fn forwarded_headers_are_set_and_not_spoofable() {
     let backend = Backend::start("a");
-    let upstreams = format!("upstreams:\n  - address: {}\n", backend.addr);
+    let upstreams = upstreams(&[backend.addr]);
     let untrusting = Lb::start(
-        listen(),
+        listen_address(),
         &format!("{upstreams}forwarding:\n  x_forwarded: true\n  forwarded: true\n  trusted_proxies: [\"10.0.0.0/8\"]\n"),
     );
     get(
@@ -69,7 +65,7 @@ fn forwarded_headers_are_set_and_not_spoofable() {
     );
 
     let trusting = Lb::start(
-        listen(),
+        listen_address(),
         &format!(
             "{upstreams}forwarding:\n  x_forwarded: true\n  trusted_proxies: [\"127.0.0.0/8\"]\n"
         ),
@@ -86,10 +82,10 @@ fn access_log_file_is_written_and_reopened_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let lb = Lb::start(
-        listen(),
+        listen_address(),
         &format!(
-            "upstreams:\n  - address: {}\naccess_log:\n  destination: {}\n  format: json\n",
-            backend.addr,
+            "{}access_log:\n  destination: {}\n  format: json\n",
+            upstreams(&[backend.addr]),
             log.display()
         ),
     );
@@ -118,7 +114,7 @@ fn access_log_file_is_written_and_reopened_on_sighup() {
     // logrotate: rename, SIGHUP, and the next line lands in a new file.
     let rotated = dir.path().join("access.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    unsafe { nix::libc::kill(lb.pid, nix::libc::SIGHUP) };
+    signal(lb.pid, Signal::SIGHUP);
     std::thread::sleep(Duration::from_millis(700));
     get(lb.listen, "/second", &[]).unwrap();
     assert!(eventually(Duration::from_secs(3), || {
@@ -131,25 +127,14 @@ fn access_log_file_is_written_and_reopened_on_sighup() {
 
 #[test]
 fn access_log_reaches_syslog_in_combined_format() {
-    let backend = Backend::start("a");
-    let dir = tempfile::tempdir().unwrap();
-    let socket_path = dir.path().join("access.sock");
-    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let lb = Lb::start(
-        listen(),
-        &format!(
-            "upstreams:\n  - address: {}\naccess_log:\n  destination: syslog\n  syslog:\n    identifier: lb-access\n    socket: {}\n",
-            backend.addr,
-            socket_path.display()
-        ),
-    );
+    let mut syslog = DatagramSocket::in_new_directory();
+    let (backend, lb) = balancer_with_one_backend(&format!(
+        "access_log:\n  destination: syslog\n  syslog:\n    identifier: lb-access\n    socket: {}\n",
+        syslog.path.display()
+    ));
     get(lb.listen, "/logged", &[]).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = socket.recv(&mut buf).expect("an access log line");
-    let line = String::from_utf8_lossy(&buf[..n]);
+    // The first message, whatever it says: the access log line.
+    let line = syslog.expect("", Duration::from_secs(5));
     // daemon (3) * 8 + info (6) = 30.
     assert!(line.starts_with("<30>"), "{line}");
     assert!(line.contains(&format!("lb-access[{}]", lb.pid)), "{line}");
@@ -167,9 +152,9 @@ fn access_log_reaches_syslog_in_combined_format() {
 fn metrics_and_status_follow_requests_retries_health_and_reloads() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
     let dead = free_port();
-    let metrics: SocketAddr = listen();
+    let metrics = listen_address();
     let mut lb = Lb::start(
-        listen(),
+        listen_address(),
         &format!(
             "upstreams:\n  - address: 127.0.0.1:{dead}\n  - address: {}\n  - address: {}\nhealth_check:\n  interval: 200ms\nmetrics:\n  listen: {metrics}\n",
             a.addr, b.addr
@@ -308,9 +293,9 @@ fn metrics_and_status_follow_requests_retries_health_and_reloads() {
 fn a_retry_is_counted() {
     let a = Backend::start("a");
     let dead = free_port();
-    let metrics: SocketAddr = listen();
+    let metrics = listen_address();
     let lb = Lb::start(
-        listen(),
+        listen_address(),
         &format!(
             "upstreams:\n  - address: 127.0.0.1:{dead}\n  - address: {}\nhealth_check:\n  kind: none\nmetrics:\n  listen: {metrics}\n",
             a.addr

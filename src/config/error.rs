@@ -3,9 +3,6 @@
 
 use std::fmt;
 
-/// Exit status for a bad configuration (sysexits' EX_CONFIG), as ntpd-rs and others use.
-pub const EXIT_CONFIG: i32 = 78;
-
 /// A configuration that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {

@@ -13,8 +13,6 @@ use pingora::tls::x509::X509;
 use serde::de::{Deserializer, Error};
 use serde::Deserialize;
 
-use super::{AccessLogDestination, ErrorLog};
-
 /// Parses a value through its `FromStr`, so the error names what is accepted.
 fn from_string<'de, D: Deserializer<'de>, T: FromStr<Err = String>>(d: D) -> Result<T, D::Error> {
     let text = String::deserialize(d)?;
@@ -202,6 +200,30 @@ impl<'de> Deserialize<'de> for AbsolutePath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         from_string(d)
     }
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AccessLogDestination {
+    /// No access log.
+    #[default]
+    Off,
+    /// The local syslog socket.
+    Syslog,
+    /// A file, reopened on SIGHUP.
+    File(PathBuf),
+}
+
+/// Destination of the error log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ErrorLog {
+    /// Standard error (the journal, under systemd).
+    #[default]
+    Stderr,
+    /// The local syslog socket.
+    Syslog,
+    /// A file, appended to and reopened on SIGHUP.
+    File(PathBuf),
 }
 
 /// A destination written as one of two keywords or an absolute file path.

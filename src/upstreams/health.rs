@@ -149,7 +149,6 @@ pub struct Target<'a> {
     pub state: Arc<BackendState>,
 }
 
-
 /// The health check of the whole pool: each backend probed the way requests reach it,
 /// behind the pool-wide thresholds.
 pub struct BackendHealth {

@@ -1,27 +1,64 @@
-//! Test support: real HTTP(S) backends on loopback, a minimal HTTP client, a systemd-style
-//! notify socket, and the real `pingora-lb` binary started with a given configuration.
+//! Test support: ports, real HTTP(S) backends on loopback, a minimal HTTP client, sockets
+//! standing in for systemd's notify socket and syslog, and the real `pingora-lb` binary
+//! started, checked and reloaded with a given configuration. Every helper more than one
+//! test file needs lives here, once.
 #![allow(dead_code)]
+
+mod system;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use nix::sys::signal::Signal;
+
 pub const BINARY: &str = env!("CARGO_BIN_EXE_pingora-lb");
+
+/// Binds a listener on loopback: the one place every test port comes from (0 lets the
+/// kernel pick a free one), so that no two ways of picking ports can collide.
+fn bind_loopback(port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A listener on a free loopback port, holding the port while it lives. It listens, so
+/// Linux lets no other socket bind the port, SO_REUSEADDR or not (only SO_REUSEPORT set
+/// on both sides would share it, and this one does not set it).
+pub fn held_port() -> TcpListener {
+    bind_loopback(0).unwrap()
+}
 
 /// A free TCP port on loopback (bound and released; the kernel does not hand it out again
 /// at once).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    held_port().local_addr().unwrap().port()
+}
+
+/// A loopback address on a free port, for a balancer to listen on.
+pub fn listen_address() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
+}
+
+/// A free privileged port (below 1024, which the kernel never picks), for the tests that
+/// bind one as root before dropping privileges.
+pub fn privileged_port() -> u16 {
+    (700..1000)
+        .find(|port| bind_loopback(*port).is_ok())
+        .expect("a free port below 1024")
+}
+
+/// The `upstreams:` section for these backend addresses, with no other setting.
+pub fn upstreams(addresses: &[SocketAddr]) -> String {
+    let mut text = String::from("upstreams:\n");
+    for address in addresses {
+        text.push_str(&format!("  - address: {address}\n"));
+    }
+    text
 }
 
 /// What a backend saw of one request.
@@ -46,20 +83,23 @@ pub struct Backend {
 
 impl Backend {
     pub fn start(name: &str) -> Backend {
-        Backend::start_with(name, None, "127.0.0.1:0".parse().unwrap())
+        Backend::start_with(name, None, held_port())
     }
 
     pub fn start_tls(name: &str, tls: &TlsMaterial) -> Backend {
-        Backend::start_with(name, Some(tls.acceptor()), "127.0.0.1:0".parse().unwrap())
+        Backend::start_with(name, Some(tls.acceptor()), held_port())
     }
 
     /// Starts on a given address (to bring a stopped backend back on its port).
     pub fn start_at(name: &str, addr: SocketAddr) -> Backend {
-        Backend::start_with(name, None, addr)
+        Backend::start_with(name, None, TcpListener::bind(addr).unwrap())
     }
 
-    fn start_with(name: &str, tls: Option<openssl::ssl::SslAcceptor>, addr: SocketAddr) -> Backend {
-        let listener = TcpListener::bind(addr).unwrap();
+    fn start_with(
+        name: &str,
+        tls: Option<openssl::ssl::SslAcceptor>,
+        listener: TcpListener,
+    ) -> Backend {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let backend = Backend {
@@ -425,26 +465,40 @@ impl Client {
     }
 }
 
-/// A socket standing in for systemd's NOTIFY_SOCKET.
-pub struct NotifySocket {
+/// A Unix datagram socket the test reads what the balancer sends to: it stands in for
+/// systemd's NOTIFY_SOCKET and for syslog's /dev/log.
+pub struct DatagramSocket {
     pub path: PathBuf,
     socket: UnixDatagram,
     pub messages: Vec<String>,
+    /// The directory made for the socket by `in_new_directory`, removed with it.
+    directory: Option<tempfile::TempDir>,
 }
 
-impl NotifySocket {
-    pub fn new(dir: &Path) -> NotifySocket {
-        let path = dir.join("notify.sock");
+impl DatagramSocket {
+    /// Binds `path`, in a directory of the test's own.
+    pub fn bind(path: &Path) -> DatagramSocket {
+        let path = path.to_path_buf();
         let socket = UnixDatagram::bind(&path).unwrap();
         // Like systemd's, reachable by a process that dropped to an unprivileged user.
         use std::os::unix::fs::PermissionsExt;
+        let dir = path.parent().unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        NotifySocket {
+        DatagramSocket {
             path,
             socket,
             messages: Vec::new(),
+            directory: None,
         }
+    }
+
+    /// Binds a socket in a directory of its own (a stand-in for syslog).
+    pub fn in_new_directory() -> DatagramSocket {
+        let directory = tempfile::tempdir().unwrap();
+        let mut socket = DatagramSocket::bind(&directory.path().join("socket"));
+        socket.directory = Some(directory);
+        socket
     }
 
     /// Receives until a message containing `needle` arrives; returns it.
@@ -473,6 +527,12 @@ impl NotifySocket {
         None
     }
 
+    /// As `wait_for`, failing the test with what did arrive when nothing matches.
+    pub fn expect(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_for(needle, timeout)
+            .unwrap_or_else(|| panic!("no {needle:?} within {timeout:?}: {:?}", self.messages))
+    }
+
     /// Everything received within `period`.
     pub fn drain(&mut self, period: Duration) -> Vec<String> {
         self.wait_for("\u{0}never", period);
@@ -480,12 +540,62 @@ impl NotifySocket {
     }
 }
 
-/// What `pingora-lb reload` did.
+/// How a run of the binary that ends by itself ended (`-t`, a start that fails, `reload`):
+/// its exit code (-1 when a signal ended it), stdout and stderr.
 #[derive(Debug)]
-pub struct ReloadOutcome {
+pub struct Outcome {
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl From<Output> for Outcome {
+    fn from(output: Output) -> Outcome {
+        Outcome {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `command` to its end with stdout and stderr read from pipes.
+pub fn run(command: &mut Command) -> Outcome {
+    command.stdin(Stdio::null()).output().unwrap().into()
+}
+
+/// Runs `pingora-lb -t -c config`.
+pub fn check_config(config: &Path) -> Outcome {
+    run(Command::new(BINARY).arg("-t").arg("-c").arg(config))
+}
+
+/// Runs `pingora-lb -c config` in the foreground, for a start that must fail: it returns
+/// only once the process has exited.
+pub fn start_to_end(config: &Path) -> Outcome {
+    run(Command::new(BINARY).arg("-c").arg(config))
+}
+
+/// Fails unless `outcome` is a start (or a reload's new process) refused the listener on
+/// `address`, which another process holds, the same way whichever of them it was.
+pub fn assert_port_taken(outcome: &Outcome, address: SocketAddr) {
+    // EX_UNAVAILABLE: the port may be free again later, so systemd may restart.
+    assert_eq!(outcome.code, 69, "{outcome:?}");
+    assert!(
+        outcome
+            .stderr
+            .contains(&format!("cannot listen on {address} (key `listeners[0]`)"))
+            && outcome.stderr.contains("another process holds this port"),
+        "{outcome:?}"
+    );
+}
+
+/// The process a successful `pingora-lb reload` says serves now ("... process N serves"),
+/// so that every test reads its output the same way.
+pub fn reloaded_pid(stdout: &str) -> i32 {
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("reload prints the new pid: {stdout:?}"))
 }
 
 /// A pingora-lb process started by the test, killed when dropped.
@@ -495,7 +605,7 @@ pub struct Lb {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub listen: SocketAddr,
-    pub notify: NotifySocket,
+    pub notify: DatagramSocket,
     /// Processes that took over by reload, to kill at the end.
     pub successors: Vec<i32>,
 }
@@ -530,6 +640,25 @@ pub fn write_config(dir: &Path, body: &str) -> PathBuf {
     config
 }
 
+/// A backend named "a" and a balancer in front of it on a free port, with `extra`
+/// settings: the set-up most tests start from.
+pub fn balancer_with_one_backend(extra: &str) -> (Backend, Lb) {
+    let backend = Backend::start("a");
+    let lb = Lb::start(
+        listen_address(),
+        &format!("{}{extra}", upstreams(&[backend.addr])),
+    );
+    (backend, lb)
+}
+
+/// A configuration (as `write_config` makes it) in a new directory of its own, which holds
+/// the runtime files too and is removed when the returned handle is dropped.
+pub fn config_in_new_directory(body: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), body);
+    (dir, config)
+}
+
 impl Lb {
     /// Starts the binary with `body` appended to the test's runtime settings, and waits
     /// for READY=1 on its notify socket.
@@ -540,7 +669,7 @@ impl Lb {
     pub fn try_start(listen: SocketAddr, body: &str) -> Result<Lb, String> {
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path(), &format!("listeners: [\"{listen}\"]\n{body}"));
-        let mut notify = NotifySocket::new(dir.path());
+        let mut notify = DatagramSocket::bind(&dir.path().join("notify.sock"));
         let child = Command::new(BINARY)
             .arg("-c")
             .arg(&config)
@@ -570,9 +699,19 @@ impl Lb {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
 
+    /// Waits up to `timeout` for `needle` in the error log; fails the test with the log
+    /// if it does not come.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        assert!(
+            eventually(timeout, || self.error_log().contains(needle)),
+            "no {needle:?} in the error log:\n{}",
+            self.error_log()
+        );
+    }
+
     /// Runs `pingora-lb reload` against the current main process. The new process inherits
     /// the command's stdout and stderr, so they go to files rather than pipes read to EOF.
-    pub fn reload(&mut self, extra: &[&str]) -> ReloadOutcome {
+    pub fn reload(&mut self, extra: &[&str]) -> Outcome {
         let out = self.dir.path().join("reload.out");
         let err = self.dir.path().join("reload.err");
         let status = Command::new(BINARY)
@@ -586,17 +725,13 @@ impl Lb {
             .stderr(std::fs::File::create(&err).unwrap())
             .status()
             .unwrap();
-        let outcome = ReloadOutcome {
+        let outcome = Outcome {
             code: status.code().unwrap_or(-1),
             stdout: std::fs::read_to_string(&out).unwrap_or_default(),
             stderr: std::fs::read_to_string(&err).unwrap_or_default(),
         };
         if status.success() {
-            let pid: i32 = outcome
-                .stdout
-                .split_whitespace()
-                .find_map(|w| w.parse().ok())
-                .expect("reload prints the new pid");
+            let pid = reloaded_pid(&outcome.stdout);
             self.successors.push(pid);
             self.pid = pid;
         }
@@ -611,7 +746,7 @@ impl Lb {
 impl Drop for Lb {
     fn drop(&mut self) {
         for pid in self.successors.iter().chain(std::iter::once(&self.pid)) {
-            unsafe { nix::libc::kill(*pid, nix::libc::SIGKILL) };
+            kill_now(*pid);
         }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -620,20 +755,37 @@ impl Drop for Lb {
     }
 }
 
-/// Runs `pingora-lb -t -c config`: its exit status and stderr.
-pub fn check_config(config: &Path) -> (Option<i32>, String) {
-    let output = Command::new(BINARY)
-        .arg("-t")
-        .arg("-c")
-        .arg(config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    (output.status.code(), stderr)
+/// Sends `signal` to `pid`; the test fails if it cannot.
+pub fn signal(pid: i32, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .unwrap_or_else(|e| panic!("kill {pid}: {e}"));
+}
+
+/// SIGKILL to `pid`, whether or not it still runs: the clean-up after a test.
+fn kill_now(pid: i32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+/// Kills a process the test did not start itself (a reload's successor) when dropped, so
+/// that a failing test leaves nothing running.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill_now(self.0);
+    }
 }
 
 pub fn is_root() -> bool {
-    unsafe { nix::libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
+}
+
+/// Fails a test about privileges when the suite does not run as root.
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "privilege tests run as root (CI runs the suite as root)"
+    );
 }
 
 /// Whether a process exists (and is not a zombie).
@@ -659,4 +811,52 @@ pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
         std::thread::sleep(Duration::from_millis(20));
     }
     condition()
+}
+
+/// Records every entry created, written, renamed or removed in a directory from its
+/// creation on: a process that wrote a file and removed it again before it exited (as the
+/// pid file is at a clean exit) leaves no trace for a look at the directory afterwards.
+pub struct DirectoryWatch {
+    events: std::fs::File,
+}
+
+impl DirectoryWatch {
+    pub fn new(dir: &Path) -> DirectoryWatch {
+        use nix::libc;
+        let changes = libc::IN_CREATE
+            | libc::IN_MODIFY
+            | libc::IN_CLOSE_WRITE
+            | libc::IN_DELETE
+            | libc::IN_MOVED_FROM
+            | libc::IN_MOVED_TO;
+        let events = system::watch_directory(dir, changes)
+            .unwrap_or_else(|e| panic!("inotify on {dir:?}: {e}"));
+        DirectoryWatch { events }
+    }
+
+    /// What changed so far, one "name (event mask)" an event; empty when nothing did.
+    pub fn changes(&self) -> Vec<String> {
+        let header = std::mem::size_of::<nix::libc::inotify_event>();
+        let mut events = &self.events;
+        let mut changes = Vec::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = match events.read(&mut buffer) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return changes,
+                Err(e) => panic!("inotify: {e}"),
+            };
+            let mut at = 0;
+            while at + header <= n {
+                let field = |offset: usize| {
+                    u32::from_ne_bytes(buffer[at + offset..at + offset + 4].try_into().unwrap())
+                };
+                let (mask, length) = (field(4), field(12) as usize);
+                let name = &buffer[at + header..at + header + length];
+                let name = name.split(|b| *b == 0).next().unwrap_or_default();
+                changes.push(format!("{} ({mask:#x})", String::from_utf8_lossy(name)));
+                at += header + length;
+            }
+        }
+    }
 }
