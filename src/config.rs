@@ -8,7 +8,7 @@
 mod error;
 mod values;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 
