@@ -178,7 +178,10 @@ fn metrics_is_a_leaf() {
     let graph = graph_of(&modules());
     // References are seen: the proxy counts with metrics, health is a child of upstreams.
     assert!(graph["proxy"].contains("metrics"), "{graph:#?}");
-    assert!(graph["upstreams"].contains("upstreams::health"), "{graph:#?}");
+    assert!(
+        graph["upstreams"].contains("upstreams::health"),
+        "{graph:#?}"
+    );
     assert_eq!(graph["metrics"], BTreeSet::new());
     assert_eq!(graph["traffic"], BTreeSet::new());
 }

@@ -339,8 +339,7 @@ fn failed_reload(
     let good = std::fs::read_to_string(&lb.config).unwrap();
     std::fs::write(&lb.config, change(&good, &backend)).unwrap();
     let outcome = lb.reload(extra);
-    assert_eq!(outcome.code, code, "{outcome:?}");
-    assert!(outcome.stderr.contains(words), "{outcome:?}");
+    assert_failed(&outcome, code, words);
     assert_eq!(lb.pid, pid);
     assert!(alive(pid));
     for _ in 0..5 {
@@ -440,11 +439,9 @@ fn a_missing_user_is_a_failure_no_restart_can_fix() {
     ));
     let outcome = start_to_end(&config);
     // EX_NOUSER, which the unit's RestartPreventExitStatus lists.
-    assert_eq!(outcome.code, 67, "{outcome:?}");
-    assert!(
-        outcome
-            .stderr
-            .contains("key `user`: no user \"no-such-user-pingora-lb\" exists"),
-        "{outcome:?}"
+    assert_failed(
+        &outcome,
+        67,
+        "key `user`: no user \"no-such-user-pingora-lb\" exists",
     );
 }

@@ -73,51 +73,32 @@ fn in_range<'de, D: Deserializer<'de>>(
     d.deserialize_any(Bounded { range, what })
 }
 
-pub(super) fn version<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    in_range(d, 1..=1, "the configuration version").map(|v| v as usize)
+/// The integer keys: each a `deserialize_with` function that accepts its range only.
+macro_rules! bounded_integers {
+    ($($(#[$doc:meta])* $name:ident: $type:ty = $range:expr, $what:literal;)*) => {$(
+        $(#[$doc])*
+        pub(super) fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<$type, D::Error> {
+            // The range fits the type, so the conversion keeps the value.
+            in_range(d, $range, $what).map(|v| v as $type)
+        }
+    )*};
 }
 
-pub(super) fn threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    in_range(d, 1..=1024, "the number of threads").map(|v| v as usize)
-}
-
-pub(super) fn retries<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    in_range(d, 0..=16, "the number of retries").map(|v| v as usize)
-}
-
-pub(super) fn threshold<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    in_range(d, 1..=100, "a rise/fall threshold").map(|v| v as usize)
-}
-
-pub(super) fn grace_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    in_range(d, 0..=3600, "a number of seconds")
-}
-
-pub(super) fn pool_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    in_range(d, 0..=100_000, "the number of idle upstream connections").map(|v| v as usize)
-}
-
-pub(super) fn keepalive_requests<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    in_range(d, 1..=1_000_000, "the number of requests per connection").map(|v| v as u32)
-}
-
-pub(super) fn uri_length<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    // The `http` crate refuses longer request-targets itself.
-    in_range(d, 256..=65_000, "the request-target length in bytes").map(|v| v as usize)
-}
-
-pub(super) fn header_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    // pingora refuses (400) any request header over 1 MiB whatever is set here.
-    in_range(d, 1024..=1_048_575, "the request header size in bytes").map(|v| v as usize)
-}
-
-pub(super) fn header_count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    // pingora parses at most 256 fields.
-    in_range(d, 8..=256, "the number of request header fields").map(|v| v as usize)
-}
-
-pub(super) fn status<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
-    in_range(d, 100..=599, "an HTTP status").map(|v| v as u16)
+bounded_integers! {
+    version: usize = 1..=1, "the configuration version";
+    threads: usize = 1..=1024, "the number of threads";
+    retries: usize = 0..=16, "the number of retries";
+    threshold: usize = 1..=100, "a rise/fall threshold";
+    grace_seconds: u64 = 0..=3600, "a number of seconds";
+    pool_size: usize = 0..=100_000, "the number of idle upstream connections";
+    keepalive_requests: u32 = 1..=1_000_000, "the number of requests per connection";
+    /// The `http` crate refuses longer request-targets itself.
+    uri_length: usize = 256..=65_000, "the request-target length in bytes";
+    /// pingora refuses (400) any request header over 1 MiB whatever is set here.
+    header_size: usize = 1024..=1_048_575, "the request header size in bytes";
+    /// pingora parses at most 256 fields.
+    header_count: usize = 8..=256, "the number of request header fields";
+    status: u16 = 100..=599, "an HTTP status";
 }
 
 pub(super) fn http_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

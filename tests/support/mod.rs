@@ -575,16 +575,27 @@ pub fn start_to_end(config: &Path) -> Outcome {
     run(Command::new(BINARY).arg("-c").arg(config))
 }
 
+/// Fails unless the command exited with `code` and said `words` on stderr: every failure
+/// test checks both the status scripts and systemd see and what the operator reads.
+pub fn assert_failed(outcome: &Outcome, code: i32, words: &str) {
+    assert_eq!(outcome.code, code, "{outcome:?}");
+    assert!(
+        outcome.stderr.contains(words),
+        "expected {words:?}: {outcome:?}"
+    );
+}
+
 /// Fails unless `outcome` is a start (or a reload's new process) refused the listener on
 /// `address`, which another process holds, the same way whichever of them it was.
 pub fn assert_port_taken(outcome: &Outcome, address: SocketAddr) {
     // EX_UNAVAILABLE: the port may be free again later, so systemd may restart.
-    assert_eq!(outcome.code, 69, "{outcome:?}");
+    assert_failed(
+        outcome,
+        69,
+        &format!("cannot listen on {address} (key `listeners[0]`)"),
+    );
     assert!(
-        outcome
-            .stderr
-            .contains(&format!("cannot listen on {address} (key `listeners[0]`)"))
-            && outcome.stderr.contains("another process holds this port"),
+        outcome.stderr.contains("another process holds this port"),
         "{outcome:?}"
     );
 }
