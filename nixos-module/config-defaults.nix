@@ -36,6 +36,13 @@
     fall = 1;
   };
 
+  passive_health = {
+    consecutive_failures = 5;
+    ejection_time = "10s";
+    max_ejection_time = "300s";
+    on_5xx = false;
+  };
+
   timeouts = {
     connect = "2s";
     read = "60s";

@@ -82,6 +82,15 @@ let
 
   inRuntimeDir = path: path == null || lib.hasPrefix "${runtimeDir}/" path;
 
+  upstreamType = lib.types.submodule {
+    freeformType = format.type;
+    options.address = lib.mkOption {
+      type = lib.types.str;
+      example = "10.0.0.11:8080";
+      description = "`IP:port` or `hostname:port` of the backend.";
+    };
+  };
+
   settingsOptions = {
     threads = lib.mkOption {
       type = lib.types.ints.positive;
@@ -171,23 +180,56 @@ let
     };
 
     upstreams = lib.mkOption {
-      type = lib.types.nonEmptyListOf (lib.types.submodule {
-        freeformType = format.type;
-        options.address = lib.mkOption {
-          type = lib.types.str;
-          example = "10.0.0.11:8080";
-          description = "`IP:port` or `hostname:port` of the backend.";
-        };
-      });
+      type = lib.types.nullOr (lib.types.nonEmptyListOf upstreamType);
+      default = null;
       example = [
         { address = "10.0.0.11:8080"; }
         { address = "10.0.0.12:8080"; weight = 2; }
         { address = "api.internal:443"; tls = true; }
       ];
       description = ''
-        The backends requests are spread over, each with the keys `address`, `weight`, `tls`,
-        `sni`, `host`, `verify_cert` and `ca_file`. There is no default: the packaged config
-        only has placeholders.
+        The backends of the pool `default`, each with the keys `address`, `weight`, `tls`,
+        `sni`, `host`, `verify_cert` and `ca_file`. There is no default: give these, or
+        {option}`services.pingora-lb.settings.pools` and `routes`.
+      '';
+    };
+
+    pools = lib.mkOption {
+      type = lib.types.attrsOf (lib.types.submodule {
+        freeformType = format.type;
+        options.upstreams = lib.mkOption {
+          type = lib.types.nonEmptyListOf upstreamType;
+          description = "The backends of the pool.";
+        };
+      });
+      default = { };
+      example = lib.literalExpression ''
+        { api = { upstreams = [ { address = "10.0.0.21:9000"; } ]; selection.algorithm = "least_connections"; }; }
+      '';
+      description = ''
+        Named pools besides `upstreams`, each with the keys `upstreams`, `selection`,
+        `health_check`, `passive_health`, `timeouts` and `retries`.
+      '';
+    };
+
+    routes = lib.mkOption {
+      type = lib.types.listOf (lib.types.submodule {
+        freeformType = format.type;
+        options.pool = lib.mkOption {
+          type = lib.types.str;
+          description = "The pool requests go to: `default` or a name of `pools`.";
+        };
+      });
+      default = [ ];
+      example = [
+        { host = "api.example.com"; path = "/v1/"; pool = "api"; max_body_size = "10m"; }
+        { pool = "default"; }
+      ];
+      description = ''
+        Which pool each request goes to, by `host` (exact or `*.example.com`), `path` prefix
+        (the longest wins) and `listeners`; each may also set `max_body_size`, `timeouts`,
+        `request_headers` and `response_headers`. Without routes every request goes to the
+        only pool.
       '';
     };
   };
@@ -304,8 +346,8 @@ in
     # Defaults of the keys without a typed option, leaf by leaf, so that setting one key of
     # a section (health_check.kind, say) keeps the packaged values of the others.
     services.pingora-lb.settings = lib.mapAttrsRecursive (_: lib.mkDefault) {
-      inherit (defaults) version syslog selection health_check timeouts retries client forwarding
-        metrics access_log;
+      inherit (defaults) version syslog selection health_check passive_health timeouts retries
+        client forwarding metrics access_log;
     };
 
     assertions = [
@@ -315,6 +357,10 @@ in
           services.pingora-lb.settings.upgrade_sock and pid_file must be in ${runtimeDir}/:
           the service's file system is read-only everywhere else (ProtectSystem=strict).
         '';
+      }
+      {
+        assertion = cfg.settings.upstreams != null || cfg.settings.pools != { };
+        message = "services.pingora-lb.settings needs backends: set upstreams, or pools and routes.";
       }
     ];
 

@@ -5,7 +5,10 @@
 //! reading a CA file) lives here, so `-t`, start-up, the reload command and the packages'
 //! `ExecStartPre` share one validation path.
 
+mod defaults;
 mod error;
+mod pool;
+mod routes;
 mod values;
 
 use std::path::Path;
@@ -15,9 +18,14 @@ use serde::Deserialize;
 use crate::runtime_files::check_private_parent;
 
 pub use error::ConfigError;
+pub use pool::{
+    HealthCheck, HealthCheckKind, PassiveHealth, PoolConfig, Selection, Timeouts, Upstream,
+    MAX_UPSTREAMS, MIN_HEALTH_INTERVAL,
+};
+pub use routes::{HeaderRules, RouteConfig, RouteTimeouts};
 pub use values::{
-    AbsolutePath, AccessLogDestination, CaFile, Cidr, ErrorLog, HashKey, HumanDuration,
-    ListenAddress, LogLevel, NonEmpty, SyslogFacility, UpstreamAddress, Weight,
+    AbsolutePath, AccessLogDestination, ByteSize, CaFile, Cidr, ErrorLog, HashKey, HostPattern,
+    HumanDuration, ListenAddress, LogLevel, NonEmpty, SyslogFacility, UpstreamAddress, Weight,
 };
 
 /// The configuration the binary runs when no `-c` is given: the pingora quickstart's
@@ -36,11 +44,11 @@ pub const MAX_FILE_SIZE: u64 = 1024 * 1024;
 /// must fit into the one handoff message (see `upgrade`).
 pub const MAX_LISTENERS: usize = 63;
 
-/// The shortest time between two health probes of a backend.
-pub const MIN_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Routes one process may have.
+pub const MAX_ROUTES: usize = 10_000;
 
-/// Backends one process may balance over.
-pub const MAX_UPSTREAMS: usize = 10_000;
+/// The name of the pool the top-level `upstreams` form.
+pub const DEFAULT_POOL: &str = "default";
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -102,21 +110,39 @@ pub struct Config {
     pub ca_file: Option<CaFile>,
     /// Addresses the load balancer accepts client connections on.
     pub listeners: NonEmpty<ListenAddress, MAX_LISTENERS>,
-    /// The backends requests are balanced over.
-    pub upstreams: NonEmpty<Upstream, MAX_UPSTREAMS>,
-    /// How a backend is chosen for each request.
+    /// The backends of the pool `default`, which every request goes to when there are no
+    /// `routes`.
+    #[serde(default)]
+    pub upstreams: Option<NonEmpty<Upstream, MAX_UPSTREAMS>>,
+    /// How a backend of `upstreams` is chosen for each request.
     #[serde(default)]
     pub selection: Selection,
-    /// Active health checking of the backends.
+    /// Active health checking of `upstreams`.
     #[serde(default)]
     pub health_check: HealthCheck,
-    /// Upstream timeouts.
+    /// Taking out backends of `upstreams` that fail live requests.
+    #[serde(default)]
+    pub passive_health: PassiveHealth,
+    /// Timeouts towards `upstreams`.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Named pools of backends, besides `upstreams`.
+    #[serde(default)]
+    pub pools: std::collections::BTreeMap<String, PoolConfig>,
+    /// Which pool each request goes to.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Status of a request no route matches.
+    #[serde(
+        default = "defaults::no_route_status",
+        deserialize_with = "values::error_status"
+    )]
+    pub no_route_status: u16,
     /// Timeouts and size limits a client connection meets.
     #[serde(default)]
     pub client: ClientLimits,
-    /// How many other backends a request is tried on when connecting to its backend fails.
+    /// How many other backends of `upstreams` a request is tried on when connecting to its
+    /// backend fails.
     #[serde(default = "defaults::retries", deserialize_with = "values::retries")]
     pub retries: usize,
     /// Headers telling backends who the client is.
@@ -174,7 +200,7 @@ pub struct AccessLogConfig {
     )]
     pub sample_rate: f64,
     /// Syslog settings, apart from the error log's.
-    #[serde(default = "defaults::access_syslog")]
+    #[serde(default = "access_syslog")]
     pub syslog: SyslogConfig,
 }
 
@@ -184,7 +210,7 @@ impl Default for AccessLogConfig {
             destination: AccessLogDestination::Off,
             format: AccessLogFormat::Combined,
             sample_rate: defaults::sample_rate(),
-            syslog: defaults::access_syslog(),
+            syslog: access_syslog(),
         }
     }
 }
@@ -195,156 +221,6 @@ impl Default for AccessLogConfig {
 pub struct MetricsConfig {
     /// Where it listens; keep it on a private address.
     pub listen: ListenAddress,
-}
-
-/// One backend.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Upstream {
-    /// `IP:port` or `hostname:port`; a host name is resolved when the process starts.
-    pub address: UpstreamAddress,
-    /// Share of the requests relative to the other backends.
-    #[serde(default)]
-    pub weight: Weight,
-    /// Speak TLS to this backend.
-    #[serde(default)]
-    pub tls: bool,
-    /// TLS server name; defaults to the host name of `address`.
-    #[serde(default)]
-    pub sni: Option<String>,
-    /// `Host` header sent to this backend instead of the client's.
-    #[serde(default, deserialize_with = "values::host_header")]
-    pub host: Option<http::HeaderValue>,
-    /// Verify the backend's certificate chain and name.
-    #[serde(default = "defaults::yes")]
-    pub verify_cert: bool,
-    /// CA bundle for this backend, instead of the global `ca_file` or the system's.
-    #[serde(default)]
-    pub ca_file: Option<CaFile>,
-}
-
-impl Upstream {
-    /// The server name sent in the TLS handshake: the configured one, else the host name of
-    /// the address (an IP address gives none).
-    pub fn effective_sni(&self) -> String {
-        match &self.sni {
-            Some(sni) => sni.clone(),
-            None if self.address.is_host_name() => self.address.host().to_string(),
-            None => String::new(),
-        }
-    }
-}
-
-/// Backend selection algorithm.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(tag = "algorithm", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Selection {
-    /// Weighted round robin: equal weights give strict alternation.
-    #[default]
-    RoundRobin,
-    /// Weighted random choice.
-    Random,
-    /// Consistent (ketama) hashing of a request key, for stickiness.
-    ConsistentHash {
-        /// What part of the request is hashed.
-        #[serde(default)]
-        key: HashKey,
-    },
-}
-
-/// How backends are probed.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum HealthCheckKind {
-    /// A TCP connection (and TLS handshake for TLS backends) must succeed.
-    #[default]
-    Tcp,
-    /// An HTTP request must get the expected status.
-    Http,
-    /// No active checks: every backend is always in rotation (failover still applies).
-    None,
-}
-
-/// Active health checking.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthCheck {
-    /// Kind of probe.
-    #[serde(default)]
-    pub kind: HealthCheckKind,
-    /// Time between two probes of a backend.
-    #[serde(default = "defaults::health_interval")]
-    pub interval: HumanDuration,
-    /// Longest a probe may take.
-    #[serde(default = "defaults::health_timeout")]
-    pub timeout: HumanDuration,
-    /// Consecutive successes that bring a backend back.
-    #[serde(
-        default = "defaults::threshold",
-        deserialize_with = "values::threshold"
-    )]
-    pub rise: usize,
-    /// Consecutive failures that take a backend out.
-    #[serde(
-        default = "defaults::threshold",
-        deserialize_with = "values::threshold"
-    )]
-    pub fall: usize,
-    /// Path requested by HTTP checks.
-    #[serde(
-        default = "defaults::health_path",
-        deserialize_with = "values::http_path"
-    )]
-    pub path: String,
-    /// Status an HTTP check expects.
-    #[serde(
-        default = "defaults::expected_status",
-        deserialize_with = "values::status"
-    )]
-    pub expected_status: u16,
-    /// `Host` header of HTTP checks; defaults to the backend's `host` or address.
-    #[serde(default, deserialize_with = "values::host_header")]
-    pub host: Option<http::HeaderValue>,
-}
-
-impl Default for HealthCheck {
-    fn default() -> Self {
-        HealthCheck {
-            kind: HealthCheckKind::default(),
-            interval: defaults::health_interval(),
-            timeout: defaults::health_timeout(),
-            rise: defaults::threshold(),
-            fall: defaults::threshold(),
-            path: defaults::health_path(),
-            expected_status: defaults::expected_status(),
-            host: None,
-        }
-    }
-}
-
-/// Upstream timeouts.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Timeouts {
-    /// Connecting (TCP and TLS) to a backend; a timeout fails over to another backend.
-    #[serde(default = "defaults::connect_timeout")]
-    pub connect: HumanDuration,
-    /// Waiting for data from a backend.
-    #[serde(default = "defaults::read_timeout")]
-    pub read: HumanDuration,
-    /// How long an idle upstream connection is kept for reuse.
-    #[serde(default = "defaults::idle_timeout")]
-    pub idle: HumanDuration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            connect: defaults::connect_timeout(),
-            read: defaults::read_timeout(),
-            idle: defaults::idle_timeout(),
-        }
-    }
 }
 
 /// Timeouts and size limits a client connection meets, with nginx's and HAProxy's
@@ -433,6 +309,14 @@ impl Default for SyslogConfig {
     }
 }
 
+/// The access log's syslog settings: those of the error log, under another identifier.
+fn access_syslog() -> SyslogConfig {
+    SyslogConfig {
+        identifier: "pingora-lb-access".into(),
+        ..SyslogConfig::default()
+    }
+}
+
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -470,8 +354,8 @@ impl Config {
     /// Checks that span several keys, which serde cannot express per field.
     fn check_consistency(&self, name: &str, text: &str) -> Result<(), ConfigError> {
         self.check_listeners()
-            .and_then(|()| self.check_upstreams())
-            .and_then(|()| self.check_health_check())
+            .and_then(|()| self.check_pools())
+            .and_then(|()| self.check_routes())
             .and_then(|()| self.check_process())
             .map_err(|(key, message)| ConfigError::at_key(name, text, key, message))
     }
@@ -503,56 +387,134 @@ impl Config {
         }
     }
 
-    fn check_upstreams(&self) -> Result<(), Inconsistency> {
-        let mut seen = std::collections::HashSet::new();
-        for (i, upstream) in self.upstreams.iter().enumerate() {
-            if !seen.insert(&upstream.address) {
+    /// Each pool, and backends enough (and not too many) in all.
+    fn check_pools(&self) -> Result<(), Inconsistency> {
+        if self.upstreams.is_none() && self.pools.is_empty() {
+            return Err((
+                "upstreams".to_string(),
+                "no backends: give `upstreams`, or `pools` and `routes`".to_string(),
+            ));
+        }
+        if self.upstreams.is_some() && self.pools.contains_key(DEFAULT_POOL) {
+            return Err((
+                format!("pools.{DEFAULT_POOL}"),
+                format!("the top-level `upstreams` are the pool `{DEFAULT_POOL}`; name this one otherwise"),
+            ));
+        }
+        let pools = self.pools();
+        let total: usize = pools.iter().map(|p| p.config.upstreams.len()).sum();
+        if total > MAX_UPSTREAMS {
+            return Err((
+                "pools".to_string(),
+                format!("{total} backends in all: at most {MAX_UPSTREAMS} are accepted"),
+            ));
+        }
+        for pool in &pools {
+            if !valid_pool_name(&pool.name) {
                 return Err((
-                    format!("upstreams[{i}].address"),
+                    format!("pools.{}", pool.name),
+                    "a pool name is letters, digits, `-` and `_` (at most 64)".to_string(),
+                ));
+            }
+            pool.config
+                .check()
+                .map_err(|(key, message)| (format!("{}{key}", pool.key), message))?;
+        }
+        Ok(())
+    }
+
+    /// Routes name existing pools and listeners, and each can match some request.
+    fn check_routes(&self) -> Result<(), Inconsistency> {
+        let pools = self.pools();
+        if self.routes.is_empty() && pools.len() > 1 {
+            return Err((
+                "routes".to_string(),
+                "several pools need `routes` to say which requests go to which".to_string(),
+            ));
+        }
+        if self.routes.len() > MAX_ROUTES {
+            return Err((
+                "routes".to_string(),
+                format!("at most {MAX_ROUTES} routes are accepted"),
+            ));
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            if !pools.iter().any(|p| p.name == route.pool) {
+                let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                return Err((
+                    format!("routes[{i}].pool"),
                     format!(
-                        "{} is listed twice; give it a larger weight instead",
-                        upstream.address
+                        "no pool {:?}; the pools are: {}",
+                        route.pool,
+                        names.join(", ")
                     ),
                 ));
             }
-            if upstream.tls && upstream.verify_cert && upstream.effective_sni().is_empty() {
+            if let Some(listener) = route.listeners.iter().find(|l| !self.listeners.contains(l)) {
                 return Err((
-                    format!("upstreams[{i}].sni"),
-                    format!(
-                        "{} is an IP address with tls on: set `sni` to the name its certificate \
-                         is issued for (or `verify_cert: false` to skip verification)",
-                        upstream.address
-                    ),
+                    format!("routes[{i}].listeners"),
+                    format!("{listener} is not one of `listeners`"),
                 ));
             }
-            if !upstream.tls && (upstream.sni.is_some() || upstream.ca_file.is_some()) {
+            let mut listeners: Vec<String> =
+                route.listeners.iter().map(|l| l.to_string()).collect();
+            listeners.sort();
+            let matched = (route.host.clone(), route.path.clone(), listeners);
+            if let Some(first) = seen.insert(matched, i) {
                 return Err((
-                    format!("upstreams[{i}].tls"),
-                    "`sni` and `ca_file` only apply with `tls: true`".to_string(),
+                    format!("routes[{i}]"),
+                    format!("matches the same requests as routes[{first}], which always wins; remove one"),
                 ));
             }
         }
         Ok(())
     }
 
-    fn check_health_check(&self) -> Result<(), Inconsistency> {
-        let check = &self.health_check;
-        if check.interval.0 < MIN_HEALTH_INTERVAL {
-            return Err((
-                "health_check.interval".to_string(),
-                format!(
-                    "must be at least {}ms: probing more often only loads the backends",
-                    MIN_HEALTH_INTERVAL.as_millis()
-                ),
+    /// What is valid but probably not meant: each is logged at start and printed by `-t`.
+    pub fn warnings(&self) -> Vec<String> {
+        if self.routes.is_empty() {
+            return Vec::new();
+        }
+        let mut warnings: Vec<String> = self
+            .pools()
+            .iter()
+            .filter(|pool| !self.routes.iter().any(|r| r.pool == pool.name))
+            .map(|pool| format!("no route sends requests to pool `{}`", pool.name))
+            .collect();
+        if !self
+            .routes
+            .iter()
+            .any(|r| r.host.is_none() && r.path == "/" && r.listeners.is_empty())
+        {
+            warnings.push(format!(
+                "no route matches every request: the others get {}",
+                self.no_route_status
             ));
         }
-        if check.kind == HealthCheckKind::Http && check.timeout.0 > check.interval.0 {
-            return Err((
-                "health_check.timeout".to_string(),
-                "must not be longer than health_check.interval".to_string(),
-            ));
-        }
-        Ok(())
+        warnings
+    }
+
+    /// Every pool: `default` (the top-level `upstreams`) first, then `pools` by name.
+    pub fn pools(&self) -> Vec<NamedPool> {
+        let default = self.upstreams.as_ref().map(|upstreams| NamedPool {
+            name: DEFAULT_POOL.to_string(),
+            key: String::new(),
+            config: PoolConfig {
+                upstreams: upstreams.clone(),
+                selection: self.selection.clone(),
+                health_check: self.health_check.clone(),
+                passive_health: self.passive_health.clone(),
+                timeouts: self.timeouts.clone(),
+                retries: self.retries,
+            },
+        });
+        let named = self.pools.iter().map(|(name, config)| NamedPool {
+            name: name.clone(),
+            key: format!("pools.{name}."),
+            config: config.clone(),
+        });
+        default.into_iter().chain(named).collect()
     }
 
     /// The runtime files and the account the process runs as.
@@ -573,6 +535,24 @@ impl Config {
 
 /// A key and what is wrong with it in the light of other keys.
 type Inconsistency = (String, String);
+
+/// A pool with its name, and where its settings are: under the top level for `default`,
+/// under `pools.NAME.` for the others.
+#[derive(Debug, Clone)]
+pub struct NamedPool {
+    pub name: String,
+    /// The prefix of the pool's keys in the file, for error messages.
+    pub key: String,
+    pub config: PoolConfig,
+}
+
+fn valid_pool_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 
 /// The deepest nesting of flow collections (`[`, `{`) accepted. The YAML parser's time
 /// grows with the square of that depth (a 40,000-deep file took 8 s): refuse it first.
@@ -637,97 +617,6 @@ fn read_bounded(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
-/// Default values, named so the configuration reference can point at them.
-mod defaults {
-    use super::{AbsolutePath, HumanDuration};
-    use std::time::Duration;
-
-    pub fn version() -> usize {
-        1
-    }
-    pub fn threads() -> usize {
-        1
-    }
-    pub fn yes() -> bool {
-        true
-    }
-    pub fn upgrade_sock() -> AbsolutePath {
-        AbsolutePath("/run/pingora-lb/upgrade.sock".into())
-    }
-    pub fn grace_period_seconds() -> u64 {
-        30
-    }
-    pub fn graceful_shutdown_timeout_seconds() -> u64 {
-        5
-    }
-    pub fn upstream_keepalive_pool_size() -> usize {
-        128
-    }
-    pub fn retries() -> usize {
-        2
-    }
-    pub fn health_interval() -> HumanDuration {
-        HumanDuration(Duration::from_secs(1))
-    }
-    pub fn health_timeout() -> HumanDuration {
-        HumanDuration(Duration::from_secs(1))
-    }
-    pub fn threshold() -> usize {
-        1
-    }
-    pub fn health_path() -> String {
-        "/".into()
-    }
-    pub fn expected_status() -> u16 {
-        200
-    }
-    pub fn connect_timeout() -> HumanDuration {
-        HumanDuration(Duration::from_secs(3))
-    }
-    pub fn read_timeout() -> HumanDuration {
-        HumanDuration(Duration::from_secs(60))
-    }
-    pub fn idle_timeout() -> HumanDuration {
-        HumanDuration(Duration::from_secs(60))
-    }
-    pub fn client_header_timeout() -> HumanDuration {
-        HumanDuration(Duration::from_secs(60))
-    }
-    pub fn client_keepalive_timeout() -> HumanDuration {
-        HumanDuration(Duration::from_secs(75))
-    }
-    pub fn client_body_timeout() -> HumanDuration {
-        HumanDuration(Duration::from_secs(60))
-    }
-    pub fn client_send_timeout() -> HumanDuration {
-        HumanDuration(Duration::from_secs(60))
-    }
-    pub fn keepalive_requests() -> u32 {
-        1000
-    }
-    pub fn max_uri_length() -> usize {
-        8 * 1024
-    }
-    pub fn max_header_size() -> usize {
-        32 * 1024
-    }
-    pub fn max_header_count() -> usize {
-        100
-    }
-    pub fn syslog_identifier() -> String {
-        "pingora-lb".into()
-    }
-    pub fn sample_rate() -> f64 {
-        1.0
-    }
-    pub fn access_syslog() -> super::SyslogConfig {
-        super::SyslogConfig {
-            identifier: "pingora-lb-access".into(),
-            ..super::SyslogConfig::default()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -736,17 +625,60 @@ mod tests {
         Config::parse("test.yaml", text)
     }
 
+    const TWO_POOLS: &str = "listeners: [\"127.0.0.1:1\"]\n\
+        pools:\n  a: {upstreams: [{address: \"127.0.0.1:2\"}]}\n  b: {upstreams: [{address: \"127.0.0.1:3\"}]}\n";
+
+    #[test]
+    fn routes_and_pools_are_checked_together() {
+        let table = [
+            ("", "routes", "several pools need `routes`"),
+            ("routes: [{pool: c}]\n", "routes[0].pool", "no pool \"c\"; the pools are: a, b"),
+            ("routes: [{pool: a}, {pool: b, path: /}]\n", "routes[1]", "same requests as routes[0]"),
+            ("routes: [{pool: a, listeners: [\"127.0.0.1:9\"]}]\n", "routes[0].listeners", "not one of `listeners`"),
+            ("routes: [{pool: a, host: \"a b\"}]\n", "routes[0].host", "not a host name"),
+            ("routes: [{pool: a, max_body_size: 1t}]\n", "routes[0].max_body_size", "not a size"),
+            ("routes: [{pool: a, request_headers: {set: {Content-Length: \"1\"}}}]\n", "routes[0].request_headers", "cannot be changed"),
+            ("upstreams: [{address: \"127.0.0.1:4\"}]\npools:\n  default: {upstreams: [{address: \"127.0.0.1:5\"}]}\n", "pools", "pool `default`"),
+        ];
+        for (extra, key, words) in table {
+            let text = if extra.starts_with("upstreams") {
+                format!("listeners: [\"127.0.0.1:1\"]\n{extra}")
+            } else {
+                format!("{TWO_POOLS}{extra}")
+            };
+            let error = parse(&text).unwrap_err();
+            assert!(error.key.starts_with(key), "{extra}: {error}");
+            assert!(error.message.contains(words), "{extra}: {error}");
+        }
+        let no_backends = parse("listeners: [\"127.0.0.1:1\"]\n").unwrap_err();
+        assert!(no_backends.message.contains("no backends"), "{no_backends}");
+    }
+
+    #[test]
+    fn a_pool_nothing_routes_to_is_a_warning() {
+        let config = parse(&format!("{TWO_POOLS}routes: [{{pool: a, path: /a/}}]\n")).unwrap();
+        assert_eq!(
+            config.warnings(),
+            [
+                "no route sends requests to pool `b`",
+                "no route matches every request: the others get 404"
+            ]
+        );
+        let config = parse(&format!(
+            "{TWO_POOLS}routes: [{{pool: a}}, {{pool: b, host: b.test}}]\n"
+        ))
+        .unwrap();
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+    }
+
     #[test]
     fn seed_config_is_the_quickstart() {
         let config = Config::parse(SEED_CONFIG_NAME, SEED_CONFIG).unwrap();
         assert_eq!(config.listeners[0].to_string(), "0.0.0.0:6188");
-        let addresses: Vec<String> = config
-            .upstreams
-            .iter()
-            .map(|u| u.address.to_string())
-            .collect();
+        let upstreams = config.upstreams.as_ref().unwrap();
+        let addresses: Vec<String> = upstreams.iter().map(|u| u.address.to_string()).collect();
         assert_eq!(addresses, ["1.1.1.1:443", "1.0.0.1:443"]);
-        assert!(config.upstreams.iter().all(|u| u.tls
+        assert!(upstreams.iter().all(|u| u.tls
             && u.effective_sni() == "one.one.one.one"
             && u.host.as_ref().is_some_and(|h| h == "one.one.one.one")));
         assert_eq!(config.selection, Selection::RoundRobin);

@@ -39,6 +39,8 @@ pub mod readiness;
 pub mod reload;
 /// The HTTP/1 request rules checked before a request is forwarded.
 pub mod request_rules;
+/// Routes: which pool a request goes to, and its limits and header rules.
+pub mod routing;
 /// The pid file and the runtime directory.
 pub mod runtime_files;
 /// The start-up sequence of a serving process.
@@ -49,5 +51,5 @@ pub mod system;
 pub mod traffic;
 /// The socket handoff between an old process and its successor.
 pub mod upgrade;
-/// The backends, their selection and health.
+/// The pools of backends, their selection and health.
 pub mod upstreams;

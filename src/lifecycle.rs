@@ -26,7 +26,7 @@ use crate::runtime_files::PidFile;
 use crate::traffic::Traffic;
 use crate::upgrade::{self, Predecessor};
 use crate::upstreams::health::HealthSummary;
-use crate::upstreams::Upstreams;
+use crate::upstreams::Pools;
 
 /// How long responses carry `Connection: close` before accepting stops, so that busy
 /// keep-alive clients move to the new process instead of finding their connection closed.
@@ -45,7 +45,7 @@ pub fn ignore_signals_until_ready() {
 /// State shared by the start-up announcement, the signal handling and the exit.
 pub struct Lifecycle {
     pub traffic: Arc<Traffic>,
-    pub upstreams: Arc<Upstreams>,
+    pub pools: Arc<Pools>,
     /// Listening sockets by address, to hand to a successor.
     pub sockets: Vec<(String, RawFd)>,
     pub upgrade_sock: PathBuf,
@@ -124,8 +124,8 @@ impl BackgroundService for Announcer {
         let lifecycle = &self.0;
         // Readiness means the first health-check round is done: no request is sent to a
         // backend already known to be down.
-        let mut health = lifecycle.upstreams.health().subscribe();
-        // The sender lives as long as the upstreams: waiting cannot fail.
+        let mut health = lifecycle.pools.health().subscribe();
+        // The sender lives as long as the pools: waiting cannot fail.
         let _ = health.wait_for(|summary| summary.checked).await;
         let predecessor = lifecycle.predecessor.lock().expect("not poisoned").take();
         let took_over = predecessor.is_some();

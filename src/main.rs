@@ -29,6 +29,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(exit_codes::CONFIG, &format!("configuration error: {e}")),
     };
     if cli.test {
+        for warning in config.warnings() {
+            eprintln!("pingora-lb: warning: {warning}");
+        }
         let name = cli
             .conf
             .as_ref()

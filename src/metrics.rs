@@ -29,12 +29,53 @@ pub struct Metrics {
     request_duration: Histogram,
     in_flight: IntGauge,
     downstream_connections: IntGaugeVec,
-    backend_up: IntGaugeVec,
-    backend_weight: IntGaugeVec,
-    health_transitions: IntCounterVec,
+    backend_states: BackendStates,
+    route_requests: IntCounterVec,
     generation: IntGauge,
     access_log_dropped: IntCounter,
     no_backend: [IntCounter; 5],
+}
+
+/// What describes each backend's state, by pool and backend.
+struct BackendStates {
+    up: IntGaugeVec,
+    weight: IntGaugeVec,
+    transitions: IntCounterVec,
+    ejections: IntCounterVec,
+    draining: IntGaugeVec,
+}
+
+impl BackendStates {
+    fn register(r: &Registrar) -> BackendStates {
+        let labels = &["pool", "backend"];
+        BackendStates {
+            up: r.gauges(
+                "pingora_lb_backend_up",
+                "1 if the active health checks keep the backend in rotation.",
+                labels,
+            ),
+            weight: r.gauges(
+                "pingora_lb_backend_weight",
+                "Configured weight of the backend.",
+                labels,
+            ),
+            transitions: r.counters(
+                "pingora_lb_health_transitions_total",
+                "Health-check transitions, by new state.",
+                &["pool", "backend", "state"],
+            ),
+            ejections: r.counters(
+                "pingora_lb_backend_ejections_total",
+                "Times passive health took the backend out after failed requests.",
+                labels,
+            ),
+            draining: r.gauges(
+                "pingora_lb_backend_draining",
+                "1 while the operator drains the backend (no new requests).",
+                labels,
+            ),
+        }
+    }
 }
 
 /// The request-path metrics of one backend.
@@ -49,6 +90,8 @@ pub struct HealthMetrics {
     up: IntGauge,
     went_down: IntCounter,
     went_up: IntCounter,
+    ejections: IntCounter,
+    draining: IntGauge,
 }
 
 impl HealthMetrics {
@@ -61,14 +104,42 @@ impl HealthMetrics {
             self.went_down.inc();
         }
     }
+
+    /// Passive health took the backend out.
+    pub fn ejected(&self) {
+        self.ejections.inc();
+    }
+
+    /// The operator started or ended draining.
+    pub fn draining(&self, draining: bool) {
+        self.draining.set(i64::from(draining));
+    }
 }
 
 fn status_class(status: u16) -> usize {
     usize::from(status / 100).clamp(1, 5) - 1
 }
 
-fn by_class(vec: &IntCounterVec, backend: &str) -> [IntCounter; 5] {
-    ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| vec.with_label_values(&[class, backend]))
+/// One counter per status class, the class label first.
+fn by_class(vec: &IntCounterVec, labels: &[&str]) -> [IntCounter; 5] {
+    ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+        let values: Vec<&str> = std::iter::once(class)
+            .chain(labels.iter().copied())
+            .collect();
+        vec.with_label_values(&values)
+    })
+}
+
+/// The metrics of one route.
+pub struct RouteMetrics {
+    requests: [IntCounter; 5],
+}
+
+impl RouteMetrics {
+    /// A response went back to the client.
+    pub fn observe(&self, status: u16) {
+        self.requests[status_class(status)].inc();
+    }
 }
 
 impl BackendMetrics {
@@ -149,14 +220,14 @@ impl Metrics {
         let r = Registrar(Registry::new());
         let requests = r.counters(
             "pingora_lb_requests_total",
-            "Responses sent to clients, by status class and backend.",
-            &["status_class", "backend"],
+            "Responses sent to clients, by status class, pool and backend.",
+            &["status_class", "pool", "backend"],
         );
         let metrics = Metrics {
             connect_failures: r.counters(
                 "pingora_lb_upstream_connect_failures_total",
                 "Failed connection attempts to backends.",
-                &["backend"],
+                &["pool", "backend"],
             ),
             retries: r.counter(
                 "pingora_lb_retries_total",
@@ -165,7 +236,7 @@ impl Metrics {
             upstream_response: r.histograms(
                 "pingora_lb_upstream_response_seconds",
                 "Time from connecting to a backend to its response header.",
-                &["backend"],
+                &["pool", "backend"],
             ),
             request_duration: r.histogram(
                 "pingora_lb_request_duration_seconds",
@@ -180,20 +251,11 @@ impl Metrics {
                 "Established client connections, by listener (from the kernel's socket table).",
                 &["listener"],
             ),
-            backend_up: r.gauges(
-                "pingora_lb_backend_up",
-                "1 if the backend is in rotation.",
-                &["backend"],
-            ),
-            backend_weight: r.gauges(
-                "pingora_lb_backend_weight",
-                "Configured weight of the backend.",
-                &["backend"],
-            ),
-            health_transitions: r.counters(
-                "pingora_lb_health_transitions_total",
-                "Health-check transitions, by new state.",
-                &["backend", "state"],
+            backend_states: BackendStates::register(&r),
+            route_requests: r.counters(
+                "pingora_lb_route_requests_total",
+                "Responses sent to clients, by status class and route.",
+                &["status_class", "route"],
             ),
             generation: r.gauge(
                 "pingora_lb_reload_generation",
@@ -203,7 +265,7 @@ impl Metrics {
                 "pingora_lb_access_log_dropped_total",
                 "Access log lines dropped because the log sink was too slow.",
             ),
-            no_backend: by_class(&requests, NO_BACKEND),
+            no_backend: by_class(&requests, &[NO_BACKEND, NO_BACKEND]),
             requests,
             registry: r.0.clone(),
         };
@@ -217,26 +279,38 @@ impl Metrics {
         self.generation.get() as u64
     }
 
-    /// Request-path handles for one backend.
-    pub fn backend(&self, name: &str) -> BackendMetrics {
+    /// Request-path handles for one backend of a pool.
+    pub fn backend(&self, pool: &str, name: &str) -> BackendMetrics {
+        let labels = [pool, name];
         BackendMetrics {
-            requests: by_class(&self.requests, name),
-            connect_failures: self.connect_failures.with_label_values(&[name]),
-            upstream_response: self.upstream_response.with_label_values(&[name]),
+            requests: by_class(&self.requests, &labels),
+            connect_failures: self.connect_failures.with_label_values(&labels),
+            upstream_response: self.upstream_response.with_label_values(&labels),
         }
     }
 
-    /// Health handles for one backend, which starts in rotation as pingora's do.
-    pub fn backend_health(&self, name: &str, weight: usize) -> HealthMetrics {
-        let up = self.backend_up.with_label_values(&[name]);
+    /// Health handles for one backend of a pool, which starts in rotation as pingora's do.
+    pub fn backend_health(&self, pool: &str, name: &str, weight: usize) -> HealthMetrics {
+        let labels = [pool, name];
+        let states = &self.backend_states;
+        let up = states.up.with_label_values(&labels);
         up.set(1);
-        self.backend_weight
-            .with_label_values(&[name])
-            .set(weight as i64);
+        states.weight.with_label_values(&labels).set(weight as i64);
+        let draining = states.draining.with_label_values(&labels);
+        draining.set(0);
         HealthMetrics {
             up,
-            went_down: self.health_transitions.with_label_values(&[name, "down"]),
-            went_up: self.health_transitions.with_label_values(&[name, "up"]),
+            went_down: states.transitions.with_label_values(&[pool, name, "down"]),
+            went_up: states.transitions.with_label_values(&[pool, name, "up"]),
+            ejections: states.ejections.with_label_values(&labels),
+            draining,
+        }
+    }
+
+    /// Handles for one route.
+    pub fn route(&self, name: &str) -> RouteMetrics {
+        RouteMetrics {
+            requests: by_class(&self.route_requests, &[name]),
         }
     }
 

@@ -13,7 +13,8 @@ use pingora::protocols::http::ServerSession;
 
 use crate::metrics::Metrics;
 use crate::traffic::Traffic;
-use crate::upstreams::Upstreams;
+use crate::upstreams::health::BackendState;
+use crate::upstreams::Pools;
 
 /// Established TCP connections accepted on each listener. pingora has no hook for a
 /// connection's end, so they are counted where the kernel keeps them, when scraped
@@ -65,13 +66,31 @@ fn parse_proc_address(text: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// `/metrics` (Prometheus text format) and `/status` (JSON) on the metrics listener.
+/// `/metrics` (Prometheus text format), `/status` (JSON, or an HTML page for a browser)
+/// and draining on the metrics listener.
 pub struct MetricsEndpoint {
     pub metrics: Arc<Metrics>,
-    pub upstreams: Arc<Upstreams>,
+    pub pools: Arc<Pools>,
     pub traffic: Arc<Traffic>,
     /// The proxy's listening addresses.
     pub listeners: Vec<SocketAddr>,
+}
+
+/// An answer of the endpoint.
+struct Answer {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn text(status: u16, body: String) -> Answer {
+        Answer {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into_bytes(),
+        }
+    }
 }
 
 impl MetricsEndpoint {
@@ -88,14 +107,19 @@ impl MetricsEndpoint {
     fn status_json(&self) -> Vec<u8> {
         let rfc3339 = |t: SystemTime| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339();
         let backends: Vec<serde_json::Value> = self
-            .upstreams
+            .pools
             .health()
             .states()
             .map(|state| {
                 let last = state.last_check();
                 serde_json::json!({
+                    "pool": state.pool,
                     "address": state.name,
                     "healthy": state.healthy(),
+                    "ejected": state.ejected(),
+                    "draining": state.draining(),
+                    "in_rotation": state.in_rotation(),
+                    "in_flight": state.in_flight(),
                     "weight": state.weight,
                     "last_check": last.map(|c| serde_json::json!({
                         "ok": c.ok,
@@ -109,37 +133,166 @@ impl MetricsEndpoint {
             "pid": std::process::id(),
             "generation": self.metrics.generation(),
             "requests_in_flight": self.traffic.in_flight(),
+            "pools": self.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
             "backends": backends,
         });
         serde_json::to_vec_pretty(&status).expect("JSON values serialize")
     }
+
+    /// The status as a page, in the spirit of HAProxy's stats page: one table per pool.
+    fn status_html(&self) -> Vec<u8> {
+        let mut page = format!(
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>pingora-lb status</title>\
+             <style>{STYLE}</style></head><body>\n<h1>pingora-lb</h1>\n\
+             <p>process {} &middot; reload generation {} &middot; {} requests in flight</p>\n",
+            std::process::id(),
+            self.metrics.generation(),
+            self.traffic.in_flight()
+        );
+        for pool in self.pools.iter() {
+            page.push_str(&format!(
+                "<h2>pool {}</h2>\n<table>\n<tr><th>backend</th><th>state</th><th>weight</th>\
+                 <th>in flight</th><th>last check</th></tr>\n",
+                escape(&pool.name)
+            ));
+            for destination in pool.destinations() {
+                page.push_str(&backend_row(&destination.state));
+            }
+            page.push_str("</table>\n");
+        }
+        page.push_str("</body></html>\n");
+        page.into_bytes()
+    }
+
+    /// `POST /pools/POOL/backends/ADDRESS/drain` (or `/ready`): stops (or resumes) sending
+    /// new requests to a backend, until the next reload.
+    fn set_draining(&self, method: &http::Method, path: &str) -> Option<Answer> {
+        let rest = path.strip_prefix("/pools/")?;
+        let (pool, rest) = rest.split_once("/backends/")?;
+        let (backend, action) = rest.rsplit_once('/')?;
+        let draining = match action {
+            "drain" => true,
+            "ready" => false,
+            _ => return None,
+        };
+        if method != http::Method::POST {
+            return Some(Answer::text(
+                405,
+                format!("use POST to {action} a backend\n"),
+            ));
+        }
+        let found = self
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .and_then(|p| p.find(backend));
+        Some(match found {
+            None => Answer::text(404, format!("no backend {backend} in a pool {pool}\n")),
+            Some(destination) => {
+                destination.state.set_draining(draining);
+                let now = if draining { "draining" } else { "in rotation" };
+                Answer::text(200, format!("backend {backend} of pool {pool}: {now}\n"))
+            }
+        })
+    }
+
+    fn answer(&self, session: &ServerSession) -> Answer {
+        let request = session.req_header();
+        let wants_html = request
+            .headers
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|accept| accept.contains("text/html"));
+        match request.uri.path() {
+            "/metrics" => Answer {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: self
+                    .metrics
+                    .render(self.traffic.in_flight(), &self.connections()),
+            },
+            "/status" if wants_html => Answer {
+                status: 200,
+                content_type: "text/html; charset=utf-8",
+                body: self.status_html(),
+            },
+            "/status" => Answer {
+                status: 200,
+                content_type: "application/json",
+                body: self.status_json(),
+            },
+            path => self
+                .set_draining(&request.method, path)
+                .unwrap_or_else(|| Answer::text(404, "see /metrics and /status\n".to_string())),
+        }
+    }
+}
+
+const STYLE: &str = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
+    th,td{border:1px solid #999;padding:.3em .8em;text-align:left}th{background:#eee}\
+    .up{background:#cfc}.down{background:#fcc}.out{background:#ffc}";
+
+/// One backend as a table row.
+fn backend_row(state: &BackendState) -> String {
+    let (class, word) = match (state.healthy(), state.ejected(), state.draining()) {
+        (false, _, _) => ("down", "down"),
+        (true, true, _) => ("out", "ejected"),
+        (true, false, true) => ("out", "draining"),
+        (true, false, false) => ("up", "up"),
+    };
+    let last = state.last_check().map_or("never".to_string(), |check| {
+        let time = chrono::DateTime::<chrono::Utc>::from(check.at).format("%H:%M:%S");
+        match check.error {
+            None => format!("{time} ok"),
+            Some(error) => format!("{time} {}", escape(&error)),
+        }
+    });
+    format!(
+        "<tr class=\"{class}\"><td>{}</td><td>{word}</td><td>{}</td><td>{}</td><td>{last}</td></tr>\n",
+        escape(&state.name),
+        state.weight,
+        state.in_flight()
+    )
+}
+
+/// Text as HTML, so that no backend name or error message can inject markup.
+fn escape(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_string(),
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '"' => "&quot;".to_string(),
+            '\'' => "&#39;".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 #[async_trait]
 impl ServeHttp for MetricsEndpoint {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let (content_type, body, status) = match session.req_header().uri.path() {
-            "/metrics" => (
-                "text/plain; version=0.0.4",
-                self.metrics
-                    .render(self.traffic.in_flight(), &self.connections()),
-                200,
-            ),
-            "/status" => ("application/json", self.status_json(), 200),
-            _ => ("text/plain", b"see /metrics and /status\n".to_vec(), 404),
-        };
+        let answer = self.answer(session);
         Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, content_type)
-            .header(http::header::CONTENT_LENGTH, body.len())
-            .body(body)
+            .status(answer.status)
+            .header(http::header::CONTENT_TYPE, answer.content_type)
+            .header(http::header::CONTENT_LENGTH, answer.body.len())
+            .body(answer.body)
             .expect("a static response is valid")
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_proc_address;
+    use super::{escape, parse_proc_address};
+
+    #[test]
+    fn markup_is_escaped() {
+        assert_eq!(
+            escape("<a href='x'>&\"</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
+        );
+    }
 
     #[test]
     fn kernel_socket_addresses() {

@@ -1,5 +1,6 @@
-//! The HTTP proxy: picks a backend per request, fails over on connect errors, rewrites the
-//! Host header, and closes client connections cleanly while the process drains.
+//! The HTTP proxy: routes each request to a pool, picks a backend there, fails over on
+//! connect errors, applies the route's limits and header rules, feeds passive health, and
+//! closes client connections cleanly while the process drains.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -20,8 +21,10 @@ use crate::client_connections::{keepalive_seconds, HeaderParsed};
 use crate::config::{ClientLimits, Forwarding, HashKey};
 use crate::metrics::Metrics;
 use crate::request_rules;
+use crate::routing::{self, RequestTarget, Route, RouteId, Router};
 use crate::traffic::{InFlight, Traffic};
-use crate::upstreams::{BackendId, Destination, Upstreams};
+use crate::upstreams::health::InFlightRequest;
+use crate::upstreams::{BackendId, Destination, Pool, Pools};
 
 /// How many times one request is sent again over a new connection after a kept-alive one
 /// turned out closed by the backend.
@@ -29,8 +32,12 @@ pub const MAX_STALE_RETRIES: usize = 2;
 
 /// Per-request state.
 pub struct RequestContext {
-    /// Backends tried so far, the current one last.
+    /// The route the request matched, once its header is parsed.
+    route: Option<RouteId>,
+    /// Backends of the route's pool tried so far, the current one last.
     tried: Vec<BackendId>,
+    /// Counts the request against the current backend, for least connections.
+    backend_load: Option<InFlightRequest>,
     started: Instant,
     /// When the current backend was chosen.
     upstream_started: Option<Instant>,
@@ -52,8 +59,10 @@ pub struct RequestContext {
 /// The load balancer's [ProxyHttp] implementation: pingora-proxy calls it for every
 /// request.
 pub struct Balancer {
-    pub upstreams: Arc<Upstreams>,
-    pub retries: usize,
+    pub pools: Arc<Pools>,
+    pub router: Arc<Router>,
+    /// The answer to a request no route matches.
+    pub no_route_status: u16,
     pub traffic: Arc<Traffic>,
     pub forwarding: Forwarding,
     pub metrics: Arc<Metrics>,
@@ -96,10 +105,69 @@ fn hash_input<'a>(key: &HashKey, session: &'a Session, client_ip: &'a mut [u8; 1
 }
 
 impl Balancer {
-    /// The backend the request went to last.
-    fn chosen(&self, ctx: &RequestContext) -> Option<&Destination> {
-        ctx.tried.last().map(|id| self.upstreams.destination(*id))
+    /// The route the request matched.
+    fn route(&self, ctx: &RequestContext) -> Option<&Route> {
+        ctx.route.map(|id| self.router.get(id))
     }
+
+    /// The pool of the request's route.
+    fn pool(&self, ctx: &RequestContext) -> Option<&Pool> {
+        self.route(ctx).map(|route| self.pools.get(route.pool))
+    }
+
+    /// The backend the request went to last, and its pool.
+    fn chosen(&self, ctx: &RequestContext) -> Option<(&Pool, BackendId)> {
+        Some((self.pool(ctx)?, *ctx.tried.last()?))
+    }
+
+    /// How the backend the request went to last is reached.
+    fn destination(&self, ctx: &RequestContext) -> Option<&Destination> {
+        self.chosen(ctx).map(|(pool, id)| pool.destination(id))
+    }
+
+    /// Picks the request's route, and refuses a body its route does not accept.
+    fn route_request(&self, session: &Session, ctx: &mut RequestContext) -> Result<()> {
+        let request = session.req_header();
+        let host = routing::request_host(
+            request
+                .headers
+                .get(http::header::HOST)
+                .map(|v| v.as_bytes()),
+            request.uri.authority().map(|a| a.as_str()),
+        );
+        let target = RequestTarget {
+            host: host.as_deref(),
+            path: request.uri.path(),
+            local: session
+                .server_addr()
+                .and_then(PingoraAddr::as_inet)
+                .copied(),
+        };
+        let Some(id) = self.router.route(&target) else {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(self.no_route_status),
+                "no route matches the request",
+            );
+        };
+        ctx.route = Some(id);
+        let declared = request
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        match (self.router.get(id).max_body_size, declared) {
+            (Some(max), Some(length)) if length > max => body_too_large(max),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// 413, as nginx answers a body over `client_max_body_size`.
+fn body_too_large<T>(max: u64) -> Result<T> {
+    Err(Error::explain(
+        ErrorType::HTTPStatus(413),
+        format!("the request body is larger than the route's max_body_size ({max} bytes)"),
+    )
+    .into_down())
 }
 
 #[async_trait]
@@ -112,7 +180,9 @@ impl ProxyHttp for Balancer {
 
     fn new_ctx(&self) -> RequestContext {
         RequestContext {
+            route: None,
             tried: Vec::new(),
+            backend_load: None,
             started: Instant::now(),
             upstream_started: None,
             upstream_time: None,
@@ -143,7 +213,7 @@ impl ProxyHttp for Balancer {
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut RequestContext,
+        ctx: &mut RequestContext,
     ) -> Result<()> {
         // Requests sent before the previous response are answered in order instead of
         // closing the connection (pingora's default) and losing them.
@@ -166,7 +236,23 @@ impl ProxyHttp for Balancer {
                 )
                 .into_down()
             },
-        )
+        )?;
+        self.route_request(session, ctx)
+    }
+
+    /// Counts what pingora has read of the body (not what this filter saw: it runs again
+    /// when a request is retried), against the route's limit.
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestContext,
+    ) -> Result<()> {
+        match self.route(ctx).and_then(|r| r.max_body_size) {
+            Some(max) if session.body_bytes_read() as u64 > max => body_too_large(max),
+            _ => Ok(()),
+        }
     }
 
     async fn upstream_peer(
@@ -174,15 +260,19 @@ impl ProxyHttp for Balancer {
         session: &mut Session,
         ctx: &mut RequestContext,
     ) -> Result<Box<HttpPeer>> {
+        let route = self
+            .route(ctx)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "a request without a route"))?;
+        let pool = self.pools.get(route.pool);
         let mut client_ip = [0u8; 16];
-        let key = match self.upstreams.hash_key() {
+        let key = match pool.hash_key() {
             Some(key) => hash_input(key, session, &mut client_ip),
             None => &[],
         };
         let same_again = std::mem::take(&mut ctx.retry_same_backend);
         let selected = match ctx.tried.last() {
             Some(&last) if same_again => Some(last),
-            _ => self.upstreams.select(key, &ctx.tried),
+            _ => pool.select(key, &ctx.tried),
         };
         let Some(id) = selected else {
             // Like nginx: 503 when no backend is in rotation, 502 (or 504 after a timeout)
@@ -200,7 +290,18 @@ impl ProxyHttp for Balancer {
             ctx.tried.push(id);
         }
         ctx.upstream_started = Some(Instant::now());
-        Ok(Box::new(self.upstreams.destination(id).peer.clone()))
+        let destination = pool.destination(id);
+        ctx.backend_load = Some(destination.state.start_request());
+        let mut peer = Box::new(destination.peer.clone());
+        if let Some(timeout) = route.connect_timeout {
+            peer.options.connection_timeout = Some(timeout);
+            peer.options.total_connection_timeout = Some(timeout);
+        }
+        if let Some(timeout) = route.read_timeout {
+            peer.options.read_timeout = Some(timeout);
+            peer.options.write_timeout = Some(timeout);
+        }
+        Ok(peer)
     }
 
     async fn upstream_request_filter(
@@ -216,19 +317,25 @@ impl ProxyHttp for Balancer {
                 .map(|a| a.ip());
             self.forwarding.apply(client, upstream_request)?;
         }
-        if let Some(host) = self.chosen(ctx).and_then(|d| d.host.clone()) {
+        if let Some(host) = self.destination(ctx).and_then(|d| d.host.clone()) {
             upstream_request.insert_header(http::header::HOST, host)?;
         }
-        Ok(())
+        match self.route(ctx) {
+            Some(route) => routing::apply(&route.request_headers, upstream_request),
+            None => Ok(()),
+        }
     }
 
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut RequestContext,
     ) -> Result<()> {
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
+        if let Some((pool, id)) = self.chosen(ctx) {
+            pool.response_received(id, upstream_response.status.as_u16());
+        }
         Ok(())
     }
 
@@ -236,8 +343,11 @@ impl ProxyHttp for Balancer {
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        _ctx: &mut RequestContext,
+        ctx: &mut RequestContext,
     ) -> Result<()> {
+        if let Some(route) = self.route(ctx) {
+            routing::apply(&route.response_headers, upstream_response)?;
+        }
         if self.traffic.draining() {
             session.set_keepalive(None);
             upstream_response.insert_header(http::header::CONNECTION, "close")?;
@@ -254,11 +364,16 @@ impl ProxyHttp for Balancer {
         ctx: &mut RequestContext,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let Some(destination) = self.chosen(ctx) {
-            destination.metrics.connect_failed();
-        }
+        let retries = match self.chosen(ctx) {
+            Some((pool, id)) => {
+                pool.destination(id).metrics.connect_failed();
+                pool.request_failed(id);
+                pool.retries
+            }
+            None => 0,
+        };
         ctx.failure_status = upstream_failure_status(&e);
-        if ctx.tried.len() <= self.retries {
+        if ctx.tried.len() <= retries {
             warn!(
                 "cannot connect to backend {}: {e}; trying another backend",
                 peer.address()
@@ -297,6 +412,11 @@ impl ProxyHttp for Balancer {
             && !session.as_ref().retry_buffer_truncated()
             && ctx.stale_retries < MAX_STALE_RETRIES;
         e.set_retry(stale);
+        if e.esource == ErrorSource::Upstream && !stale {
+            if let Some((pool, id)) = self.chosen(ctx) {
+                pool.request_failed(id);
+            }
+        }
         if stale {
             info!(
                 "backend {} had closed a kept-alive connection; sending the request again",
@@ -369,12 +489,15 @@ impl ProxyHttp for Balancer {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestContext) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let total = ctx.started.elapsed();
-        let destination = self.chosen(ctx);
+        let destination = self.destination(ctx);
         // 0: the client went away before any response.
         if status != 0 {
             let metrics = destination.map(|d| &d.metrics);
             self.metrics
                 .request_done(metrics, status, total, ctx.upstream_time);
+            if let Some(route) = self.route(ctx) {
+                route.metrics.observe(status);
+            }
         }
         if !ctx.logged {
             return;

@@ -33,10 +33,11 @@ use crate::metrics_endpoint::MetricsEndpoint;
 use crate::privileges::{drop_privileges, Identity, PrivilegeError};
 use crate::proxy::{Balancer, MAX_STALE_RETRIES};
 use crate::readiness::Readiness;
+use crate::routing::Router;
 use crate::runtime_files::{prepare_parent, PidFile};
 use crate::traffic::Traffic;
 use crate::upgrade::{Handoff, HandoffError, HandoffSocket};
-use crate::upstreams::{HealthChecks, ResolveError, Upstreams};
+use crate::upstreams::{Pools, ResolveError};
 
 /// Why the process could not start. A predecessor, if any, keeps serving.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +95,9 @@ pub fn serve(cli: &Cli, config: Config) -> Result<(), StartError> {
         readiness.daemonize().map_err(StartError::Daemonize)?;
     }
     logging::init(&config);
+    for warning in config.warnings() {
+        log::warn!("configuration: {warning}");
+    }
     match prepare(cli, &config, &mut readiness) {
         Ok(prepared) => {
             run(&config, prepared, readiness);
@@ -120,7 +124,7 @@ struct Prepared {
     handed_over: Vec<(String, std::os::fd::RawFd)>,
     pid_file: Option<PidFile>,
     metrics: Arc<Metrics>,
-    upstreams: Arc<Upstreams>,
+    pools: Arc<Pools>,
     access_log_sink: Option<Sink>,
     predecessor: Option<crate::upgrade::Predecessor>,
     generation: u64,
@@ -162,7 +166,7 @@ fn prepare(cli: &Cli, config: &Config, readiness: &mut Readiness) -> Result<Prep
         None => None,
     };
     let metrics = Arc::new(Metrics::new(generation));
-    let upstreams = Upstreams::build(config, &metrics)?;
+    let pools = Arc::new(Pools::build(config, &metrics)?);
     let access_log_sink = Sink::open(&config.access_log).map_err(StartError::AccessLog)?;
 
     drop_privileges(identity.as_ref())?;
@@ -172,7 +176,7 @@ fn prepare(cli: &Cli, config: &Config, readiness: &mut Readiness) -> Result<Prep
         handed_over,
         pid_file,
         metrics,
-        upstreams,
+        pools,
         access_log_sink,
         predecessor,
         generation,
@@ -226,7 +230,8 @@ fn listening_addresses(config: &Config) -> Vec<(String, ListenAddress)> {
 
 /// Step 6: pingora's services on the prepared sockets, until the process is told to stop.
 fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
-    let (metrics, upstreams) = (prepared.metrics.clone(), prepared.upstreams.clone());
+    let (metrics, pools) = (prepared.metrics.clone(), prepared.pools.clone());
+    let router = Arc::new(Router::build(config, &pools, &metrics));
     let access_log = prepared
         .access_log_sink
         .map(|sink| Arc::new(AccessLog::start(&config.access_log, sink, metrics.clone())));
@@ -234,7 +239,7 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
     let traffic = Arc::new(Traffic::default());
     let lifecycle = Arc::new(Lifecycle {
         traffic: traffic.clone(),
-        upstreams: upstreams.clone(),
+        pools: pools.clone(),
         sockets: prepared.handed_over,
         upgrade_sock: config.upgrade_sock.0.clone(),
         grace_period: Duration::from_secs(config.grace_period_seconds),
@@ -245,8 +250,9 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
         access_log: access_log.clone(),
     });
     let balancer = Balancer {
-        upstreams: upstreams.clone(),
-        retries: config.retries,
+        pools: pools.clone(),
+        router,
+        no_route_status: config.no_route_status,
         traffic: traffic.clone(),
         forwarding: config.forwarding.clone(),
         metrics: metrics.clone(),
@@ -255,17 +261,13 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
     };
     let proxy = proxy_service(&server.configuration, config, balancer, prepared.sockets);
     let proxy = server.add_boxed_service(proxy);
-    server.add_service(background_service(
-        "health check",
-        HealthChecks {
-            upstreams: upstreams.clone(),
-            interval: config.health_check.interval.0,
-        },
-    ));
+    for checks in pools.health_checks() {
+        server.add_service(background_service("health check", checks));
+    }
     if let Some(socket) = prepared.metrics_socket {
         let endpoint = MetricsEndpoint {
             metrics: metrics.clone(),
-            upstreams: upstreams.clone(),
+            pools: pools.clone(),
             traffic,
             listeners: config.listeners.iter().map(|l| l.0).collect(),
         };
@@ -339,6 +341,16 @@ fn raise_open_file_limit() {
     }
 }
 
+/// The most other backends any pool tries a request on.
+fn max_retries(config: &Config) -> usize {
+    config
+        .pools()
+        .iter()
+        .map(|p| p.config.retries)
+        .max()
+        .unwrap_or(0)
+}
+
 /// The part of the configuration pingora itself reads.
 fn server_conf(config: &Config) -> ServerConf {
     ServerConf {
@@ -350,7 +362,7 @@ fn server_conf(config: &Config) -> ServerConf {
         grace_period_seconds: Some(config.grace_period_seconds + 1),
         graceful_shutdown_timeout_seconds: Some(config.graceful_shutdown_timeout_seconds),
         upstream_keepalive_pool_size: config.upstream_keepalive_pool_size,
-        max_retries: config.retries + 1 + MAX_STALE_RETRIES,
+        max_retries: max_retries(config) + 1 + MAX_STALE_RETRIES,
         ..ServerConf::default()
     }
 }

@@ -1,28 +1,32 @@
-//! The backends of the pool: address resolution, the selection algorithm, how each backend
-//! is reached (TLS, SNI, Host header, timeouts), and the rounds of health checks.
+//! The pools of backends: address resolution, the selection algorithm of each pool, how
+//! each backend is reached (TLS, SNI, Host header, timeouts), passive health, and the
+//! rounds of active health checks.
 
 pub mod health;
+mod selection;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::FutureExt;
 use pingora::lb::discovery::Static;
-use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
-use pingora::lb::{Backend, Backends, LoadBalancer};
+use pingora::lb::{Backend, Backends};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{Config, HashKey, Selection, Upstream};
+use crate::config::{CaFile, Config, HashKey, NamedPool, PassiveHealth, Selection, Upstream};
 use crate::metrics::{BackendMetrics, Metrics};
 use health::{BackendHealth, BackendState, HealthWatch, Target};
+use selection::Selector;
 
-/// A backend's place in the configuration's `upstreams` list.
-pub type BackendId = usize;
+/// A pool's place among the pools: `default` (if any) first, then by name.
+pub type PoolId = usize;
+
+pub use selection::BackendId;
 
 /// A backend as the proxy reaches it, prepared once at start.
 pub struct Destination {
@@ -30,7 +34,7 @@ pub struct Destination {
     pub peer: HttpPeer,
     /// `Host` header replacing the client's, if configured.
     pub host: Option<http::HeaderValue>,
-    /// Health as checks last found it; its name is the address as configured.
+    /// Health, load and draining; its name is the address as configured.
     pub state: Arc<BackendState>,
     /// Request-path metrics.
     pub metrics: BackendMetrics,
@@ -43,36 +47,24 @@ impl Destination {
     }
 }
 
-/// pingora's [LoadBalancer] over one selection algorithm, chosen once when the pool is built.
-trait Selector: Send + Sync {
-    fn select_with(&self, key: &[u8], accept: &dyn Fn(&Backend, bool) -> bool) -> Option<Backend>;
-    fn backends(&self) -> &Backends;
-}
-
-impl<S> Selector for LoadBalancer<S>
-where
-    S: BackendSelection + Send + Sync + 'static,
-    S::Iter: BackendIter,
-{
-    fn select_with(&self, key: &[u8], accept: &dyn Fn(&Backend, bool) -> bool) -> Option<Backend> {
-        // Bounds the walk over the selector's ring or list; it holds each backend once per
-        // unit of weight, so this covers every backend.
-        const MAX_ITERATIONS: usize = 1024;
-        LoadBalancer::select_with(self, key, MAX_ITERATIONS, accept)
-    }
-
-    fn backends(&self) -> &Backends {
-        LoadBalancer::backends(self)
-    }
-}
-
-/// Everything the proxy needs to choose and reach a backend.
-pub struct Upstreams {
+/// One pool: its backends and how one is chosen.
+pub struct Pool {
+    pub name: String,
     selector: Box<dyn Selector>,
     /// In configuration order: a [BackendId] indexes it.
     destinations: Vec<Destination>,
-    ids: HashMap<SocketAddr, BackendId>,
     hash_key: Option<HashKey>,
+    /// Other backends a request is tried on after a connect failure.
+    pub retries: usize,
+    passive_health: PassiveHealth,
+    health_interval: Duration,
+    checked_once: AtomicBool,
+    health: Arc<HealthWatch>,
+}
+
+/// Every pool, and the health of all their backends.
+pub struct Pools {
+    pools: Vec<Arc<Pool>>,
     health: Arc<HealthWatch>,
 }
 
@@ -85,22 +77,77 @@ pub struct ResolveError {
     pub source: std::io::Error,
 }
 
-impl Upstreams {
-    /// Resolves the backends and builds the selector. Health checks run in [HealthChecks],
-    /// which must be added to the server.
-    pub fn build(config: &Config, metrics: &Metrics) -> Result<Arc<Upstreams>, ResolveError> {
-        let addresses = resolve(config)?;
-        let destinations: Vec<Destination> = config
-            .upstreams
+impl Pools {
+    /// Resolves every backend and builds each pool's selector. Health checks run in
+    /// [HealthChecks], one per pool, which must be added to the server.
+    pub fn build(config: &Config, metrics: &Metrics) -> Result<Pools, ResolveError> {
+        let named = config.pools();
+        let mut prepared = Vec::with_capacity(named.len());
+        for pool in &named {
+            let addresses = resolve(pool)?;
+            let destinations: Vec<Destination> = pool
+                .config
+                .upstreams
+                .iter()
+                .zip(&addresses)
+                .map(|(upstream, addr)| {
+                    destination(config.ca_file.as_ref(), pool, upstream, *addr, metrics)
+                })
+                .collect();
+            prepared.push((addresses, destinations));
+        }
+        let states = prepared
             .iter()
-            .zip(&addresses)
-            .map(|(upstream, addr)| destination(config, upstream, *addr, metrics))
+            .flat_map(|(_, destinations)| destinations.iter().map(|d| d.state.clone()))
             .collect();
-        let health = Arc::new(HealthWatch::new(
-            destinations.iter().map(|d| d.state.clone()).collect(),
-        ));
-        let mut pool = Backends::new(Static::new(
-            config
+        let health = Arc::new(HealthWatch::new(states, named.len()));
+        let pools = named
+            .into_iter()
+            .zip(prepared)
+            .map(|(pool, (addresses, destinations))| {
+                Arc::new(Pool::new(pool, addresses, destinations, health.clone()))
+            })
+            .collect();
+        Ok(Pools { pools, health })
+    }
+
+    pub fn get(&self, id: PoolId) -> &Pool {
+        &self.pools[id]
+    }
+
+    /// The pool named `name`.
+    pub fn id_of(&self, name: &str) -> Option<PoolId> {
+        self.pools.iter().position(|p| p.name == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.iter()
+    }
+
+    /// The health of every backend.
+    pub fn health(&self) -> &HealthWatch {
+        &self.health
+    }
+
+    /// The background services that run each pool's health checks.
+    pub fn health_checks(&self) -> Vec<HealthChecks> {
+        self.pools
+            .iter()
+            .map(|pool| HealthChecks { pool: pool.clone() })
+            .collect()
+    }
+}
+
+impl Pool {
+    fn new(
+        config: NamedPool,
+        addresses: Vec<SocketAddr>,
+        destinations: Vec<Destination>,
+        health: Arc<HealthWatch>,
+    ) -> Pool {
+        let settings = config.config;
+        let mut backends = Backends::new(Static::new(
+            settings
                 .upstreams
                 .iter()
                 .zip(&addresses)
@@ -121,23 +168,25 @@ impl Upstreams {
                 state: d.state.clone(),
             })
             .collect();
-        if let Some(check) = BackendHealth::build(&config.health_check, targets, health.clone()) {
-            pool.set_health_check(Box::new(check));
+        if let Some(check) = BackendHealth::build(&settings.health_check, targets, health.clone()) {
+            backends.set_health_check(Box::new(check));
         }
-        let (selector, hash_key): (Box<dyn Selector>, _) = match &config.selection {
-            Selection::RoundRobin => (load_balancer::<RoundRobin>(pool), None),
-            Selection::Random => (load_balancer::<Random>(pool), None),
-            Selection::ConsistentHash { key } => {
-                (load_balancer::<Consistent>(pool), Some(key.clone()))
-            }
-        };
-        Ok(Arc::new(Upstreams {
-            selector,
-            ids: addresses.into_iter().zip(0..).collect(),
+        let states = destinations.iter().map(|d| d.state.clone()).collect();
+        let ids = addresses.into_iter().zip(0..).collect();
+        Pool {
+            name: config.name,
+            selector: selection::build(&settings.selection, backends, ids, states),
             destinations,
-            hash_key,
+            hash_key: match settings.selection {
+                Selection::ConsistentHash { key } => Some(key),
+                _ => None,
+            },
+            retries: settings.retries,
+            passive_health: settings.passive_health,
+            health_interval: settings.health_check.interval.0,
+            checked_once: AtomicBool::new(false),
             health,
-        }))
+        }
     }
 
     /// What consistent hashing hashes, if it is in use.
@@ -145,18 +194,16 @@ impl Upstreams {
         self.hash_key.as_ref()
     }
 
-    /// Picks a healthy backend not in `excluded`, following the selection algorithm.
+    /// Picks a backend in rotation and not in `excluded`, following the selection
+    /// algorithm. When passive health or draining left none, backends only ejected are
+    /// taken: the pool fails open rather than refusing every request.
     pub fn select(&self, key: &[u8], excluded: &[BackendId]) -> Option<BackendId> {
-        let id = |backend: &Backend| {
-            backend
-                .addr
-                .as_inet()
-                .and_then(|addr| self.ids.get(addr).copied())
-        };
-        let accept = |backend: &Backend, healthy: bool| {
-            healthy && (excluded.is_empty() || id(backend).is_some_and(|i| !excluded.contains(&i)))
-        };
-        id(&self.selector.select_with(key, &accept)?)
+        let state = |id: BackendId| &self.destinations[id].state;
+        let in_rotation = |id: BackendId| state(id).in_rotation() && !excluded.contains(&id);
+        self.selector.select(key, &in_rotation).or_else(|| {
+            let healthy = |id: BackendId| state(id).healthy() && !excluded.contains(&id);
+            self.selector.select(key, &healthy)
+        })
     }
 
     /// How to reach a backend returned by [Self::select].
@@ -164,43 +211,58 @@ impl Upstreams {
         &self.destinations[id]
     }
 
-    /// The health of every backend.
-    pub fn health(&self) -> &HealthWatch {
-        &self.health
+    /// Every backend, in configuration order.
+    pub fn destinations(&self) -> &[Destination] {
+        &self.destinations
+    }
+
+    /// The backend named `name` (its address as configured).
+    pub fn find(&self, name: &str) -> Option<&Destination> {
+        self.destinations.iter().find(|d| d.name() == name)
+    }
+
+    /// A live request to a backend got its response (`failed`: a 5xx that counts as a
+    /// failure, see `passive_health.on_5xx`).
+    pub fn response_received(&self, id: BackendId, status: u16) {
+        let failed = self.passive_health.on_5xx && status >= 500;
+        if failed {
+            self.request_failed(id);
+        } else {
+            self.destinations[id].state.request_succeeded();
+        }
+    }
+
+    /// A live request to a backend failed: no connection, or a timeout.
+    pub fn request_failed(&self, id: BackendId) {
+        let others = self
+            .destinations
+            .iter()
+            .enumerate()
+            .any(|(other, d)| other != id && d.state.in_rotation());
+        self.destinations[id]
+            .state
+            .request_failed(&self.passive_health, !others);
     }
 
     /// Runs one round of health checks. Only [HealthChecks] calls it: two rounds at once
     /// would race on the same backend and report a transition twice.
     async fn check_health_once(&self) {
         self.selector.backends().run_health_check(true).await;
-        self.health.round_done();
+        if !self.checked_once.swap(true, Ordering::AcqRel) {
+            self.health.first_round_done();
+        }
     }
 }
 
-/// pingora's load balancer over the pool, filled before the first request.
-fn load_balancer<S>(pool: Backends) -> Box<dyn Selector>
-where
-    S: BackendSelection + Send + Sync + 'static,
-    S::Iter: BackendIter,
-{
-    let lb = LoadBalancer::<S>::from_backends(pool);
-    // Static discovery never waits: the selector is filled before the first request.
-    lb.update()
-        .now_or_never()
-        .expect("static discovery does not block")
-        .expect("static discovery does not fail");
-    Box::new(lb)
-}
-
 /// The backends' addresses, in configuration order.
-fn resolve(config: &Config) -> Result<Vec<SocketAddr>, ResolveError> {
-    config
+fn resolve(pool: &NamedPool) -> Result<Vec<SocketAddr>, ResolveError> {
+    pool.config
         .upstreams
         .iter()
         .enumerate()
         .map(|(i, upstream)| {
             upstream.address.resolve().map_err(|source| ResolveError {
-                key: format!("upstreams[{i}].address"),
+                key: format!("{}upstreams[{i}].address", pool.key),
                 address: upstream.address.to_string(),
                 source,
             })
@@ -210,41 +272,44 @@ fn resolve(config: &Config) -> Result<Vec<SocketAddr>, ResolveError> {
 
 /// Builds the peer template and Host override of one backend.
 fn destination(
-    config: &Config,
+    ca_file: Option<&CaFile>,
+    pool: &NamedPool,
     upstream: &Upstream,
     addr: SocketAddr,
     metrics: &Metrics,
 ) -> Destination {
     let name = upstream.address.to_string();
+    let timeouts = &pool.config.timeouts;
     let mut peer = HttpPeer::new(addr, upstream.tls, upstream.effective_sni());
     let options = &mut peer.options;
-    options.connection_timeout = Some(config.timeouts.connect.0);
-    options.total_connection_timeout = Some(config.timeouts.connect.0);
-    options.read_timeout = Some(config.timeouts.read.0);
-    options.write_timeout = Some(config.timeouts.read.0);
-    options.idle_timeout = Some(config.timeouts.idle.0);
+    options.connection_timeout = Some(timeouts.connect.0);
+    options.total_connection_timeout = Some(timeouts.connect.0);
+    options.read_timeout = Some(timeouts.read.0);
+    options.write_timeout = Some(timeouts.read.0);
+    options.idle_timeout = Some(timeouts.idle.0);
     options.verify_cert = upstream.verify_cert;
     options.verify_hostname = upstream.verify_cert;
-    if let Some(ca) = upstream.ca_file.as_ref().or(config.ca_file.as_ref()) {
+    if let Some(ca) = upstream.ca_file.as_ref().or(ca_file) {
         options.ca = Some(ca.certificates.clone());
     }
     let weight = upstream.weight.0;
     Destination {
         peer,
         host: upstream.host.clone(),
-        metrics: metrics.backend(&name),
+        metrics: metrics.backend(&pool.name, &name),
         state: Arc::new(BackendState::new(
+            &pool.name,
             name.clone(),
             weight,
-            metrics.backend_health(&name, weight),
+            metrics.backend_health(&pool.name, &name, weight),
         )),
     }
 }
 
-/// The background service that runs the health-check rounds, one at a time, every interval.
+/// The background service that runs one pool's health-check rounds, one at a time, every
+/// interval.
 pub struct HealthChecks {
-    pub upstreams: Arc<Upstreams>,
-    pub interval: Duration,
+    pool: Arc<Pool>,
 }
 
 #[async_trait]
@@ -253,11 +318,11 @@ impl BackgroundService for HealthChecks {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = self.upstreams.check_health_once() => {}
+                _ = self.pool.check_health_once() => {}
             }
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep(self.pool.health_interval) => {}
             }
         }
     }

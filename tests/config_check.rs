@@ -28,7 +28,7 @@ fn bad_configurations_name_file_line_and_key() {
         ("listeners: [\"127.0.0.1:1\"]\nupstream:\n  - address: 127.0.0.1:2\n", 2, "", "unknown field `upstream`"),
         ("listeners: [\"127.0.0.1:1\"]\nupstreams: []\n", 2, "upstreams", "at least one"),
         ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\n    weight: 0\n", 4, "upstreams[0].weight", "between 1 and 1000"),
-        ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\nselection:\n  algorithm: least_conn\n", 5, "selection", "unknown variant `least_conn`"),
+        ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\nselection:\n  algorithm: fastest\n", 5, "selection", "unknown variant `fastest`"),
         ("listeners: [\"127.0.0.1:99999\"]\nupstreams:\n  - address: 127.0.0.1:2\n", 1, "listeners[0]", "not a listening address"),
         ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 300.0.0.1:80\n", 3, "upstreams[0].address", "not a backend address"),
         ("listeners: [\"127.0.0.1:1\"]\nupstreams:\n  - address: 127.0.0.1:2\npid_file: run/lb.pid\n", 4, "pid_file", "not an absolute file path"),

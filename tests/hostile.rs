@@ -14,23 +14,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Sends raw bytes on a new connection and reads until the server closes it or stays
-/// silent for `quiet`.
-fn exchange(addr: SocketAddr, request: &[u8], quiet: Duration) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(quiet)).unwrap();
-    stream.write_all(request).unwrap();
-    let mut received = Vec::new();
-    let mut buffer = [0u8; 65536];
-    while let Ok(n) = stream.read(&mut buffer) {
-        if n == 0 {
-            break;
-        }
-        received.extend_from_slice(&buffer[..n]);
-    }
-    String::from_utf8_lossy(&received).into_owned()
-}
-
 /// The status line of every response in `text` (a body need not end with a newline).
 fn status_lines(text: &str) -> Vec<&str> {
     text.match_indices("HTTP/1.1 ")
@@ -296,36 +279,6 @@ fn send_on(client: Client, addr: SocketAddr, request: &str) -> (Client, u16) {
     let mut body = vec![0; length];
     let _ = reader.read_exact(&mut body);
     (Client::from_stream(reader.into_inner()), status)
-}
-
-/// A backend that accepts and then behaves as `answer` says.
-fn broken_backend(answer: &'static [u8], reset: bool) -> SocketAddr {
-    let listener = held_port();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buffer = [0u8; 4096];
-                let _ = stream.read(&mut buffer);
-                if reset {
-                    let _ = nix::sys::socket::setsockopt(
-                        &stream,
-                        nix::sys::socket::sockopt::Linger,
-                        &nix::libc::linger {
-                            l_onoff: 1,
-                            l_linger: 0,
-                        },
-                    );
-                    return;
-                }
-                let _ = stream.write_all(answer);
-                // A silent backend keeps the connection open.
-                std::thread::sleep(Duration::from_secs(20));
-            });
-        }
-    });
-    addr
 }
 
 #[test]

@@ -101,9 +101,9 @@ fn references(name: &str, code: &str, known: &BTreeSet<String>) -> BTreeSet<Stri
         for word in words.filter(|w| !w.is_empty()) {
             if let Some(path) = word.strip_prefix("crate::") {
                 resolve(path);
-            } else if word.starts_with("super::") {
+            } else if let Some(path) = word.strip_prefix("super::") {
                 if let Some(parent) = &parent {
-                    resolve(parent);
+                    resolve(&format!("{parent}::{path}"));
                 }
             } else if word.contains("::") {
                 resolve(&format!("{name}::{word}"));

@@ -31,12 +31,6 @@ fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)
         .sum()
 }
 
-fn status(addr: SocketAddr) -> serde_json::Value {
-    let response = get(addr, "/status", &[]).unwrap();
-    assert_eq!(response.status, 200);
-    serde_json::from_str(&response.body).unwrap()
-}
-
 #[test]
 fn forwarded_headers_are_set_and_not_spoofable() {
     let backend = Backend::start("a");

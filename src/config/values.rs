@@ -99,6 +99,8 @@ bounded_integers! {
     /// pingora parses at most 256 fields.
     header_count: usize = 8..=256, "the number of request header fields";
     status: u16 = 100..=599, "an HTTP status";
+    error_status: u16 = 400..=599, "an HTTP error status";
+    consecutive_failures: u32 = 0..=1000, "a number of failures in a row";
 }
 
 pub(super) fn http_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -126,6 +128,126 @@ pub(super) fn host_header<'de, D: Deserializer<'de>>(
         _ => Err(D::Error::custom(format!(
             "{host:?} is not a valid Host header value"
         ))),
+    }
+}
+
+/// A `Host` to match: a name, or `*.` and a name for every name below it (not the name
+/// itself, as in nginx and HAProxy). Stored lower-case, as names compare.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    Exact(String),
+    /// The suffix, with its leading dot: `.example.com`.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// Whether `host` (lower-case, without port) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(name) => host == name,
+            HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(name) => f.write_str(name),
+            HostPattern::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+impl FromStr for HostPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let lower = s.to_ascii_lowercase();
+        let (name, wildcard) = match lower.strip_prefix("*.") {
+            Some(name) => (name, true),
+            None => (lower.as_str(), false),
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        match (valid, wildcard) {
+            (true, true) => Ok(HostPattern::Wildcard(format!(".{name}"))),
+            (true, false) => Ok(HostPattern::Exact(name.to_string())),
+            (false, _) => Err(format!(
+                "{s:?} is not a host name: write `api.example.com`, or `*.example.com` for the names below it (no port, no scheme)"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_string(d)
+    }
+}
+
+/// A size in bytes: a number, or a number with `k`, `m` or `g` (powers of 1024, as in
+/// nginx).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+/// The largest size accepted: 1 TiB.
+const MAX_BYTE_SIZE: u64 = 1 << 40;
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let text = s.trim().to_ascii_lowercase();
+        let text = text.strip_suffix('b').unwrap_or(&text);
+        let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+            Some((i, _)) => text.split_at(i),
+            None => (text, ""),
+        };
+        let shift = match unit.trim() {
+            "" => 0,
+            "k" | "ki" => 10,
+            "m" | "mi" => 20,
+            "g" | "gi" => 30,
+            _ => u32::MAX,
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .filter(|_| shift != u32::MAX)
+            .and_then(|n| n.checked_mul(1u64 << shift.min(63)))
+            .filter(|bytes| *bytes <= MAX_BYTE_SIZE)
+            .map(ByteSize)
+            .ok_or_else(|| {
+                format!("{s:?} is not a size: write bytes, or a number with k, m or g, up to 1024g")
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Size;
+        impl serde::de::Visitor<'_> for Size {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as 1048576, 512k or 10m")
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<ByteSize, E> {
+                v.to_string().parse().map_err(E::custom)
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<ByteSize, E> {
+                v.to_string().parse().map_err(E::custom)
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Size)
     }
 }
 
@@ -663,6 +785,43 @@ impl<'de> Deserialize<'de> for SyslogFacility {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_patterns() {
+        let exact: HostPattern = "API.Example.com".parse().unwrap();
+        assert!(exact.matches("api.example.com") && !exact.matches("x.api.example.com"));
+        let wildcard: HostPattern = "*.example.com".parse().unwrap();
+        assert!(wildcard.matches("a.example.com") && wildcard.matches("a.b.example.com"));
+        assert!(!wildcard.matches("example.com") && !wildcard.matches("aexample.com"));
+        for bad in ["", "*.", "a..b", "a.com:80", "http://a.com", "a b", "*.*.a"] {
+            assert!(bad.parse::<HostPattern>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn byte_sizes() {
+        for (text, bytes) in [
+            ("0", 0),
+            ("512", 512),
+            ("10k", 10240),
+            ("1m", 1 << 20),
+            ("2G", 2 << 30),
+            ("3MiB", 3 << 20),
+        ] {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)), "{text}");
+        }
+        for bad in [
+            "",
+            "k",
+            "-1",
+            "1t",
+            "1025g",
+            "18446744073709551615k",
+            "1.5m",
+        ] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use http::HeaderValue;
@@ -20,7 +20,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 use tokio::sync::watch;
 
-use crate::config::{self, HealthCheckKind};
+use crate::config::{self, HealthCheckKind, PassiveHealth};
 use crate::metrics::HealthMetrics;
 
 /// What a backend's last health probe found.
@@ -31,30 +31,149 @@ pub struct CheckRecord {
     pub at: SystemTime,
 }
 
-/// The health of one backend, as the selector, the status endpoint and metrics see it.
+/// The live state of one backend, as the selector, the status endpoint and metrics see
+/// it: active health, passive health (ejection), draining, and requests in flight.
 pub struct BackendState {
+    /// The pool it belongs to.
+    pub pool: String,
     /// The address as configured.
     pub name: String,
     pub weight: usize,
     healthy: AtomicBool,
     last_check: Mutex<Option<CheckRecord>>,
+    draining: AtomicBool,
+    /// Requests sent to it and not finished.
+    in_flight: AtomicUsize,
+    /// Live requests failed in a row.
+    failures: AtomicU32,
+    /// Ejections in a row, each twice as long as the one before.
+    ejections: AtomicU32,
+    /// End of the current ejection, in [clock_ms]; 0 when not ejected.
+    ejected_until: AtomicU64,
     metrics: HealthMetrics,
 }
 
+/// Milliseconds since the first call: the time base of ejections, kept in atomics.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Longest a doubling ejection streak may count, so the shift cannot overflow.
+const MAX_EJECTION_DOUBLINGS: u32 = 20;
+
 impl BackendState {
     /// A backend starts healthy, as pingora's do.
-    pub fn new(name: String, weight: usize, metrics: HealthMetrics) -> BackendState {
+    pub fn new(pool: &str, name: String, weight: usize, metrics: HealthMetrics) -> BackendState {
         BackendState {
+            pool: pool.to_string(),
             name,
             weight,
             healthy: AtomicBool::new(true),
             last_check: Mutex::new(None),
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
             metrics,
         }
     }
 
+    /// As the active health checks last found it.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Taken out by passive health until its ejection ends.
+    pub fn ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && clock_ms() < until
+    }
+
+    /// Given no new requests, by the operator.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether new requests may go to it.
+    pub fn in_rotation(&self) -> bool {
+        self.healthy() && !self.draining() && !self.ejected()
+    }
+
+    /// Requests in flight to it.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Starts or ends draining; returns whether that changed anything.
+    pub fn set_draining(&self, draining: bool) -> bool {
+        let changed = self.draining.swap(draining, Ordering::Relaxed) != draining;
+        if changed {
+            self.metrics.draining(draining);
+            log::info!(
+                "backend {} of pool {}: {}",
+                self.name,
+                self.pool,
+                if draining {
+                    "draining: no new requests"
+                } else {
+                    "back in rotation"
+                }
+            );
+        }
+        changed
+    }
+
+    /// A request was sent to it; it counts as in flight until the guard is dropped.
+    pub fn start_request(self: &Arc<Self>) -> InFlightRequest {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightRequest(self.clone())
+    }
+
+    /// A live request got its response.
+    pub fn request_succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 && !self.ejected() {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A live request failed (no connection, a timeout, or a 5xx if so configured). After
+    /// `consecutive_failures` in a row the backend is ejected, unless `last_in_rotation`:
+    /// the last backend a pool has is never taken out. Returns the ejection's length.
+    pub fn request_failed(
+        &self,
+        policy: &PassiveHealth,
+        last_in_rotation: bool,
+    ) -> Option<Duration> {
+        let threshold = policy.consecutive_failures;
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if threshold == 0 || failures < threshold || last_in_rotation || self.ejected() {
+            return None;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        let streak = self
+            .ejections
+            .fetch_add(1, Ordering::Relaxed)
+            .min(MAX_EJECTION_DOUBLINGS);
+        let length = policy
+            .ejection_time
+            .0
+            .saturating_mul(1 << streak)
+            .min(policy.max_ejection_time.0);
+        let until = clock_ms() + (length.as_millis() as u64).max(1);
+        self.ejected_until.store(until, Ordering::Relaxed);
+        self.metrics.ejected();
+        log::warn!(
+            "backend {} of pool {} failed {failures} requests in a row; out of rotation for {}ms",
+            self.name,
+            self.pool,
+            length.as_millis()
+        );
+        Some(length)
     }
 
     /// The outcome of the last probe, if any ran.
@@ -79,34 +198,46 @@ impl BackendState {
     }
 }
 
+/// A request in flight to a backend, counted for least-connections selection until dropped.
+pub struct InFlightRequest(Arc<BackendState>);
+
+impl Drop for InFlightRequest {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What the health checks have found so far: readiness waits for the first round, and
 /// systemd's status line follows every transition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HealthSummary {
-    /// The first round of checks is done.
+    /// The first round of checks of every pool is done.
     pub checked: bool,
     pub healthy: usize,
     pub total: usize,
 }
 
-/// The health state of every backend of the pool, and one channel that says when it
+/// The health state of every backend of every pool, and one channel that says when it
 /// changed. A `watch` keeps the latest summary, so a change that happens while no one
 /// waits is still seen by the next wait.
 pub struct HealthWatch {
-    /// In configuration order.
+    /// In configuration order, pool by pool.
     states: Vec<Arc<BackendState>>,
+    /// Pools whose first round of checks is not done yet.
+    unchecked_pools: AtomicUsize,
     summary: watch::Sender<HealthSummary>,
 }
 
 impl HealthWatch {
-    pub fn new(states: Vec<Arc<BackendState>>) -> HealthWatch {
+    pub fn new(states: Vec<Arc<BackendState>>, pools: usize) -> HealthWatch {
         let summary = HealthSummary {
-            checked: false,
+            checked: pools == 0,
             healthy: states.iter().filter(|s| s.healthy()).count(),
             total: states.len(),
         };
         HealthWatch {
             states,
+            unchecked_pools: AtomicUsize::new(pools),
             summary: watch::Sender::new(summary),
         }
     }
@@ -121,9 +252,11 @@ impl HealthWatch {
         self.summary.subscribe()
     }
 
-    /// A round of checks is done.
-    pub fn round_done(&self) {
-        self.update(|summary| summary.checked = true);
+    /// The first round of checks of one pool is done.
+    pub fn first_round_done(&self) {
+        if self.unchecked_pools.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.update(|summary| summary.checked = true);
+        }
     }
 
     fn backend_changed(&self) {

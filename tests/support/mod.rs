@@ -90,6 +90,11 @@ impl Backend {
         Backend::start_with(name, Some(tls.acceptor()), held_port())
     }
 
+    /// Requests answered so far.
+    pub fn served(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     /// Starts on a given address (to bring a stopped backend back on its port).
     pub fn start_at(name: &str, addr: SocketAddr) -> Backend {
         Backend::start_with(name, None, TcpListener::bind(addr).unwrap())
@@ -391,7 +396,13 @@ impl Client {
         extra_headers: &[(&str, &str)],
         close: bool,
     ) -> std::io::Result<Response> {
-        let mut request = format!("GET {path} HTTP/1.1\r\nHost: lb.test\r\n");
+        let mut request = format!("GET {path} HTTP/1.1\r\n");
+        if !extra_headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("host"))
+        {
+            request.push_str("Host: lb.test\r\n");
+        }
         for (k, v) in extra_headers {
             request.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -463,6 +474,60 @@ impl Client {
             body: String::from_utf8_lossy(&body).into_owned(),
         })
     }
+}
+
+/// Sends raw bytes on a new connection and reads until the server closes it or stays
+/// silent for `quiet`.
+pub fn exchange(addr: SocketAddr, request: &[u8], quiet: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(quiet)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 65536];
+    while let Ok(n) = stream.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buffer[..n]);
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// A backend that accepts and then behaves as `answer` says.
+pub fn broken_backend(answer: &'static [u8], reset: bool) -> SocketAddr {
+    let listener = held_port();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer);
+                if reset {
+                    let _ = nix::sys::socket::setsockopt(
+                        &stream,
+                        nix::sys::socket::sockopt::Linger,
+                        &nix::libc::linger {
+                            l_onoff: 1,
+                            l_linger: 0,
+                        },
+                    );
+                    return;
+                }
+                let _ = stream.write_all(answer);
+                // A silent backend keeps the connection open.
+                std::thread::sleep(Duration::from_secs(20));
+            });
+        }
+    });
+    addr
+}
+
+/// The metrics listener's `/status`, as JSON.
+pub fn status(addr: SocketAddr) -> serde_json::Value {
+    let response = get(addr, "/status", &[]).unwrap();
+    assert_eq!(response.status, 200);
+    serde_json::from_str(&response.body).unwrap()
 }
 
 /// A Unix datagram socket the test reads what the balancer sends to: it stands in for

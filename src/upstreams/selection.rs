@@ -1,0 +1,249 @@
+//! Selection algorithms: pingora's (round robin, random, consistent hash) and the two it
+//! lacks (least connections, power of two choices), behind one trait, picked once when the
+//! pool is built.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures::FutureExt;
+use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
+use pingora::lb::{Backend, Backends, LoadBalancer};
+
+use super::health::BackendState;
+use crate::config::Selection;
+
+/// A backend's place in its pool's `upstreams` list.
+pub type BackendId = usize;
+
+/// Chooses a backend among those `usable` accepts. `Backends` is pingora's view of the
+/// pool, through which the active health checks run.
+pub trait Selector: Send + Sync {
+    fn select(&self, key: &[u8], usable: &dyn Fn(BackendId) -> bool) -> Option<BackendId>;
+    fn backends(&self) -> &Backends;
+}
+
+/// Builds the selector `selection` names over `backends`, whose ids are `ids`.
+pub fn build(
+    selection: &Selection,
+    backends: Backends,
+    ids: HashMap<SocketAddr, BackendId>,
+    states: Vec<Arc<BackendState>>,
+) -> Box<dyn Selector> {
+    match selection {
+        Selection::RoundRobin => pingora_selector::<RoundRobin>(backends, ids),
+        Selection::Random => pingora_selector::<Random>(backends, ids),
+        Selection::ConsistentHash { .. } => pingora_selector::<Consistent>(backends, ids),
+        Selection::LeastConnections => Box::new(LeastConnections {
+            backends,
+            states,
+            next: AtomicUsize::new(0),
+        }),
+        Selection::PowerOfTwoChoices => Box::new(PowerOfTwoChoices { backends, states }),
+    }
+}
+
+/// pingora's [LoadBalancer] with one of its algorithms.
+struct PingoraSelector<S: BackendSelection> {
+    balancer: LoadBalancer<S>,
+    ids: HashMap<SocketAddr, BackendId>,
+}
+
+fn pingora_selector<S>(backends: Backends, ids: HashMap<SocketAddr, BackendId>) -> Box<dyn Selector>
+where
+    S: BackendSelection + Send + Sync + 'static,
+    S::Iter: BackendIter,
+{
+    let balancer = LoadBalancer::<S>::from_backends(backends);
+    // Static discovery never waits: the selector is filled before the first request.
+    balancer
+        .update()
+        .now_or_never()
+        .expect("static discovery does not block")
+        .expect("static discovery does not fail");
+    Box::new(PingoraSelector { balancer, ids })
+}
+
+impl<S> Selector for PingoraSelector<S>
+where
+    S: BackendSelection + Send + Sync + 'static,
+    S::Iter: BackendIter,
+{
+    fn select(&self, key: &[u8], usable: &dyn Fn(BackendId) -> bool) -> Option<BackendId> {
+        // Bounds the walk over the selector's ring or list; it holds each backend once per
+        // unit of weight, so this covers every backend.
+        const MAX_ITERATIONS: usize = 1024;
+        let id = |backend: &Backend| {
+            backend
+                .addr
+                .as_inet()
+                .and_then(|addr| self.ids.get(addr).copied())
+        };
+        let accept = |backend: &Backend, healthy: bool| healthy && id(backend).is_some_and(usable);
+        id(&self.balancer.select_with(key, MAX_ITERATIONS, accept)?)
+    }
+
+    fn backends(&self) -> &Backends {
+        self.balancer.backends()
+    }
+}
+
+/// Whether backend `a` carries less load for its weight than backend `b`.
+fn less_loaded(a: &BackendState, b: &BackendState) -> bool {
+    // In-flight requests per unit of weight, compared without division.
+    (a.in_flight() + 1) * b.weight < (b.in_flight() + 1) * a.weight
+}
+
+/// The usable backend with the fewest requests in flight for its weight; ties go round
+/// robin, so that an idle pool still spreads its requests.
+struct LeastConnections {
+    backends: Backends,
+    states: Vec<Arc<BackendState>>,
+    next: AtomicUsize,
+}
+
+impl Selector for LeastConnections {
+    fn select(&self, _key: &[u8], usable: &dyn Fn(BackendId) -> bool) -> Option<BackendId> {
+        let count = self.states.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        let mut best: Option<BackendId> = None;
+        for id in (start..count).chain(0..start) {
+            if !usable(id) {
+                continue;
+            }
+            if best.is_none_or(|b| less_loaded(&self.states[id], &self.states[b])) {
+                best = Some(id);
+            }
+        }
+        best
+    }
+
+    fn backends(&self) -> &Backends {
+        &self.backends
+    }
+}
+
+/// Two usable backends drawn at random, the less loaded of them: nearly as good as least
+/// connections, without looking at every backend.
+struct PowerOfTwoChoices {
+    backends: Backends,
+    states: Vec<Arc<BackendState>>,
+}
+
+/// Draws before a pool with few usable backends is searched in full.
+const DRAWS: usize = 8;
+
+impl Selector for PowerOfTwoChoices {
+    fn select(&self, _key: &[u8], usable: &dyn Fn(BackendId) -> bool) -> Option<BackendId> {
+        let count = self.states.len();
+        let draw = || {
+            (0..DRAWS)
+                .map(|_| random_below(count))
+                .find(|id| usable(*id))
+        };
+        let first = draw().or_else(|| (0..count).find(|id| usable(*id)))?;
+        let other = |id: &BackendId| *id != first && usable(*id);
+        let second = (0..DRAWS)
+            .map(|_| random_below(count))
+            .find(other)
+            .or_else(|| (0..count).find(other));
+        Some(match second {
+            Some(second) if less_loaded(&self.states[second], &self.states[first]) => second,
+            _ => first,
+        })
+    }
+
+    fn backends(&self) -> &Backends {
+        &self.backends
+    }
+}
+
+/// A random number below `bound`, from a per-thread xorshift generator seeded by the
+/// standard library's random hasher keys: cheap, and no two threads draw alike.
+fn random_below(bound: usize) -> usize {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            use std::hash::{BuildHasher, RandomState};
+            RandomState::new().hash_one(std::thread::current().id()) | 1
+        });
+    }
+    let value = STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        x
+    });
+    (value % bound as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn states(weights: &[usize]) -> Vec<Arc<BackendState>> {
+        let metrics = Metrics::new(1);
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let name = format!("10.0.0.{i}:80");
+                let health = metrics.backend_health("p", &name, *w);
+                Arc::new(BackendState::new("p", name, *w, health))
+            })
+            .collect()
+    }
+
+    fn empty_backends() -> Backends {
+        Backends::new(pingora::lb::discovery::Static::new(Default::default()))
+    }
+
+    #[test]
+    fn least_connections_avoids_the_busy_backend_and_honours_weights() {
+        let states = states(&[1, 1, 2]);
+        let selector = LeastConnections {
+            backends: empty_backends(),
+            states: states.clone(),
+            next: AtomicUsize::new(0),
+        };
+        let _busy = [states[0].start_request(), states[0].start_request()];
+        let _one = states[1].start_request();
+        let _two = [states[2].start_request(), states[2].start_request()];
+        // Loads per weight: 0 → 3/1, 1 → 2/1, 2 → 3/2.
+        assert_eq!(selector.select(b"", &|_| true), Some(2));
+        assert_eq!(selector.select(b"", &|id| id != 2), Some(1));
+        assert_eq!(selector.select(b"", &|_| false), None);
+    }
+
+    #[test]
+    fn least_connections_spreads_an_idle_pool() {
+        let states = states(&[1, 1, 1]);
+        let selector = LeastConnections {
+            backends: empty_backends(),
+            states,
+            next: AtomicUsize::new(0),
+        };
+        let picks: std::collections::HashSet<_> =
+            (0..3).map(|_| selector.select(b"", &|_| true)).collect();
+        assert_eq!(picks.len(), 3, "{picks:?}");
+    }
+
+    #[test]
+    fn two_choices_never_picks_the_more_loaded_of_two() {
+        let states = states(&[1, 1]);
+        let selector = PowerOfTwoChoices {
+            backends: empty_backends(),
+            states: states.clone(),
+        };
+        let _busy = states[0].start_request();
+        for _ in 0..100 {
+            assert_eq!(selector.select(b"", &|_| true), Some(1));
+        }
+        assert_eq!(selector.select(b"", &|id| id == 0), Some(0));
+        assert_eq!(selector.select(b"", &|_| false), None);
+    }
+}
