@@ -376,10 +376,13 @@ fn operator_faults_change_nothing() {
     let pid = lb.pid;
     // SIGQUIT twice with no successor waiting: one handoff attempt, then serving as before.
     signal(pid, Signal::SIGQUIT);
-    lb.wait_for_log("handing the listening sockets over", Duration::from_secs(5));
+    lb.wait_for_log(
+        "handing the listening sockets over",
+        Duration::from_secs(10),
+    );
     signal(pid, Signal::SIGQUIT);
     assert_eq!(lb.get("/").unwrap().status, 200);
-    lb.wait_for_log("this process keeps serving", Duration::from_secs(10));
+    lb.wait_for_log("this process keeps serving", Duration::from_secs(15));
     assert!(lb.error_log().contains("a handoff is already under way"));
     // A reload whose configuration file vanished.
     let config = lb.config.clone();

@@ -166,8 +166,14 @@ fn a_dead_backend_fails_no_request_even_before_health_checks_notice() {
         .filter(|l| l.contains(&format!(":{dead}")))
         .collect();
     assert!(!about_dead.is_empty(), "{log}");
+    // After five failures in a row passive health takes it out, which it says once.
+    let (ejected, failovers): (Vec<&str>, Vec<&str>) = about_dead
+        .iter()
+        .partition(|l| l.contains("failed 5 requests in a row; out of rotation"));
+    assert_eq!(ejected.len(), 1, "{log}");
+    assert_eq!(failovers.len(), 5, "{log}");
     assert!(
-        about_dead
+        failovers
             .iter()
             .all(|l| l.contains(&format!("cannot connect to backend 127.0.0.1:{dead}"))),
         "{log}"
