@@ -208,7 +208,7 @@ let
       '';
       description = ''
         Named pools besides `upstreams`, each with the keys `upstreams`, `selection`,
-        `health_check`, `passive_health`, `timeouts` and `retries`.
+        `health_check`, `passive_health`, `timeouts`, `retries` and `send_proxy_protocol`.
       '';
     };
 

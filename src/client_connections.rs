@@ -6,7 +6,12 @@
 //! buffers) forever. This loop gives the whole request header a deadline, from the
 //! connection's accept or from the end of the previous response plus the keep-alive
 //! timeout, and sets the keep-alive limits from the configuration.
+//!
+//! A connection from a load balancer trusted to send a PROXY protocol header starts with
+//! one: it is read here, before any HTTP, and the client it names becomes the connection's
+//! client address (for forwarding headers, hashing and logs).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,11 +19,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Stream, ALPN};
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::protocols::{SocketDigest, Stream, ALPN};
 use pingora::proxy::{HttpProxy, ProxyHttp};
 use pingora::server::ShutdownWatch;
 
-use crate::config::ClientLimits;
+use crate::config::{ClientLimits, ProxyProtocolIn};
+use crate::proxy_protocol::{self, ProxyHeader};
 
 /// Put on a connection before each request; pingora hands it to
 /// [ProxyHttp::on_connection_reuse] as soon as the request header is parsed, and the
@@ -31,15 +38,71 @@ pub struct ClientConnections<P> {
     header_timeout: Duration,
     keepalive_timeout: Duration,
     keepalive_requests: u32,
+    proxy_protocol: Option<ProxyProtocolIn>,
 }
 
 impl<P> ClientConnections<P> {
-    pub fn new(proxy: HttpProxy<P>, limits: &ClientLimits) -> Self {
+    pub fn new(
+        proxy: HttpProxy<P>,
+        limits: &ClientLimits,
+        proxy_protocol: Option<ProxyProtocolIn>,
+    ) -> Self {
         ClientConnections {
             proxy: Arc::new(proxy),
             header_timeout: limits.header_timeout.0,
             keepalive_timeout: limits.keepalive_timeout.0,
             keepalive_requests: limits.keepalive_requests,
+            proxy_protocol,
+        }
+    }
+
+    /// Whether a connection from `peer` to `local` must start with a PROXY header.
+    fn expects_proxy_header(&self, peer: SocketAddr, local: SocketAddr) -> bool {
+        self.proxy_protocol.as_ref().is_some_and(|accepted| {
+            accepted.from.iter().any(|net| net.contains(peer.ip()))
+                && (accepted.listeners.is_empty()
+                    || accepted.listeners.iter().any(|l| l.accepted(local)))
+        })
+    }
+
+    /// Reads the PROXY header a trusted load balancer starts its connection with, and makes
+    /// the client it names the connection's client. `None`: the connection is closed (no
+    /// valid header in time).
+    async fn take_proxy_header(&self, mut stream: Stream) -> Option<Stream> {
+        let digest = stream.get_socket_digest();
+        let address = |addr: Option<&PingoraAddr>| addr.and_then(PingoraAddr::as_inet).copied();
+        let peer = address(digest.as_ref().and_then(|d| d.peer_addr()));
+        let local = address(digest.as_ref().and_then(|d| d.local_addr()));
+        let (Some(peer), Some(local)) = (peer, local) else {
+            return Some(stream);
+        };
+        if !self.expects_proxy_header(peer, local) {
+            return Some(stream);
+        }
+        let header = tokio::time::timeout(
+            self.header_timeout,
+            proxy_protocol::read_header(&mut stream),
+        )
+        .await;
+        match header {
+            Ok(Ok(ProxyHeader::Local)) => Some(stream),
+            Ok(Ok(ProxyHeader::Proxied { source, .. })) => {
+                // pingora read the peer address at accept: the digest is replaced whole.
+                // The local address stays the listener's, which routes compare.
+                let digest = SocketDigest::from_raw_fd(stream.id());
+                let _ = digest.peer_addr.set(Some(PingoraAddr::Inet(source)));
+                let _ = digest.local_addr.set(Some(PingoraAddr::Inet(local)));
+                stream.set_socket_digest(digest);
+                Some(stream)
+            }
+            Ok(Err(e)) => {
+                log::info!("closing a connection from {peer}: {e}");
+                None
+            }
+            Err(_) => {
+                log::info!("closing a connection from {peer}: no PROXY protocol header in time");
+                None
+            }
         }
     }
 }
@@ -60,6 +123,10 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let stream = match &self.proxy_protocol {
+            Some(_) => self.take_proxy_header(stream).await?,
+            None => stream,
+        };
         if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1)) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }

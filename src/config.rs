@@ -19,8 +19,8 @@ use crate::runtime_files::check_private_parent;
 
 pub use error::ConfigError;
 pub use pool::{
-    HealthCheck, HealthCheckKind, PassiveHealth, PoolConfig, Selection, Timeouts, Upstream,
-    MAX_UPSTREAMS, MIN_HEALTH_INTERVAL,
+    HealthCheck, HealthCheckKind, PassiveHealth, PoolConfig, ProxyProtocolVersion, Selection,
+    Timeouts, Upstream, MAX_UPSTREAMS, MIN_HEALTH_INTERVAL,
 };
 pub use routes::{HeaderRules, RouteConfig, RouteTimeouts};
 pub use values::{
@@ -132,6 +132,12 @@ pub struct Config {
     /// Which pool each request goes to.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// PROXY protocol headers accepted from load balancers in front of this one.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolIn>,
+    /// Send the backends of `upstreams` a PROXY protocol header naming the client.
+    #[serde(default)]
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
     /// Status of a request no route matches.
     #[serde(
         default = "defaults::no_route_status",
@@ -154,6 +160,18 @@ pub struct Config {
     /// The Prometheus and status endpoint.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+}
+
+/// Where PROXY protocol headers (v1 or v2) come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolIn {
+    /// Connections from these sources must start with a header, and the client address is
+    /// the one it names; from anyone else a header is not read (it is a bad request).
+    pub from: Vec<Cidr>,
+    /// Only on these listeners; all when empty.
+    #[serde(default)]
+    pub listeners: Vec<ListenAddress>,
 }
 
 /// Headers telling backends who the client is.
@@ -372,6 +390,18 @@ impl Config {
                 ));
             }
         }
+        if let Some(proxy_protocol) = &self.proxy_protocol {
+            if let Some(l) = proxy_protocol
+                .listeners
+                .iter()
+                .find(|l| !self.listeners.contains(l))
+            {
+                return Err((
+                    "proxy_protocol.listeners".to_string(),
+                    format!("{l} is not one of `listeners`"),
+                ));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         match self
             .listeners
@@ -507,6 +537,7 @@ impl Config {
                 passive_health: self.passive_health.clone(),
                 timeouts: self.timeouts.clone(),
                 retries: self.retries,
+                send_proxy_protocol: self.send_proxy_protocol,
             },
         });
         let named = self.pools.iter().map(|(name, config)| NamedPool {

@@ -33,6 +33,8 @@ pub mod notify;
 pub mod privileges;
 /// The HTTP proxy: selection, failover, headers.
 pub mod proxy;
+/// HAProxy's PROXY protocol, read from trusted load balancers and sent to backends.
+pub mod proxy_protocol;
 /// Start-up reports to a reload command or a `-d` parent.
 pub mod readiness;
 /// The `reload` command.

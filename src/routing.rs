@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use crate::config::{Config, HeaderRules, HostPattern, RouteConfig};
+use crate::config::{Config, HeaderRules, HostPattern, ListenAddress, RouteConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstreams::{PoolId, Pools};
 
@@ -31,7 +31,7 @@ pub struct Route {
     pub response_headers: HeaderRules,
     path: String,
     /// Empty: every listener.
-    listeners: Vec<SocketAddr>,
+    listeners: Vec<ListenAddress>,
     pub metrics: RouteMetrics,
 }
 
@@ -148,7 +148,7 @@ impl Route {
             request_headers: config.request_headers.clone(),
             response_headers: config.response_headers.clone(),
             path: config.path.clone(),
-            listeners: config.listeners.iter().map(|l| l.0).collect(),
+            listeners: config.listeners.clone(),
             metrics: metrics.route(&name),
             name,
         }
@@ -157,12 +157,9 @@ impl Route {
     fn accepts(&self, target: &RequestTarget<'_>) -> bool {
         target.path.starts_with(&self.path)
             && (self.listeners.is_empty()
-                || target.local.is_some_and(|local| {
-                    self.listeners.iter().any(|l| {
-                        l.port() == local.port()
-                            && (l.ip().is_unspecified() || l.ip() == local.ip().to_canonical())
-                    })
-                }))
+                || target
+                    .local
+                    .is_some_and(|local| self.listeners.iter().any(|l| l.accepted(local))))
     }
 }
 

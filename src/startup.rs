@@ -297,6 +297,7 @@ fn proxy_service(
         ClientConnections::new(
             pingora::proxy::http_proxy(server_conf, balancer),
             &config.client,
+            config.proxy_protocol.clone(),
         ),
     );
     // Reads go straight into the request's own buffer: pingora's default 64 KiB read

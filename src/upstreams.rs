@@ -18,8 +18,11 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{CaFile, Config, HashKey, NamedPool, PassiveHealth, Selection, Upstream};
+use crate::config::{
+    CaFile, Config, HashKey, NamedPool, PassiveHealth, ProxyProtocolVersion, Selection, Upstream,
+};
 use crate::metrics::{BackendMetrics, Metrics};
+use crate::proxy_protocol;
 use health::{BackendHealth, BackendState, HealthWatch, Target};
 use selection::Selector;
 
@@ -57,6 +60,8 @@ pub struct Pool {
     /// Other backends a request is tried on after a connect failure.
     pub retries: usize,
     passive_health: PassiveHealth,
+    /// Sent to every backend connection, naming the client.
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
     health_interval: Duration,
     checked_once: AtomicBool,
     health: Arc<HealthWatch>,
@@ -183,6 +188,7 @@ impl Pool {
             },
             retries: settings.retries,
             passive_health: settings.passive_health,
+            send_proxy_protocol: settings.send_proxy_protocol,
             health_interval: settings.health_check.interval.0,
             checked_once: AtomicBool::new(false),
             health,
@@ -195,15 +201,40 @@ impl Pool {
     }
 
     /// Picks a backend in rotation and not in `excluded`, following the selection
-    /// algorithm. When passive health or draining left none, backends only ejected are
-    /// taken: the pool fails open rather than refusing every request.
+    /// algorithm. When passive health has ejected every healthy backend left, an ejected
+    /// one is taken: the pool fails open rather than refusing every request. Drained
+    /// backends never get a new request.
     pub fn select(&self, key: &[u8], excluded: &[BackendId]) -> Option<BackendId> {
         let state = |id: BackendId| &self.destinations[id].state;
         let in_rotation = |id: BackendId| state(id).in_rotation() && !excluded.contains(&id);
         self.selector.select(key, &in_rotation).or_else(|| {
-            let healthy = |id: BackendId| state(id).healthy() && !excluded.contains(&id);
-            self.selector.select(key, &healthy)
+            let only_ejected = |id: BackendId| {
+                state(id).healthy() && !state(id).draining() && !excluded.contains(&id)
+            };
+            self.selector.select(key, &only_ejected)
         })
+    }
+
+    /// The peer a request reaches a backend through: the backend's, with the PROXY header
+    /// naming `client` (which connected to `listener`) when the pool sends one. Connections
+    /// carrying different headers are never shared (`group_key`).
+    pub fn peer(
+        &self,
+        id: BackendId,
+        client: Option<SocketAddr>,
+        listener: Option<SocketAddr>,
+    ) -> Box<HttpPeer> {
+        let mut peer = Box::new(self.destinations[id].peer.clone());
+        if let Some(version) = self.send_proxy_protocol {
+            let proxied = client.zip(listener);
+            let header = proxy_protocol::encode(version, proxied);
+            peer.group_key = {
+                use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+                BuildHasherDefault::<DefaultHasher>::default().hash_one(&header)
+            };
+            peer.options.custom_l4 = Some(Arc::new(proxy_protocol::SendHeader(header)));
+        }
+        peer
     }
 
     /// How to reach a backend returned by [Self::select].
@@ -291,6 +322,13 @@ fn destination(
     options.verify_hostname = upstream.verify_cert;
     if let Some(ca) = upstream.ca_file.as_ref().or(ca_file) {
         options.ca = Some(ca.certificates.clone());
+    }
+    // Connections of the balancer's own (health checks) say so; requests replace it with
+    // their client's (see `Pool::peer`).
+    if let Some(version) = pool.config.send_proxy_protocol {
+        options.custom_l4 = Some(Arc::new(proxy_protocol::SendHeader(
+            proxy_protocol::encode(version, None),
+        )));
     }
     let weight = upstream.weight.0;
     Destination {

@@ -33,6 +33,19 @@ pub struct PoolConfig {
     /// How many other backends a request is tried on when connecting to its backend fails.
     #[serde(default = "defaults::retries", deserialize_with = "values::retries")]
     pub retries: usize,
+    /// Send each backend connection a PROXY protocol header naming the client.
+    #[serde(default)]
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+}
+
+/// A version of HAProxy's PROXY protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocolVersion {
+    /// The text header.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 impl PoolConfig {

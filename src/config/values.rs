@@ -588,6 +588,15 @@ impl<'de> Deserialize<'de> for HashKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ListenAddress(pub SocketAddr);
 
+impl ListenAddress {
+    /// Whether a connection accepted at `local` came in on this listener: the same port,
+    /// and the same address unless the listener takes them all.
+    pub fn accepted(&self, local: SocketAddr) -> bool {
+        self.0.port() == local.port()
+            && (self.0.ip().is_unspecified() || self.0.ip() == local.ip().to_canonical())
+    }
+}
+
 impl FromStr for ListenAddress {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
