@@ -75,12 +75,18 @@ let
   # characters escaped.
   systemdArg = arg: lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON arg);
 
-  listenerPort = address: lib.toInt (lib.last (lib.splitString ":" address));
+  # A listener is an address, or an attribute set with `address` (and `tls`).
+  listenerPort = listener:
+    let address = if builtins.isString listener then listener else listener.address;
+    in lib.toInt (lib.last (lib.splitString ":" address));
 
   errorLogIsFile = lib.hasPrefix "/" cfg.settings.error_log;
   logsDir = "/var/log/pingora-lb/";
 
   inRuntimeDir = path: path == null || lib.hasPrefix "${runtimeDir}/" path;
+
+  listenAddress =
+    lib.types.strMatching "([0-9]{1,3}(\\.[0-9]{1,3}){3}|\\[[0-9a-fA-F:.]+]):[0-9]{1,5}";
 
   upstreamType = lib.types.submodule {
     freeformType = format.type;
@@ -168,14 +174,25 @@ let
     };
 
     listeners = lib.mkOption {
-      type = lib.types.nonEmptyListOf
-        (lib.types.strMatching "([0-9]{1,3}(\\.[0-9]{1,3}){3}|\\[[0-9a-fA-F:.]+]):[0-9]{1,5}");
+      type = lib.types.nonEmptyListOf (lib.types.either listenAddress (lib.types.submodule {
+        freeformType = format.type;
+        options.address = lib.mkOption {
+          type = listenAddress;
+          description = "`IP:PORT` of the listener.";
+        };
+      }));
       default = defaults.listeners;
-      example = [ "0.0.0.0:80" "[::1]:80" ];
+      example = lib.literalExpression ''
+        [
+          "0.0.0.0:80"
+          { address = "0.0.0.0:443"; tls.certificates = [ { cert = "/etc/pingora-lb/tls/site.pem"; key = "/etc/pingora-lb/tls/site.key"; } ]; }
+        ]
+      '';
       description = ''
-        `IP:PORT` addresses to accept HTTP on (`[IPv6]:PORT` for IPv6). Ports below 1024 work:
-        the unit grants `CAP_NET_BIND_SERVICE`, which the daemon drops once they are bound.
-        {option}`services.pingora-lb.openFirewall` opens these ports.
+        `IP:PORT` addresses to accept HTTP on (`[IPv6]:PORT` for IPv6), or attribute sets
+        with `address` and `tls` (`certificates`, `min_version`, `http2`) for HTTPS. Ports
+        below 1024 work: the unit grants `CAP_NET_BIND_SERVICE`, which the daemon drops once
+        they are bound. {option}`services.pingora-lb.openFirewall` opens these ports.
       '';
     };
 

@@ -7,6 +7,7 @@
 
 mod defaults;
 mod error;
+mod listener;
 mod pool;
 mod routes;
 mod values;
@@ -18,6 +19,7 @@ use serde::Deserialize;
 use crate::runtime_files::check_private_parent;
 
 pub use error::ConfigError;
+pub use listener::{Certificate, Listener, TlsListener, TlsVersion, EXPIRY_WARNING_DAYS};
 pub use pool::{
     HealthCheck, HealthCheckKind, PassiveHealth, PoolConfig, ProxyProtocolVersion, Selection,
     Timeouts, Upstream, MAX_UPSTREAMS, MIN_HEALTH_INTERVAL,
@@ -109,7 +111,7 @@ pub struct Config {
     #[serde(default)]
     pub ca_file: Option<CaFile>,
     /// Addresses the load balancer accepts client connections on.
-    pub listeners: NonEmpty<ListenAddress, MAX_LISTENERS>,
+    pub listeners: NonEmpty<Listener, MAX_LISTENERS>,
     /// The backends of the pool `default`, which every request goes to when there are no
     /// `routes`.
     #[serde(default)]
@@ -380,7 +382,7 @@ impl Config {
 
     fn check_listeners(&self) -> Result<(), Inconsistency> {
         if let Some(metrics) = &self.metrics {
-            if self.listeners.contains(&metrics.listen) {
+            if self.listens_on(&metrics.listen) {
                 return Err((
                     "metrics.listen".to_string(),
                     format!(
@@ -394,7 +396,7 @@ impl Config {
             if let Some(l) = proxy_protocol
                 .listeners
                 .iter()
-                .find(|l| !self.listeners.contains(l))
+                .find(|l| !self.listens_on(l))
             {
                 return Err((
                     "proxy_protocol.listeners".to_string(),
@@ -407,11 +409,14 @@ impl Config {
             .listeners
             .iter()
             .enumerate()
-            .find(|(_, l)| !seen.insert(*l))
+            .find(|(_, l)| !seen.insert(l.address))
         {
             Some((i, listener)) => Err((
                 format!("listeners[{i}]"),
-                format!("{listener} is listed twice; each listening address may appear once"),
+                format!(
+                    "{} is listed twice; each listening address may appear once",
+                    listener.address
+                ),
             )),
             None => Ok(()),
         }
@@ -481,7 +486,7 @@ impl Config {
                     ),
                 ));
             }
-            if let Some(listener) = route.listeners.iter().find(|l| !self.listeners.contains(l)) {
+            if let Some(listener) = route.listeners.iter().find(|l| !self.listens_on(l)) {
                 return Err((
                     format!("routes[{i}].listeners"),
                     format!("{listener} is not one of `listeners`"),
@@ -501,8 +506,36 @@ impl Config {
         Ok(())
     }
 
+    /// Whether `address` is one of `listeners`.
+    pub fn listens_on(&self, address: &ListenAddress) -> bool {
+        self.listeners.iter().any(|l| l.address == *address)
+    }
+
     /// What is valid but probably not meant: each is logged at start and printed by `-t`.
     pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = self.certificate_warnings();
+        warnings.extend(self.routing_warnings());
+        warnings
+    }
+
+    /// Certificates that end within [EXPIRY_WARNING_DAYS].
+    fn certificate_warnings(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref())
+            .flat_map(|tls| tls.certificates.iter())
+            .filter(|c| c.days_left < EXPIRY_WARNING_DAYS as i32)
+            .map(|c| {
+                format!(
+                    "the certificate in {} expires in {} days",
+                    c.cert_file.display(),
+                    c.days_left
+                )
+            })
+            .collect()
+    }
+
+    fn routing_warnings(&self) -> Vec<String> {
         if self.routes.is_empty() {
             return Vec::new();
         }
@@ -705,7 +738,7 @@ mod tests {
     #[test]
     fn seed_config_is_the_quickstart() {
         let config = Config::parse(SEED_CONFIG_NAME, SEED_CONFIG).unwrap();
-        assert_eq!(config.listeners[0].to_string(), "0.0.0.0:6188");
+        assert_eq!(config.listeners[0].address.to_string(), "0.0.0.0:6188");
         let upstreams = config.upstreams.as_ref().unwrap();
         let addresses: Vec<String> = upstreams.iter().map(|u| u.address.to_string()).collect();
         assert_eq!(addresses, ["1.1.1.1:443", "1.0.0.1:443"]);

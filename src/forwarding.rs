@@ -14,9 +14,6 @@ const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 const X_FORWARDED_HOST: &str = "x-forwarded-host";
 const FORWARDED: &str = "forwarded";
 
-/// The scheme clients reach this load balancer with (its listeners are plain HTTP).
-const PROTO: &str = "http";
-
 impl Forwarding {
     /// Whether any header is to be sent.
     pub fn enabled(&self) -> bool {
@@ -27,8 +24,15 @@ impl Forwarding {
         client.is_some_and(|ip| self.trusted_proxies.iter().any(|net| net.contains(ip)))
     }
 
-    /// Rewrites the forwarding headers of the request going upstream.
-    pub fn apply(&self, client: Option<IpAddr>, request: &mut RequestHeader) -> Result<()> {
+    /// Rewrites the forwarding headers of the request going upstream; `tls`: the client
+    /// connection is HTTPS.
+    pub fn apply(
+        &self,
+        client: Option<IpAddr>,
+        tls: bool,
+        request: &mut RequestHeader,
+    ) -> Result<()> {
+        let proto = if tls { "https" } else { "http" };
         let trusted = self.trusts(client);
         let host = request
             .headers
@@ -54,7 +58,7 @@ impl Forwarding {
             };
             request.insert_header(X_FORWARDED_FOR, chain)?;
             if !(trusted && request.headers.contains_key(X_FORWARDED_PROTO)) {
-                request.insert_header(X_FORWARDED_PROTO, PROTO)?;
+                request.insert_header(X_FORWARDED_PROTO, proto)?;
             }
             if !(trusted && request.headers.contains_key(X_FORWARDED_HOST)) {
                 match &host {
@@ -71,7 +75,7 @@ impl Forwarding {
                 Some(IpAddr::V4(v4)) => v4.to_string(),
                 None => "unknown".to_string(),
             };
-            let mut element = format!("for={node};proto={PROTO}");
+            let mut element = format!("for={node};proto={proto}");
             if let Some(host) = &host {
                 element.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
             }
@@ -129,7 +133,7 @@ mod tests {
             ("x-forwarded-proto", "https"),
         ]);
         forwarding(&["10.0.0.0/8"])
-            .apply(Some("192.0.2.9".parse().unwrap()), &mut r)
+            .apply(Some("192.0.2.9".parse().unwrap()), false, &mut r)
             .unwrap();
         assert_eq!(header(&r, X_FORWARDED_FOR), "192.0.2.9");
         assert_eq!(header(&r, X_FORWARDED_PROTO), "http");
@@ -153,14 +157,14 @@ mod tests {
             forwarded: false,
             ..forwarding(&[])
         };
-        only_x.apply(client, &mut r).unwrap();
+        only_x.apply(client, false, &mut r).unwrap();
         assert!(r.headers.get(FORWARDED).is_none());
         let mut r = request(&spoofed);
         let only_forwarded = Forwarding {
             x_forwarded: false,
             ..forwarding(&[])
         };
-        only_forwarded.apply(client, &mut r).unwrap();
+        only_forwarded.apply(client, false, &mut r).unwrap();
         assert!(r.headers.get(X_FORWARDED_FOR).is_none());
         assert!(r.headers.get(X_FORWARDED_HOST).is_none());
         // A trusted proxy's headers stay, whichever family is sent.
@@ -169,7 +173,7 @@ mod tests {
             forwarded: false,
             ..forwarding(&["192.0.2.0/24"])
         }
-        .apply(client, &mut r)
+        .apply(client, false, &mut r)
         .unwrap();
         assert_eq!(header(&r, FORWARDED), "for=1.2.3.4");
     }
@@ -182,7 +186,7 @@ mod tests {
             ("forwarded", "for=1.2.3.4"),
         ]);
         forwarding(&["10.0.0.0/8"])
-            .apply(Some("10.0.0.5".parse().unwrap()), &mut r)
+            .apply(Some("10.0.0.5".parse().unwrap()), false, &mut r)
             .unwrap();
         assert_eq!(header(&r, X_FORWARDED_FOR), "1.2.3.4, 5.6.7.8, 10.0.0.5");
         assert_eq!(
@@ -195,7 +199,7 @@ mod tests {
     fn ipv6_clients_are_quoted_in_forwarded() {
         let mut r = request(&[]);
         forwarding(&[])
-            .apply(Some("2001:db8::1".parse().unwrap()), &mut r)
+            .apply(Some("2001:db8::1".parse().unwrap()), false, &mut r)
             .unwrap();
         assert!(header(&r, FORWARDED).starts_with("for=\"[2001:db8::1]\""));
     }

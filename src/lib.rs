@@ -49,6 +49,8 @@ pub mod runtime_files;
 pub mod startup;
 /// The few system calls no safe crate wraps: the only `unsafe` code.
 pub mod system;
+/// TLS termination: settings and the certificate chosen by SNI.
+pub mod tls;
 /// Requests in flight and draining.
 pub mod traffic;
 /// The socket handoff between an old process and its successor.

@@ -315,7 +315,10 @@ impl ProxyHttp for Balancer {
                 .client_addr()
                 .and_then(PingoraAddr::as_inet)
                 .map(|a| a.ip());
-            self.forwarding.apply(client, upstream_request)?;
+            let tls = session
+                .digest()
+                .is_some_and(|digest| digest.ssl_digest.is_some());
+            self.forwarding.apply(client, tls, upstream_request)?;
         }
         if let Some(host) = self.destination(ctx).and_then(|d| d.host.clone()) {
             upstream_request.insert_header(http::header::HOST, host)?;

@@ -6,12 +6,14 @@
 //! 5. privileges are dropped, while the process still has a single thread;
 //! 6. pingora runs, with this crate's signal handling and readiness announcement.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::info;
 use nix::unistd::Uid;
+use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::ListenerConfig;
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
@@ -35,6 +37,7 @@ use crate::proxy::{Balancer, MAX_STALE_RETRIES};
 use crate::readiness::Readiness;
 use crate::routing::Router;
 use crate::runtime_files::{prepare_parent, PidFile};
+use crate::tls;
 use crate::traffic::Traffic;
 use crate::upgrade::{Handoff, HandoffError, HandoffSocket};
 use crate::upstreams::{Pools, ResolveError};
@@ -66,6 +69,11 @@ pub enum StartError {
     Resolve(#[from] ResolveError),
     #[error("key `access_log.destination`: {0}")]
     AccessLog(std::io::Error),
+    #[error("key `listeners[{index}].tls`: {source}")]
+    Tls {
+        index: usize,
+        source: Box<pingora::Error>,
+    },
 }
 
 impl StartError {
@@ -83,7 +91,7 @@ impl StartError {
             | StartError::UpgradeSocket { .. }
             | StartError::PidFile { .. }
             | StartError::AccessLog(_) => exit_codes::CANNOT_CREATE,
-            StartError::Daemonize(_) => exit_codes::OS_ERROR,
+            StartError::Daemonize(_) | StartError::Tls { .. } => exit_codes::OS_ERROR,
         }
     }
 }
@@ -120,6 +128,8 @@ struct Prepared {
     /// The proxy's listening sockets.
     sockets: ListeningSockets,
     metrics_socket: Option<ListeningSockets>,
+    /// The TLS settings of each TLS listener, by its address.
+    tls: HashMap<String, TlsSettings>,
     /// Every listening socket, to hand to a successor.
     handed_over: Vec<(String, std::os::fd::RawFd)>,
     pid_file: Option<PidFile>,
@@ -168,11 +178,13 @@ fn prepare(cli: &Cli, config: &Config, readiness: &mut Readiness) -> Result<Prep
     let metrics = Arc::new(Metrics::new(generation));
     let pools = Arc::new(Pools::build(config, &metrics)?);
     let access_log_sink = Sink::open(&config.access_log).map_err(StartError::AccessLog)?;
+    let tls = tls_settings(config)?;
 
     drop_privileges(identity.as_ref())?;
     Ok(Prepared {
         sockets,
         metrics_socket,
+        tls,
         handed_over,
         pid_file,
         metrics,
@@ -212,13 +224,25 @@ fn take_over(
     Ok(handoff)
 }
 
+/// The TLS settings of each TLS listener, by address.
+fn tls_settings(config: &Config) -> Result<HashMap<String, TlsSettings>, StartError> {
+    let mut settings = HashMap::new();
+    for (index, listener) in config.listeners.iter().enumerate() {
+        if let Some(tls) = &listener.tls {
+            let built = tls::settings(tls).map_err(|source| StartError::Tls { index, source })?;
+            settings.insert(listener.address.to_string(), built);
+        }
+    }
+    Ok(settings)
+}
+
 /// Every address to listen on, with its configuration key: the proxy's, then the metrics'.
 fn listening_addresses(config: &Config) -> Vec<(String, ListenAddress)> {
     config
         .listeners
         .iter()
         .enumerate()
-        .map(|(i, l)| (format!("listeners[{i}]"), *l))
+        .map(|(i, l)| (format!("listeners[{i}]"), l.address))
         .chain(
             config
                 .metrics
@@ -259,7 +283,13 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
         access_log,
         client: config.client.clone(),
     };
-    let proxy = proxy_service(&server.configuration, config, balancer, prepared.sockets);
+    let proxy = proxy_service(
+        &server.configuration,
+        config,
+        balancer,
+        prepared.sockets,
+        prepared.tls,
+    );
     let proxy = server.add_boxed_service(proxy);
     for checks in pools.health_checks() {
         server.add_service(background_service("health check", checks));
@@ -269,7 +299,7 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
             metrics: metrics.clone(),
             pools: pools.clone(),
             traffic,
-            listeners: config.listeners.iter().map(|l| l.0).collect(),
+            listeners: config.listeners.iter().map(|l| l.address.0).collect(),
         };
         server.add_boxed_service(metrics_service(endpoint, socket));
     }
@@ -291,6 +321,7 @@ fn proxy_service(
     config: &Config,
     balancer: Balancer,
     sockets: ListeningSockets,
+    mut tls: HashMap<String, TlsSettings>,
 ) -> Box<dyn ServiceWithDependents> {
     let mut proxy = pingora::services::listening::Service::new(
         "proxy".to_string(),
@@ -307,7 +338,11 @@ fn proxy_service(
         write: None,
     };
     for address in sockets.addresses() {
-        proxy.add_listener(ListenerConfig::tcp(address).l4_buffer(unbuffered_reads));
+        let mut listener = ListenerConfig::tcp(address).l4_buffer(unbuffered_reads);
+        if let Some(settings) = tls.remove(address) {
+            listener = listener.tls(settings);
+        }
+        proxy.add_listener(listener);
     }
     sockets.attach(Box::new(proxy))
 }

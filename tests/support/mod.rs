@@ -262,31 +262,69 @@ pub struct TlsMaterial {
 impl TlsMaterial {
     /// A CA, and a leaf certificate for `dns_name` signed by it.
     pub fn new(dns_name: &str) -> TlsMaterial {
-        use openssl::asn1::Asn1Time;
+        let ca = TestCa::new();
+        let (cert, key) = ca.issue_x509(&[dns_name], 0, 2 * DAY);
+        TlsMaterial {
+            ca_pem: ca.pem(),
+            cert,
+            key,
+        }
+    }
+
+    fn acceptor(&self) -> openssl::ssl::SslAcceptor {
+        use openssl::ssl::{SslAcceptor, SslMethod};
+        let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+        builder.set_private_key(&self.key).unwrap();
+        builder.set_certificate(&self.cert).unwrap();
+        builder.build()
+    }
+}
+
+/// Seconds in a day, for certificate validity.
+pub const DAY: i64 = 86_400;
+
+/// A certificate authority made by the test, and the certificates it issues.
+pub struct TestCa {
+    cert: openssl::x509::X509,
+    key: openssl::pkey::PKey<openssl::pkey::Private>,
+}
+
+fn x509_name(cn: &str) -> openssl::x509::X509Name {
+    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", cn).unwrap();
+    name.build()
+}
+
+/// `seconds` from now, as a certificate's time.
+fn asn1_time(seconds: i64) -> openssl::asn1::Asn1Time {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    openssl::asn1::Asn1Time::from_unix(now + seconds).unwrap()
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
         use openssl::bn::BigNum;
         use openssl::hash::MessageDigest;
         use openssl::pkey::PKey;
         use openssl::rsa::Rsa;
-        use openssl::x509::extension::{BasicConstraints, KeyUsage, SubjectAlternativeName};
-        use openssl::x509::{X509NameBuilder, X509};
+        use openssl::x509::extension::{BasicConstraints, KeyUsage};
+        use openssl::x509::X509;
 
-        let name = |cn: &str| {
-            let mut n = X509NameBuilder::new().unwrap();
-            n.append_entry_by_text("CN", cn).unwrap();
-            n.build()
-        };
-        let ca_key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+        let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
         let mut ca = X509::builder().unwrap();
         ca.set_version(2).unwrap();
         ca.set_serial_number(&BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap())
             .unwrap();
-        ca.set_subject_name(&name("pingora-lb test CA")).unwrap();
-        ca.set_issuer_name(&name("pingora-lb test CA")).unwrap();
-        ca.set_pubkey(&ca_key).unwrap();
-        ca.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        ca.set_subject_name(&x509_name("pingora-lb test CA"))
             .unwrap();
-        ca.set_not_after(&Asn1Time::days_from_now(2).unwrap())
+        ca.set_issuer_name(&x509_name("pingora-lb test CA"))
             .unwrap();
+        ca.set_pubkey(&key).unwrap();
+        ca.set_not_before(&asn1_time(-DAY)).unwrap();
+        ca.set_not_after(&asn1_time(30 * DAY)).unwrap();
         ca.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
             .unwrap();
         ca.append_extension(
@@ -298,40 +336,78 @@ impl TlsMaterial {
                 .unwrap(),
         )
         .unwrap();
-        ca.sign(&ca_key, MessageDigest::sha256()).unwrap();
-        let ca = ca.build();
-
-        let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
-        let mut cert = X509::builder().unwrap();
-        cert.set_version(2).unwrap();
-        cert.set_serial_number(&BigNum::from_u32(2).unwrap().to_asn1_integer().unwrap())
-            .unwrap();
-        cert.set_subject_name(&name(dns_name)).unwrap();
-        cert.set_issuer_name(ca.subject_name()).unwrap();
-        cert.set_pubkey(&key).unwrap();
-        cert.set_not_before(&Asn1Time::days_from_now(0).unwrap())
-            .unwrap();
-        cert.set_not_after(&Asn1Time::days_from_now(2).unwrap())
-            .unwrap();
-        let san = SubjectAlternativeName::new()
-            .dns(dns_name)
-            .build(&cert.x509v3_context(Some(&ca), None))
-            .unwrap();
-        cert.append_extension(san).unwrap();
-        cert.sign(&ca_key, MessageDigest::sha256()).unwrap();
-        TlsMaterial {
-            ca_pem: ca.to_pem().unwrap(),
-            cert: cert.build(),
+        ca.sign(&key, MessageDigest::sha256()).unwrap();
+        TestCa {
+            cert: ca.build(),
             key,
         }
     }
 
-    fn acceptor(&self) -> openssl::ssl::SslAcceptor {
-        use openssl::ssl::{SslAcceptor, SslMethod};
-        let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
-        builder.set_private_key(&self.key).unwrap();
-        builder.set_certificate(&self.cert).unwrap();
-        builder.build()
+    /// The CA certificate, PEM.
+    pub fn pem(&self) -> Vec<u8> {
+        self.cert.to_pem().unwrap()
+    }
+
+    /// A certificate for `names` (the first is its common name) valid from `from` to
+    /// `until` seconds from now, and its key.
+    pub fn issue_x509(
+        &self,
+        names: &[&str],
+        from: i64,
+        until: i64,
+    ) -> (
+        openssl::x509::X509,
+        openssl::pkey::PKey<openssl::pkey::Private>,
+    ) {
+        use openssl::bn::BigNum;
+        use openssl::hash::MessageDigest;
+        use openssl::pkey::PKey;
+        use openssl::rsa::Rsa;
+        use openssl::x509::extension::SubjectAlternativeName;
+        use openssl::x509::X509;
+
+        static SERIAL: AtomicUsize = AtomicUsize::new(2);
+        let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+        let mut cert = X509::builder().unwrap();
+        cert.set_version(2).unwrap();
+        let serial = SERIAL.fetch_add(1, Ordering::Relaxed) as u32;
+        cert.set_serial_number(&BigNum::from_u32(serial).unwrap().to_asn1_integer().unwrap())
+            .unwrap();
+        cert.set_subject_name(&x509_name(names[0])).unwrap();
+        cert.set_issuer_name(self.cert.subject_name()).unwrap();
+        cert.set_pubkey(&key).unwrap();
+        cert.set_not_before(&asn1_time(from)).unwrap();
+        cert.set_not_after(&asn1_time(until)).unwrap();
+        let mut san = SubjectAlternativeName::new();
+        for name in names {
+            san.dns(name);
+        }
+        let san = san
+            .build(&cert.x509v3_context(Some(&self.cert), None))
+            .unwrap();
+        cert.append_extension(san).unwrap();
+        cert.sign(&self.key, MessageDigest::sha256()).unwrap();
+        (cert.build(), key)
+    }
+
+    /// Like [Self::issue_x509], written as `NAME.pem` (the chain: leaf and CA) and
+    /// `NAME.key` (mode 0600) in `dir`; returns their paths.
+    pub fn issue_files(
+        &self,
+        dir: &Path,
+        file_name: &str,
+        names: &[&str],
+        from: i64,
+        until: i64,
+    ) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let (cert, key) = self.issue_x509(names, from, until);
+        let cert_path = dir.join(format!("{file_name}.pem"));
+        let key_path = dir.join(format!("{file_name}.key"));
+        std::fs::write(&cert_path, [cert.to_pem().unwrap(), self.pem()].concat()).unwrap();
+        std::fs::write(&key_path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (cert_path, key_path)
     }
 }
 
@@ -743,8 +819,18 @@ impl Lb {
     }
 
     pub fn try_start(listen: SocketAddr, body: &str) -> Result<Lb, String> {
+        Lb::try_start_with(listen, &format!("listeners: [\"{listen}\"]\n{body}"))
+    }
+
+    /// A balancer whose configuration `body` has its own `listeners`, among them the plain
+    /// HTTP `listen` that [Lb::get] uses.
+    pub fn start_with_listeners(body: &str, listen: SocketAddr) -> Lb {
+        Lb::try_start_with(listen, body).expect("pingora-lb did not become ready")
+    }
+
+    fn try_start_with(listen: SocketAddr, text: &str) -> Result<Lb, String> {
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), &format!("listeners: [\"{listen}\"]\n{body}"));
+        let config = write_config(dir.path(), text);
         let mut notify = DatagramSocket::bind(&dir.path().join("notify.sock"));
         let child = Command::new(BINARY)
             .arg("-c")

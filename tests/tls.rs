@@ -1,0 +1,313 @@
+//! HTTPS termination with real clients: curl and `openssl s_client` against certificates a
+//! test CA issues, chosen by SNI; HTTP/2 by ALPN; forwarding headers that say https; the
+//! configuration check of certificates; and a certificate replaced by a reload.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+/// A directory with the CA and the certificates of `a.test`, `*.b.test` and the default
+/// `default.test`.
+struct Certificates {
+    dir: tempfile::TempDir,
+    ca: TestCa,
+}
+
+impl Certificates {
+    fn new() -> Certificates {
+        let certificates = Certificates {
+            dir: tempfile::tempdir().unwrap(),
+            ca: TestCa::new(),
+        };
+        std::fs::write(certificates.ca_file(), certificates.ca.pem()).unwrap();
+        for (file, names) in [
+            ("default", &["default.test"][..]),
+            ("a", &["a.test"]),
+            ("b", &["*.b.test"]),
+        ] {
+            certificates.issue(file, names, 30 * DAY);
+        }
+        certificates
+    }
+
+    fn issue(&self, file: &str, names: &[&str], until: i64) -> (PathBuf, PathBuf) {
+        self.ca
+            .issue_files(self.dir.path(), file, names, -DAY, until)
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn entry(&self, file: &str) -> String {
+        let dir = self.dir.path().display();
+        format!("{{cert: {dir}/{file}.pem, key: {dir}/{file}.key}}")
+    }
+
+    /// A TLS listener on `address` with the three certificates, the default first.
+    fn listener(&self, address: SocketAddr) -> String {
+        format!(
+            "  - address: \"{address}\"\n    tls:\n      certificates: [{}, {}, {}]\n",
+            self.entry("default"),
+            self.entry("a"),
+            self.entry("b")
+        )
+    }
+}
+
+/// A balancer with a plain listener and a TLS one in front of `backend`; the TLS address.
+fn https_balancer(certificates: &Certificates, backend: &Backend, extra: &str) -> (Lb, SocketAddr) {
+    let tls = listen_address();
+    let plain = listen_address();
+    let body = format!(
+        "listeners:\n  - \"{plain}\"\n{}{}health_check: {{kind: none}}\nforwarding: {{x_forwarded: true, forwarded: true}}\n{extra}",
+        certificates.listener(tls),
+        upstreams(&[backend.addr])
+    );
+    let lb = Lb::start_with_listeners(&body, plain);
+    (lb, tls)
+}
+
+/// curl over HTTPS to `name` (resolved to `address`), verifying against the test CA.
+fn curl(
+    certificates: &Certificates,
+    address: SocketAddr,
+    name: &str,
+    args: &[&str],
+) -> std::process::Output {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(certificates.ca_file())
+        .arg("--resolve")
+        .arg(format!("{name}:{}:{}", address.port(), address.ip()))
+        .args(args)
+        .arg(format!("https://{name}:{}/", address.port()))
+        .output()
+        .unwrap()
+}
+
+/// The subject of the certificate `openssl s_client` is served for `server_name` (none:
+/// no SNI), and what it printed.
+fn served_subject(address: SocketAddr, server_name: Option<&str>, extra: &[&str]) -> String {
+    let mut command = Command::new("openssl");
+    command
+        .args(["s_client", "-connect", &address.to_string()])
+        .args(extra);
+    match server_name {
+        Some(name) => command.args(["-servername", name]),
+        None => command.arg("-noservername"),
+    };
+    let output = command.stdin(std::process::Stdio::null()).output().unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+#[test]
+fn each_name_gets_its_certificate_and_old_protocols_are_refused() {
+    let certificates = Certificates::new();
+    let backend = Backend::start("a");
+    let (_lb, tls) = https_balancer(&certificates, &backend, "");
+    for name in ["a.test", "x.b.test", "default.test"] {
+        let output = curl(&certificates, tls, name, &["-w", "%{http_code}"]);
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "a200",
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // Without SNI, or with a name no certificate has: the first certificate.
+    assert!(served_subject(tls, None, &[]).contains("CN = default.test"));
+    assert!(served_subject(tls, Some("unknown.test"), &[]).contains("CN = default.test"));
+    assert!(served_subject(tls, Some("a.test"), &[]).contains("CN = a.test"));
+    // A wildcard covers one label only.
+    assert!(served_subject(tls, Some("x.y.b.test"), &[]).contains("CN = default.test"));
+    let tls12 = served_subject(tls, Some("a.test"), &["-tls1_2"]);
+    assert!(
+        tls12.contains("Protocol: TLSv1.2") || tls12.contains("TLSv1.2"),
+        "{tls12}"
+    );
+    for old in ["-tls1", "-tls1_1"] {
+        let output = served_subject(tls, Some("a.test"), &[old, "-cipher", "DEFAULT@SECLEVEL=0"]);
+        assert!(
+            !output.contains("CN = a.test") && output.contains("alert protocol version"),
+            "{old}: {output}"
+        );
+    }
+}
+
+#[test]
+fn http2_multiplexes_and_backends_hear_https() {
+    let certificates = Certificates::new();
+    let backend = Backend::start("a");
+    let (_lb, tls) = https_balancer(&certificates, &backend, "");
+    let port = tls.port();
+    let urls: Vec<String> = (0..5)
+        .map(|i| format!("https://a.test:{port}/{i}"))
+        .collect();
+    let output = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--http2",
+            "--parallel",
+            "--cacert",
+        ])
+        .arg(certificates.ca_file())
+        .arg("--resolve")
+        .arg(format!("a.test:{port}:{}", tls.ip()))
+        .args(["-w", "%{http_version} %{num_connects}\\n"])
+        .args(
+            urls.iter()
+                .flat_map(|url| ["-o", "/dev/null", url.as_str()]),
+        )
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(
+        lines.len(),
+        5,
+        "{report} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(lines.iter().all(|l| l.starts_with("2 ")), "{report}");
+    let connections: usize = lines
+        .iter()
+        .map(|l| l.split(' ').nth(1).unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(connections, 1, "five streams on one connection: {report}");
+    let seen = backend.seen.lock().unwrap().last().unwrap().headers.clone();
+    assert_eq!(
+        seen.get("x-forwarded-proto").map(String::as_str),
+        Some("https")
+    );
+    assert!(
+        seen.get("forwarded")
+            .is_some_and(|f| f.contains("proto=https")),
+        "{seen:?}"
+    );
+}
+
+/// `-t` on a configuration with this TLS listener entry.
+fn check_tls(certificates: &Certificates, certificate: &str) -> Outcome {
+    let dir = certificates.dir.path();
+    let config = dir.join("check.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:\n  - address: \"127.0.0.1:1\"\n    tls:\n      certificates:\n        - {certificate}\nupstreams: [{{address: \"127.0.0.1:2\"}}]\n"
+        ),
+    )
+    .unwrap();
+    check_config(&config)
+}
+
+#[test]
+fn bad_certificates_are_configuration_errors_naming_the_file() {
+    let certificates = Certificates::new();
+    let dir = certificates.dir.path();
+    certificates.issue("expired", &["old.test"], -DAY / 2);
+    // Four days and 23 hours left.
+    certificates.issue("soon", &["soon.test"], 5 * DAY - 3600);
+    std::fs::write(dir.join("garbage.pem"), "not a certificate\n").unwrap();
+    let path = |name: &str| dir.join(name).display().to_string();
+    let entry = |cert: &str, key: &str| format!("{{cert: {}, key: {}}}", path(cert), path(key));
+    let table = [
+        (
+            entry("missing.pem", "a.key"),
+            format!("cannot read {}", path("missing.pem")),
+        ),
+        (
+            entry("a.pem", "missing.key"),
+            format!("cannot read {}", path("missing.key")),
+        ),
+        (
+            entry("garbage.pem", "a.key"),
+            format!("{} holds no PEM certificate", path("garbage.pem")),
+        ),
+        (
+            entry("a.pem", "garbage.pem"),
+            format!("{} holds no PEM private key", path("garbage.pem")),
+        ),
+        (
+            entry("a.pem", "b.key"),
+            format!(
+                "the key in {} is not the key of the certificate in {}",
+                path("b.key"),
+                path("a.pem")
+            ),
+        ),
+        (
+            entry("expired.pem", "expired.key"),
+            format!("the certificate in {} expired", path("expired.pem")),
+        ),
+    ];
+    for (certificate, words) in table {
+        let outcome = check_tls(&certificates, &certificate);
+        assert_failed(&outcome, 78, &words);
+        assert!(
+            outcome
+                .stderr
+                .contains("key `listeners[0].tls.certificates[0]`"),
+            "{outcome:?}"
+        );
+    }
+    let outcome = check_tls(&certificates, &entry("soon.pem", "soon.key"));
+    assert_eq!(outcome.code, 0, "{outcome:?}");
+    assert!(
+        outcome.stderr.contains(&format!(
+            "warning: the certificate in {} expires in 4 days",
+            path("soon.pem")
+        )),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn a_reload_serves_a_renewed_certificate_without_a_failed_request() {
+    let certificates = Certificates::new();
+    let backend = Backend::start("a");
+    let (mut lb, tls) = https_balancer(&certificates, &backend, "");
+    assert!(served_subject(tls, Some("a.test"), &[]).contains("CN = a.test"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let ca_file = certificates.ca_file();
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let output = Command::new("curl")
+                    .args(["-sS", "--max-time", "10", "--cacert"])
+                    .arg(&ca_file)
+                    .arg("--resolve")
+                    .arg(format!("a.test:{}:{}", tls.port(), tls.ip()))
+                    .arg(format!("https://a.test:{}/", tls.port()))
+                    .output()
+                    .unwrap();
+                let counter = if output.stdout == b"a" { &ok } else { &failed };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // certbot's deploy hook: new files in place, then a reload.
+    certificates.issue("a", &["a.test", "renewed.a.test"], 60 * DAY);
+    assert_eq!(lb.reload(&[]).code, 0, "{}", lb.error_log());
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} failed of {}", ok + failed);
+    assert!(ok > 5, "too little load: {ok}");
+    let subject = served_subject(tls, Some("renewed.a.test"), &[]);
+    assert!(subject.contains("CN = a.test"), "{subject}");
+    assert!(Path::new(&certificates.ca_file()).exists());
+}
