@@ -62,9 +62,11 @@ pub struct Config {
     /// Worker threads of the proxy service.
     #[serde(default = "defaults::threads", deserialize_with = "values::threads")]
     pub threads: usize,
-    /// Whether idle worker threads may steal work from busy ones (pingora's `work_stealing`).
-    #[serde(default = "defaults::yes")]
-    pub work_stealing: bool,
+    /// Whether idle worker threads may steal work from busy ones (pingora's
+    /// `work_stealing`); by default only with more than one thread, since one thread has
+    /// no one to steal from and a current-thread runtime is cheaper.
+    #[serde(default)]
+    pub work_stealing: Option<bool>,
     /// Run in the background, as `-d` does.
     #[serde(default)]
     pub daemon: bool,

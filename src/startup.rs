@@ -392,7 +392,7 @@ fn server_conf(config: &Config) -> ServerConf {
     ServerConf {
         version: config.version,
         threads: config.threads,
-        work_stealing: config.work_stealing,
+        work_stealing: config.work_stealing.unwrap_or(config.threads > 1),
         upgrade_sock: config.upgrade_sock.0.display().to_string(),
         // Draining is ours (it ends when idle); pingora's wait only backs it up.
         grace_period_seconds: Some(config.grace_period_seconds + 1),

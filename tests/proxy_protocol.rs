@@ -10,14 +10,18 @@ use std::time::Duration;
 
 use support::*;
 
-fn accepting(from: &str, backend: &Backend) -> Lb {
-    Lb::start(
+/// A balancer accepting PROXY headers `from` these sources, with its access log in a file.
+fn accepting(from: &str, backend: &Backend) -> (Lb, tempfile::TempDir) {
+    let logs = tempfile::tempdir().unwrap();
+    let lb = Lb::start(
         listen_address(),
         &format!(
-            "{}health_check: {{kind: none}}\nforwarding: {{x_forwarded: true}}\nproxy_protocol:\n  from: [\"{from}\"]\n",
-            upstreams(&[backend.addr])
+            "{}health_check: {{kind: none}}\nforwarding: {{x_forwarded: true}}\nproxy_protocol:\n  from: [\"{from}\"]\naccess_log: {{destination: {}/access.log}}\n",
+            upstreams(&[backend.addr]),
+            logs.path().display()
         ),
-    )
+    );
+    (lb, logs)
 }
 
 fn request_after(header: &[u8]) -> Vec<u8> {
@@ -45,7 +49,7 @@ fn v2_header(source: [u8; 4], source_port: u16, destination: SocketAddr) -> Vec<
 #[test]
 fn a_trusted_balancer_names_the_client_in_v1_or_v2() {
     let backend = Backend::start("a");
-    let lb = accepting("127.0.0.0/8", &backend);
+    let (lb, logs) = accepting("127.0.0.0/8", &backend);
     let quiet = Duration::from_secs(3);
     let v1 = format!(
         "PROXY TCP4 203.0.113.7 {} 5555 {}\r\n",
@@ -64,6 +68,16 @@ fn a_trusted_balancer_names_the_client_in_v1_or_v2() {
         answer.contains("X-Seen-Forwarded-For: 198.51.100.9\r\n"),
         "{answer}"
     );
+    // The access log names the clients the headers named.
+    let log = logs.path().join("access.log");
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(3), || logged()
+            .contains("\n198.51.100.9 - - [")
+            && logged().starts_with("203.0.113.7 - - [")),
+        "{}",
+        logged()
+    );
     // A trusted source must send the header: without it nothing is served.
     let before = backend.served();
     let answer = exchange(lb.listen, &request_after(b""), quiet);
@@ -75,7 +89,7 @@ fn a_trusted_balancer_names_the_client_in_v1_or_v2() {
 #[test]
 fn an_untrusted_sender_cannot_pose_as_another_client() {
     let backend = Backend::start("a");
-    let lb = accepting("10.0.0.0/8", &backend);
+    let (lb, _logs) = accepting("10.0.0.0/8", &backend);
     let v1 = format!(
         "PROXY TCP4 203.0.113.7 {} 5555 {}\r\n",
         lb.listen.ip(),

@@ -255,6 +255,29 @@ fn bodies_over_the_route_limit_get_413() {
 }
 
 #[test]
+fn a_route_has_its_own_timeouts() {
+    let backend = Backend::start("a");
+    let lb = Lb::start(
+        listen_address(),
+        &format!(
+            "{}health_check: {{kind: none}}\nroutes:\n  - {{host: a.test, pool: default, timeouts: {{read: 300ms}}}}\n  - {{pool: default}}\n",
+            upstreams(&[backend.addr])
+        ),
+    );
+    let started = Instant::now();
+    let response = get(lb.listen, "/slow/1500", &[("Host", "a.test")]).unwrap();
+    assert_eq!(response.status, 504);
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    // The pool's own read timeout (60 s) applies to the other route.
+    let response = get(lb.listen, "/slow/1000", &[("Host", "b.test")]).unwrap();
+    assert_eq!(response.status, 200);
+}
+
+#[test]
 fn header_rules_change_requests_and_responses() {
     let backend = Backend::start("a");
     let lb = Lb::start(

@@ -1,10 +1,12 @@
-//! HTTPS termination with real clients: curl and `openssl s_client` against certificates a
-//! test CA issues, chosen by SNI; HTTP/2 by ALPN; forwarding headers that say https; the
-//! configuration check of certificates; and a certificate replaced by a reload.
+//! The edge: HTTPS termination with real clients (curl and `openssl s_client`) against
+//! certificates a test CA issues, chosen by SNI; HTTP/2 by ALPN; forwarding headers that
+//! say https; the configuration check of certificates; a certificate replaced by a reload;
+//! and WebSockets passed through.
 
 mod support;
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -310,4 +312,115 @@ fn a_reload_serves_a_renewed_certificate_without_a_failed_request() {
     let subject = served_subject(tls, Some("renewed.a.test"), &[]);
     assert!(subject.contains("CN = a.test"), "{subject}");
     assert!(Path::new(&certificates.ca_file()).exists());
+}
+
+/// A WebSocket server that echoes every frame: RFC 6455's handshake, then unmasked
+/// copies of the client's masked frames.
+fn websocket_echo_backend() -> SocketAddr {
+    let listener = held_port();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut key = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if let Some((name, value)) = line.split_once(':') {
+                        if name.eq_ignore_ascii_case("sec-websocket-key") {
+                            key = value.trim().to_string();
+                        }
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let accept = openssl::base64::encode_block(&openssl::sha::sha1(
+                    format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+                ));
+                let response = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                );
+                let _ = reader.get_mut().write_all(response.as_bytes());
+                loop {
+                    let mut head = [0u8; 2];
+                    if reader.read_exact(&mut head).is_err() {
+                        return;
+                    }
+                    let length = usize::from(head[1] & 0x7f);
+                    let mut mask = [0u8; 4];
+                    let mut payload = vec![0u8; length];
+                    if reader.read_exact(&mut mask).is_err()
+                        || reader.read_exact(&mut payload).is_err()
+                    {
+                        return;
+                    }
+                    for (i, byte) in payload.iter_mut().enumerate() {
+                        *byte ^= mask[i % 4];
+                    }
+                    let mut frame = vec![head[0], length as u8];
+                    frame.extend_from_slice(&payload);
+                    let _ = reader.get_mut().write_all(&frame);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn websockets_pass_through_the_balancer() {
+    let backend = websocket_echo_backend();
+    let lb = Lb::start(
+        listen_address(),
+        &format!("{}health_check: {{kind: none}}\n", upstreams(&[backend])),
+    );
+    let stream = TcpStream::connect(lb.listen).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    reader
+        .get_mut()
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    let mut accept = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line
+            .to_ascii_lowercase()
+            .starts_with("sec-websocket-accept:")
+        {
+            accept = line.clone();
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    assert!(accept.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{accept}");
+    for message in ["hello", "through pingora-lb"] {
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        let mut frame = vec![0x81, 0x80 | message.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(message.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        reader.get_mut().write_all(&frame).unwrap();
+        let mut head = [0u8; 2];
+        reader.read_exact(&mut head).unwrap();
+        let mut payload = vec![0u8; usize::from(head[1])];
+        reader.read_exact(&mut payload).unwrap();
+        assert_eq!(
+            (head[0], String::from_utf8(payload).unwrap().as_str()),
+            (0x81, message)
+        );
+    }
 }
