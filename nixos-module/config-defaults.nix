@@ -56,6 +56,7 @@
     keepalive_timeout = "75s";
     body_timeout = "60s";
     send_timeout = "60s";
+    tunnel_timeout = "1h";
     keepalive_requests = 1000;
     max_uri_length = 8192;
     max_header_size = 32768;

@@ -265,6 +265,10 @@ pub struct ClientLimits {
     /// `send_timeout`).
     #[serde(default = "defaults::client_send_timeout")]
     pub send_timeout: HumanDuration,
+    /// Idle time allowed, either way, on a connection the backend upgraded (WebSocket),
+    /// instead of the read and send timeouts (HAProxy `timeout tunnel`).
+    #[serde(default = "defaults::client_tunnel_timeout")]
+    pub tunnel_timeout: HumanDuration,
     /// Requests served on one connection before it is closed (nginx `keepalive_requests`).
     #[serde(
         default = "defaults::keepalive_requests",
@@ -298,6 +302,7 @@ impl Default for ClientLimits {
             keepalive_timeout: defaults::client_keepalive_timeout(),
             body_timeout: defaults::client_body_timeout(),
             send_timeout: defaults::client_send_timeout(),
+            tunnel_timeout: defaults::client_tunnel_timeout(),
             keepalive_requests: defaults::keepalive_requests(),
             max_uri_length: defaults::max_uri_length(),
             max_header_size: defaults::max_header_size(),

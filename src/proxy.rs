@@ -43,6 +43,9 @@ pub struct RequestContext {
     upstream_started: Option<Instant>,
     /// From choosing the backend to its response header.
     upstream_time: Option<Duration>,
+    /// The request asks to upgrade its connection (WebSocket): it becomes a tunnel, idle
+    /// for at most `client.tunnel_timeout`.
+    upgrade: bool,
     /// Whether this request goes to the access log.
     logged: bool,
     /// How many of the tries so far failed to connect and were reported by
@@ -183,6 +186,7 @@ impl ProxyHttp for Balancer {
             route: None,
             tried: Vec::new(),
             backend_load: None,
+            upgrade: false,
             started: Instant::now(),
             upstream_started: None,
             upstream_time: None,
@@ -223,8 +227,13 @@ impl ProxyHttp for Balancer {
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(keepalive_seconds(self.client.keepalive_timeout.0)));
         }
-        session.set_read_timeout(Some(self.client.body_timeout.0));
-        session.set_write_timeout(Some(self.client.send_timeout.0));
+        ctx.upgrade = session.is_upgrade_req();
+        let (read, write) = match ctx.upgrade {
+            true => (self.client.tunnel_timeout.0, self.client.tunnel_timeout.0),
+            false => (self.client.body_timeout.0, self.client.send_timeout.0),
+        };
+        session.set_read_timeout(Some(read));
+        session.set_write_timeout(Some(write));
         let header_bytes = session
             .as_http1()
             .map_or(0, |h1| h1.get_headers_raw_bytes().len());
@@ -297,7 +306,11 @@ impl ProxyHttp for Balancer {
             peer.options.connection_timeout = Some(timeout);
             peer.options.total_connection_timeout = Some(timeout);
         }
-        if let Some(timeout) = route.read_timeout {
+        let read_timeout = match ctx.upgrade {
+            true => Some(self.client.tunnel_timeout.0),
+            false => route.read_timeout,
+        };
+        if let Some(timeout) = read_timeout {
             peer.options.read_timeout = Some(timeout);
             peer.options.write_timeout = Some(timeout);
         }

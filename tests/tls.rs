@@ -371,14 +371,9 @@ fn websocket_echo_backend() -> SocketAddr {
     addr
 }
 
-#[test]
-fn websockets_pass_through_the_balancer() {
-    let backend = websocket_echo_backend();
-    let lb = Lb::start(
-        listen_address(),
-        &format!("{}health_check: {{kind: none}}\n", upstreams(&[backend])),
-    );
-    let stream = TcpStream::connect(lb.listen).unwrap();
+/// Opens a WebSocket to the echo backend through `lb`; the connection after the handshake.
+fn open_websocket(lb: SocketAddr) -> BufReader<TcpStream> {
+    let stream = TcpStream::connect(lb).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -408,19 +403,46 @@ fn websockets_pass_through_the_balancer() {
         }
     }
     assert!(accept.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{accept}");
+    reader
+}
+
+/// Sends `message` as a masked text frame and reads the echo; `None` if the connection
+/// is gone.
+fn echo(socket: &mut BufReader<TcpStream>, message: &str) -> Option<String> {
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x81, 0x80 | message.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(message.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    socket.get_mut().write_all(&frame).ok()?;
+    let mut head = [0u8; 2];
+    socket.read_exact(&mut head).ok()?;
+    let mut payload = vec![0u8; usize::from(head[1])];
+    socket.read_exact(&mut payload).ok()?;
+    assert_eq!(head[0], 0x81);
+    String::from_utf8(payload).ok()
+}
+
+#[test]
+fn websockets_pass_through_with_their_own_idle_timeout() {
+    let backend = websocket_echo_backend();
+    // A read timeout far shorter than the tunnel's, which must not cut an idle WebSocket.
+    let lb = Lb::start(
+        listen_address(),
+        &format!(
+            "{}health_check: {{kind: none}}\ntimeouts: {{read: 300ms}}\nclient: {{tunnel_timeout: 2s}}\n",
+            upstreams(&[backend])
+        ),
+    );
+    let mut socket = open_websocket(lb.listen);
     for message in ["hello", "through pingora-lb"] {
-        let mask = [0x12u8, 0x34, 0x56, 0x78];
-        let mut frame = vec![0x81, 0x80 | message.len() as u8];
-        frame.extend_from_slice(&mask);
-        frame.extend(message.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        reader.get_mut().write_all(&frame).unwrap();
-        let mut head = [0u8; 2];
-        reader.read_exact(&mut head).unwrap();
-        let mut payload = vec![0u8; usize::from(head[1])];
-        reader.read_exact(&mut payload).unwrap();
-        assert_eq!(
-            (head[0], String::from_utf8(payload).unwrap().as_str()),
-            (0x81, message)
-        );
+        assert_eq!(echo(&mut socket, message).as_deref(), Some(message));
     }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        echo(&mut socket, "after a second").as_deref(),
+        Some("after a second")
+    );
+    // Idle past the tunnel timeout: the balancer closes it.
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(echo(&mut socket, "too late"), None);
 }

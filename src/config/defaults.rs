@@ -61,6 +61,9 @@ pub(super) fn client_keepalive_timeout() -> HumanDuration {
 pub(super) fn client_body_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
+pub(super) fn client_tunnel_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
 pub(super) fn client_send_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
