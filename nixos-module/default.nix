@@ -190,7 +190,9 @@ let
       '';
       description = ''
         `IP:PORT` addresses to accept HTTP on (`[IPv6]:PORT` for IPv6), or attribute sets
-        with `address` and `tls` (`certificates`, `min_version`, `http2`) for HTTPS. Ports
+        with `address` and `tls` (`certificates`, `min_version`, `http2`) for HTTPS, and
+        `freebind = true` for an address this machine may not hold yet, such as the virtual
+        IP of a keepalived pair (see {option}`services.pingora-lb.statusCommand`). Ports
         below 1024 work: the unit grants `CAP_NET_BIND_SERVICE`, which the daemon drops once
         they are bound. {option}`services.pingora-lb.openFirewall` opens these ports.
       '';
@@ -355,6 +357,34 @@ in
         Extra command-line arguments of the daemon started by the unit (`ExecStart=`). A
         process started by a reload gets its arguments from `pingora-lb reload`, not from
         here: put lasting settings in the configuration file.
+      '';
+    };
+
+    statusCommand = lib.mkOption {
+      type = lib.types.str;
+      readOnly = true;
+      default = "${lib.getExe cfg.package} status -c ${configPath}";
+      defaultText = lib.literalExpression
+        ''"''${lib.getExe config.services.pingora-lb.package} status -c ${configPath}"'';
+      description = ''
+        The command that exits 0 when this machine's balancer serves and every pool has a
+        usable backend (it asks the `metrics.listen` endpoint, so set
+        {option}`services.pingora-lb.settings.metrics`): the track script of a keepalived pair.
+        ```nix
+        services.keepalived = {
+          enable = true;
+          vrrpScripts.pingora-lb = {
+            script = config.services.pingora-lb.statusCommand;
+            interval = 1; fall = 2; rise = 2; user = "root";
+          };
+          vrrpInstances.web = {
+            interface = "eth0"; state = "BACKUP"; priority = 150; virtualRouterId = 51;
+            virtualIps = [ { addr = "192.0.2.10/24"; } ];
+            trackScripts = [ "pingora-lb" ];
+          };
+        };
+        services.pingora-lb.settings.listeners = [ { address = "192.0.2.10:80"; freebind = true; } ];
+        ```
       '';
     };
   };

@@ -1,5 +1,5 @@
 //! The command line: pingora's flags (`-d -c -u -t`) with their seed meanings, `--version`,
-//! and the `reload` command that `ExecReload` runs.
+//! the `reload` command that `ExecReload` runs, and `status` for keepalived and monitoring.
 
 use std::path::PathBuf;
 
@@ -48,6 +48,18 @@ pub enum Command {
 
         /// Longest time to wait for the new process to serve.
         #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Exit 0 if the running process serves and every pool has a usable backend (asked of
+    /// its `metrics.listen` endpoint), 69 otherwise, printing why: keepalived's
+    /// `track_script` and monitoring run it.
+    Status {
+        /// Configuration file of the running process; the embedded default if absent.
+        #[arg(short = 'c', long = "conf", value_name = "FILE")]
+        conf: Option<PathBuf>,
+
+        /// Longest wait for the answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 2)]
         timeout: u64,
     },
 }

@@ -47,6 +47,8 @@ pub mod routing;
 pub mod runtime_files;
 /// The start-up sequence of a serving process.
 pub mod startup;
+/// `pingora-lb status`: can this machine's balancer take traffic (keepalived's track script).
+pub mod status;
 /// The few system calls no safe crate wraps: the only `unsafe` code.
 pub mod system;
 /// TLS termination: settings and the certificate chosen by SNI.

@@ -30,9 +30,22 @@ fn hint(error: &std::io::Error) -> &'static str {
         std::io::ErrorKind::PermissionDenied => {
             "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
         }
-        std::io::ErrorKind::AddrNotAvailable => "; no interface of this machine has that address",
+        std::io::ErrorKind::AddrNotAvailable => {
+            "; no interface of this machine has that address (for an address that comes later, \
+             such as a keepalived virtual IP, set `freebind: true` on the listener)"
+        }
         _ => "",
     }
+}
+
+/// An address to listen on, as configured.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// The configuration key of the address, such as `listeners[1]`.
+    pub key: String,
+    pub address: ListenAddress,
+    /// Bind while no interface holds the address (IP_FREEBIND).
+    pub freebind: bool,
 }
 
 /// The process's listening sockets, keyed by the address string pingora is given.
@@ -44,17 +57,17 @@ impl ListeningSockets {
     /// Takes the sockets a previous process handed over where their address is still
     /// configured, and binds the rest. Handed-over sockets no longer configured are closed.
     pub fn open(
-        addresses: &[(String, ListenAddress)],
+        bindings: &[Binding],
         mut inherited: HashMap<String, OwnedFd>,
     ) -> Result<ListeningSockets, BindError> {
-        let mut sockets = Vec::with_capacity(addresses.len());
-        for (config_key, address) in addresses {
-            let key = address.to_string();
+        let mut sockets = Vec::with_capacity(bindings.len());
+        for binding in bindings {
+            let key = binding.address.to_string();
             let fd = match inherited.remove(&key) {
                 Some(fd) => fd,
-                None => bind(address).map_err(|source| BindError {
-                    key: config_key.clone(),
-                    address: *address,
+                None => bind(binding).map_err(|source| BindError {
+                    key: binding.key.clone(),
+                    address: binding.address,
                     source,
                 })?,
             };
@@ -102,13 +115,27 @@ impl ListeningSockets {
     }
 }
 
-fn bind(address: &ListenAddress) -> std::io::Result<OwnedFd> {
-    // std sets SO_REUSEADDR and CLOEXEC and listens at once, so connections queue in the
-    // kernel from here on, before pingora's accept loops run.
-    let listener = TcpListener::bind(address.0)?;
-    defer_accept(&listener)?;
+/// Listens at once, so connections queue in the kernel from here on, before pingora's
+/// accept loops run.
+fn bind(binding: &Binding) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let address = binding.address.0;
+    let family = match address {
+        std::net::SocketAddr::V4(_) => AddressFamily::Inet,
+        std::net::SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
     // tokio does not make adopted sockets non-blocking.
-    listener.set_nonblocking(true)?;
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let fd = socket::socket(family, SockType::Stream, flags, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if binding.freebind {
+        // Linux honours IP_FREEBIND on IPv6 sockets too.
+        socket::setsockopt(&fd, sockopt::IpFreebind, &true)?;
+    }
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(address))?;
+    socket::listen(&fd, socket::Backlog::MAXCONN)?;
+    let listener = TcpListener::from(fd);
+    defer_accept(&listener)?;
     Ok(listener.into())
 }
 

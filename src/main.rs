@@ -6,7 +6,7 @@ use clap::Parser;
 
 use pingora_lb::cli::{Cli, Command};
 use pingora_lb::config::{Config, SEED_CONFIG_NAME};
-use pingora_lb::{allocator, exit_codes, lifecycle, logging, reload, startup};
+use pingora_lb::{allocator, exit_codes, lifecycle, logging, reload, startup, status};
 
 fn main() -> ExitCode {
     allocator::disable_transparent_huge_pages();
@@ -22,6 +22,19 @@ fn main() -> ExitCode {
             }
             Err(e @ reload::ReloadError::Config(_)) => fail(e.exit_code(), &e),
             Err(e) => fail(e.exit_code(), &format!("reload failed: {e}")),
+        };
+    }
+    if let Some(Command::Status { conf, timeout }) = &cli.command {
+        let timeout = std::time::Duration::from_secs(*timeout);
+        let checked = Config::load_or_seed(conf.as_deref())
+            .map_err(status::StatusError::from)
+            .and_then(|config| status::check(&config, timeout));
+        return match checked {
+            Ok(seen) => {
+                println!("pingora-lb: {seen}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e.exit_code(), &e),
         };
     }
     let config = match Config::load_or_seed(cli.conf.as_deref()) {

@@ -7,7 +7,6 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use nix::unistd::{ForkResult, Pid};
 use crate::config::{Config, ConfigError};
 use crate::exit_codes;
 use crate::readiness::{read_report, Report, READY_FD_ENV};
-use crate::runtime_files::read_pid;
+use crate::runtime_files::{check_is_pingora_lb, read_pid, ForeignProcess};
 use crate::system::{exit_forked_child, fork_single_threaded};
 
 /// Why a reload did not happen. The running process keeps serving in every case.
@@ -97,7 +96,15 @@ pub fn reload(
     };
     let old = Pid::from_raw(old);
     kill(old, None).map_err(|source| ReloadError::NotRunning { pid: old, source })?;
-    check_is_pingora_lb(old)?;
+    // SIGQUIT kills a process that does not handle it: a stale pid file or a mistyped
+    // `--pid` must not reach an unrelated process.
+    check_is_pingora_lb(old).map_err(|ForeignProcess { name, ours }| {
+        ReloadError::NotPingoraLb {
+            pid: old,
+            name,
+            ours,
+        }
+    })?;
 
     let deadline = Instant::now() + timeout;
     let mut reports = spawn_detached(conf)?;
@@ -137,49 +144,6 @@ fn hand_over(
         Report::TimedOut => Err(ReloadError::NotServing { old, timeout }),
         report @ Report::Listening(_) => Err(ReloadError::OutOfTurn { report, old }),
     }
-}
-
-/// SIGQUIT kills a process that does not handle it: a stale pid file or a mistyped `--pid`
-/// must not reach an unrelated process. The program is recognised by its file name, as
-/// started (a symbolic link's name) or as run (`/proc/PID/exe`, " (deleted)" once a package
-/// upgrade replaced it); a process whose name cannot be read is given the benefit of doubt.
-fn check_is_pingora_lb(pid: Pid) -> Result<(), ReloadError> {
-    let Some(ours) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.file_name().map(|n| n.to_string_lossy().into_owned()))
-    else {
-        return Ok(());
-    };
-    let started_as = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .ok()
-        .and_then(|cmdline| {
-            let first = cmdline
-                .split(|b| *b == 0)
-                .next()
-                .unwrap_or_default()
-                .to_vec();
-            Path::new(std::ffi::OsStr::from_bytes(&first))
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-        });
-    let running = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .and_then(|exe| {
-            exe.file_name().map(|n| {
-                n.to_string_lossy()
-                    .trim_end_matches(" (deleted)")
-                    .to_string()
-            })
-        });
-    let names: Vec<String> = started_as.into_iter().chain(running).collect();
-    if names.is_empty() || names.contains(&ours) {
-        return Ok(());
-    }
-    Err(ReloadError::NotPingoraLb {
-        pid,
-        name: names[0].clone(),
-        ours,
-    })
 }
 
 /// Without `-c`, the configuration file the running process was started with: a forgotten

@@ -4,10 +4,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::unistd::{Gid, Uid};
+use nix::unistd::{Gid, Pid, Uid};
 
 /// Refuses a world-writable (even sticky, like `/tmp`) directory for `file`: anyone could
 /// plant an upgrade socket there and receive our listening sockets, or a symbolic link
@@ -113,6 +114,56 @@ impl PidFile {
             let _ = self.file.set_len(0);
         }
     }
+}
+
+/// A process that runs another program than this one.
+#[derive(Debug)]
+pub struct ForeignProcess {
+    /// What it runs.
+    pub name: String,
+    /// What this process runs.
+    pub ours: String,
+}
+
+/// Whether process `pid` runs pingora-lb, before it is signalled or trusted. The program is recognised by its file name, as
+/// started (a symbolic link's name) or as run (`/proc/PID/exe`, " (deleted)" once a package
+/// upgrade replaced it); a process whose name cannot be read is given the benefit of doubt.
+pub fn check_is_pingora_lb(pid: Pid) -> Result<(), ForeignProcess> {
+    let Some(ours) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.file_name().map(|n| n.to_string_lossy().into_owned()))
+    else {
+        return Ok(());
+    };
+    let started_as = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .and_then(|cmdline| {
+            let first = cmdline
+                .split(|b| *b == 0)
+                .next()
+                .unwrap_or_default()
+                .to_vec();
+            Path::new(std::ffi::OsStr::from_bytes(&first))
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        });
+    let running = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|exe| {
+            exe.file_name().map(|n| {
+                n.to_string_lossy()
+                    .trim_end_matches(" (deleted)")
+                    .to_string()
+            })
+        });
+    let names: Vec<String> = started_as.into_iter().chain(running).collect();
+    if names.is_empty() || names.contains(&ours) {
+        return Ok(());
+    }
+    Err(ForeignProcess {
+        name: names[0].clone(),
+        ours,
+    })
 }
 
 /// Reads the pid in a pid file.

@@ -24,11 +24,11 @@ use pingora::services::ServiceWithDependents;
 use crate::access_log::{AccessLog, Sink};
 use crate::cli::Cli;
 use crate::client_connections::ClientConnections;
-use crate::config::{Config, ListenAddress};
+use crate::config::Config;
 use crate::exit_codes;
 use crate::lifecycle::{Announcer, Lifecycle, Signals};
 use crate::listeners::BindError;
-use crate::listeners::ListeningSockets;
+use crate::listeners::{Binding, ListeningSockets};
 use crate::logging;
 use crate::metrics::Metrics;
 use crate::metrics_endpoint::MetricsEndpoint;
@@ -237,19 +237,18 @@ fn tls_settings(config: &Config) -> Result<HashMap<String, TlsSettings>, StartEr
 }
 
 /// Every address to listen on, with its configuration key: the proxy's, then the metrics'.
-fn listening_addresses(config: &Config) -> Vec<(String, ListenAddress)> {
-    config
-        .listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (format!("listeners[{i}]"), l.address))
-        .chain(
-            config
-                .metrics
-                .as_ref()
-                .map(|m| ("metrics.listen".to_string(), m.listen)),
-        )
-        .collect()
+fn listening_addresses(config: &Config) -> Vec<Binding> {
+    let proxy = config.listeners.iter().enumerate().map(|(i, l)| Binding {
+        key: format!("listeners[{i}]"),
+        address: l.address,
+        freebind: l.freebind,
+    });
+    let metrics = config.metrics.as_ref().map(|m| Binding {
+        key: "metrics.listen".to_string(),
+        address: m.listen,
+        freebind: false,
+    });
+    proxy.chain(metrics).collect()
 }
 
 /// Step 6: pingora's services on the prepared sockets, until the process is told to stop.

@@ -26,6 +26,9 @@ pub struct Listener {
     pub address: ListenAddress,
     /// Terminate TLS on it.
     pub tls: Option<TlsListener>,
+    /// Bind even while no interface holds the address (IP_FREEBIND): the standby of a
+    /// keepalived pair then already listens on the virtual IP it may be given.
+    pub freebind: bool,
 }
 
 #[derive(Deserialize)]
@@ -34,6 +37,8 @@ struct ListenerOptions {
     address: ListenAddress,
     #[serde(default)]
     tls: Option<TlsListener>,
+    #[serde(default)]
+    freebind: bool,
 }
 
 impl<'de> Deserialize<'de> for Listener {
@@ -42,12 +47,15 @@ impl<'de> Deserialize<'de> for Listener {
         impl<'de> Visitor<'de> for Entry {
             type Value = Listener;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an address such as 0.0.0.0:80, or {address: ..., tls: ...}")
+                f.write_str(
+                    "an address such as 0.0.0.0:80, or {address: ..., tls: ..., freebind: ...}",
+                )
             }
             fn visit_str<E: Error>(self, text: &str) -> Result<Listener, E> {
                 Ok(Listener {
                     address: text.parse().map_err(E::custom)?,
                     tls: None,
+                    freebind: false,
                 })
             }
             fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Listener, M::Error> {
@@ -57,6 +65,7 @@ impl<'de> Deserialize<'de> for Listener {
                 Ok(Listener {
                     address: options.address,
                     tls: options.tls,
+                    freebind: options.freebind,
                 })
             }
         }
