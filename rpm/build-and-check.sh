@@ -77,6 +77,7 @@ expect 'drwxr-xr-x' /etc/pingora-lb
 expect '-rw-r--r--' /etc/pingora-lb/pingora-lb.yaml
 expect '-rw-r--r--' /usr/lib/sysusers.d/pingora-lb.conf
 expect '-rw-r--r--' /usr/share/doc/pingora-lb/README.md
+expect '-rw-r--r--' /usr/share/doc/pingora-lb/examples/keepalived.conf
 expect '-rw-r--r--' /usr/share/licenses/pingora-lb/LICENSE
 # Nothing else, apart from rpm's /usr/lib/.build-id links to the binary.
 # (The manual page's compression suffix depends on the distribution.)
@@ -91,6 +92,8 @@ WANTED=$(sort <<'EOF'
 /usr/share/doc/pingora-lb
 /usr/share/man/man8/pingora-lb.8
 /usr/share/doc/pingora-lb/README.md
+/usr/share/doc/pingora-lb/examples
+/usr/share/doc/pingora-lb/examples/keepalived.conf
 /usr/share/licenses/pingora-lb
 /usr/share/licenses/pingora-lb/LICENSE
 EOF
@@ -107,6 +110,7 @@ mkdir -p "$EXTRACT"
 cmp "$EXTRACT/usr/lib/systemd/system/pingora-lb.service" "$REPO/dist/pingora-lb.service"
 cmp "$EXTRACT/etc/pingora-lb/pingora-lb.yaml" "$REPO/dist/pingora-lb.yaml"
 cmp "$EXTRACT/usr/lib/sysusers.d/pingora-lb.conf" "$REPO/dist/pingora-lb.sysusers"
+cmp "$EXTRACT/usr/share/doc/pingora-lb/examples/keepalived.conf" "$REPO/dist/keepalived/keepalived.conf"
 
 step "scriptlets (rpm -qp --scripts)"
 SCRIPTS=$(rpm -qp --scripts "$RPM")

@@ -5,6 +5,7 @@
 //! thread, which formats and writes them; when the queue is full the entry is dropped and
 //! counted (`pingora_lb_access_log_dropped_total`).
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
@@ -37,6 +38,17 @@ pub struct Entry {
     pub total: Duration,
     pub upstream_time: Option<Duration>,
     pub retries: usize,
+    /// The client connection's TLS; `None` for plain HTTP.
+    pub tls: Option<TlsFacts>,
+}
+
+/// What the access log says of a TLS connection.
+pub struct TlsFacts {
+    /// `TLSv1.3`, `TLSv1.2`.
+    pub version: Cow<'static, str>,
+    pub cipher: Cow<'static, str>,
+    /// The name the client asked for (SNI).
+    pub server_name: Option<String>,
 }
 
 /// An opened destination, before the writer thread starts.
@@ -191,7 +203,7 @@ fn format_entry(entry: &Entry, format: AccessLogFormat) -> String {
         AccessLogFormat::Combined => {
             let quoted = |v: &Option<String>| v.as_deref().unwrap_or("-").replace('"', "\\\"");
             format!(
-                "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" upstream={} request_time={:.3} upstream_time={} retries={}",
+                "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" upstream={} request_time={:.3} upstream_time={} retries={} tls={} sni={}",
                 client.as_deref().unwrap_or("-"),
                 DateTime::<Local>::from(entry.time).format("%d/%b/%Y:%H:%M:%S %z"),
                 entry.method,
@@ -205,6 +217,8 @@ fn format_entry(entry: &Entry, format: AccessLogFormat) -> String {
                 entry.total.as_secs_f64(),
                 entry.upstream_time.map_or("-".to_string(), |t| format!("{:.3}", t.as_secs_f64())),
                 entry.retries,
+                entry.tls.as_ref().map_or("-".to_string(), |t| format!("{}/{}", t.version, t.cipher)),
+                entry.tls.as_ref().and_then(|t| t.server_name.as_deref()).unwrap_or("-"),
             )
         }
         AccessLogFormat::Json => serde_json::json!({
@@ -221,6 +235,9 @@ fn format_entry(entry: &Entry, format: AccessLogFormat) -> String {
             "request_time": entry.total.as_secs_f64(),
             "upstream_time": entry.upstream_time.map(|t| t.as_secs_f64()),
             "retries": entry.retries,
+            "tls_version": entry.tls.as_ref().map(|t| &t.version),
+            "tls_cipher": entry.tls.as_ref().map(|t| &t.cipher),
+            "sni": entry.tls.as_ref().and_then(|t| t.server_name.as_deref()),
         })
         .to_string(),
     }
@@ -245,6 +262,11 @@ mod tests {
             total: Duration::from_millis(12),
             upstream_time: Some(Duration::from_millis(10)),
             retries: 1,
+            tls: Some(TlsFacts {
+                version: "TLSv1.3".into(),
+                cipher: "TLS_AES_128_GCM_SHA256".into(),
+                server_name: Some("a.example".into()),
+            }),
         }
     }
 
@@ -252,7 +274,7 @@ mod tests {
     fn combined_format() {
         let line = format_entry(&entry(), AccessLogFormat::Combined);
         assert!(line.starts_with("192.0.2.1 - - ["), "{line}");
-        assert!(line.contains("\"GET /a?b=%22c%22 HTTP/1.1\" 200 42 \"-\" \"curl/8\" upstream=10.0.0.1:80 request_time=0.012 upstream_time=0.010 retries=1"), "{line}");
+        assert!(line.contains("\"GET /a?b=%22c%22 HTTP/1.1\" 200 42 \"-\" \"curl/8\" upstream=10.0.0.1:80 request_time=0.012 upstream_time=0.010 retries=1 tls=TLSv1.3/TLS_AES_128_GCM_SHA256 sni=a.example"), "{line}");
     }
 
     #[test]
@@ -263,5 +285,7 @@ mod tests {
         assert_eq!(value["path"], "/a?b=\"c\"");
         assert_eq!(value["upstream"], "10.0.0.1:80");
         assert_eq!(value["retries"], 1);
+        assert_eq!(value["tls_version"], "TLSv1.3");
+        assert_eq!(value["sni"], "a.example");
     }
 }

@@ -26,6 +26,7 @@ use pingora::server::ShutdownWatch;
 
 use crate::config::{ClientLimits, ProxyProtocolIn};
 use crate::proxy_protocol::{self, ProxyHeader};
+use crate::tls::TlsListeners;
 
 /// Put on a connection before each request; pingora hands it to
 /// [ProxyHttp::on_connection_reuse] as soon as the request header is parsed, and the
@@ -39,6 +40,7 @@ pub struct ClientConnections<P> {
     keepalive_timeout: Duration,
     keepalive_requests: u32,
     proxy_protocol: Option<ProxyProtocolIn>,
+    tls: TlsListeners,
 }
 
 impl<P> ClientConnections<P> {
@@ -46,6 +48,7 @@ impl<P> ClientConnections<P> {
         proxy: HttpProxy<P>,
         limits: &ClientLimits,
         proxy_protocol: Option<ProxyProtocolIn>,
+        tls: TlsListeners,
     ) -> Self {
         ClientConnections {
             proxy: Arc::new(proxy),
@@ -53,6 +56,7 @@ impl<P> ClientConnections<P> {
             keepalive_timeout: limits.keepalive_timeout.0,
             keepalive_requests: limits.keepalive_requests,
             proxy_protocol,
+            tls,
         }
     }
 
@@ -127,6 +131,8 @@ where
             Some(_) => self.take_proxy_header(stream).await?,
             None => stream,
         };
+        // After the PROXY header, which comes before the TLS handshake.
+        let stream = self.tls.terminate(stream, self.header_timeout).await?;
         if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1)) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }

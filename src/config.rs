@@ -97,6 +97,11 @@ pub struct Config {
         deserialize_with = "values::grace_seconds"
     )]
     pub grace_period_seconds: u64,
+    /// After SIGTERM, new connections are still accepted (and answered with `Connection:
+    /// close`) this long before the listeners close, within the grace period: in a
+    /// keepalived pair, the time the virtual IP takes to move away, so no client is refused.
+    #[serde(default = "defaults::stop_accepting_after")]
+    pub stop_accepting_after: HumanDuration,
     /// Time given to pingora's runtimes to stop once the grace period is over.
     #[serde(
         default = "defaults::graceful_shutdown_timeout_seconds",

@@ -28,8 +28,9 @@ use crate::upgrade::{self, Predecessor};
 use crate::upstreams::health::HealthSummary;
 use crate::upstreams::Pools;
 
-/// How long responses carry `Connection: close` before accepting stops, so that busy
-/// keep-alive clients move to the new process instead of finding their connection closed.
+/// After a handoff, how long responses carry `Connection: close` before accepting stops,
+/// so that busy keep-alive clients move to the new process instead of finding their
+/// connection closed.
 const DRAIN_WINDOW: Duration = Duration::from_millis(1000);
 
 /// Makes SIGQUIT and SIGHUP harmless until [Signals] handles them: their default action
@@ -50,6 +51,8 @@ pub struct Lifecycle {
     pub sockets: Vec<(String, RawFd)>,
     pub upgrade_sock: PathBuf,
     pub grace_period: Duration,
+    /// After SIGTERM, how long new connections are still accepted.
+    pub stop_accepting_after: Duration,
     pub pid_file: Option<PidFile>,
     /// The process that handed its sockets to this one, until told we serve.
     pub predecessor: Mutex<Option<Predecessor>>,
@@ -103,11 +106,15 @@ impl Lifecycle {
     }
 
     async fn drain(self: &Arc<Self>, handed_over: bool) -> ShutdownSignal {
-        if !handed_over {
+        let window = if handed_over {
+            self.traffic.start_draining();
+            DRAIN_WINDOW
+        } else {
             notify::stopping();
-        }
-        self.traffic.start_draining();
-        tokio::time::sleep(DRAIN_WINDOW.min(self.grace_period)).await;
+            self.traffic.start_stopping();
+            self.stop_accepting_after
+        };
+        tokio::time::sleep(window.min(self.grace_period)).await;
         let lifecycle = self.clone();
         std::thread::spawn(move || lifecycle.exit_when_idle());
         ShutdownSignal::GracefulTerminate

@@ -33,7 +33,25 @@ pub struct Metrics {
     route_requests: IntCounterVec,
     generation: IntGauge,
     access_log_dropped: IntCounter,
+    tls_handshakes: IntCounterVec,
     no_backend: [IntCounter; 5],
+}
+
+/// How a client's TLS handshake ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeResult {
+    Done = 0,
+    Failed = 1,
+    TimedOut = 2,
+}
+
+/// The TLS handshakes of one listener, by result.
+pub struct HandshakeMetrics([IntCounter; 3]);
+
+impl HandshakeMetrics {
+    pub fn observe(&self, result: HandshakeResult) {
+        self.0[result as usize].inc();
+    }
 }
 
 /// What describes each backend's state, by pool and backend.
@@ -265,6 +283,11 @@ impl Metrics {
                 "pingora_lb_access_log_dropped_total",
                 "Access log lines dropped because the log sink was too slow.",
             ),
+            tls_handshakes: r.counters(
+                "pingora_lb_tls_handshakes_total",
+                "TLS handshakes with clients, by listener and result (done, failed, timeout).",
+                &["listener", "result"],
+            ),
             no_backend: by_class(&requests, &[NO_BACKEND, NO_BACKEND]),
             requests,
             registry: r.0.clone(),
@@ -277,6 +300,14 @@ impl Metrics {
     /// The reload generation of this process.
     pub fn generation(&self) -> u64 {
         self.generation.get() as u64
+    }
+
+    /// Handshake counters of one TLS listener.
+    pub fn tls_handshakes(&self, listener: &str) -> HandshakeMetrics {
+        HandshakeMetrics(
+            ["done", "failed", "timeout"]
+                .map(|result| self.tls_handshakes.with_label_values(&[listener, result])),
+        )
     }
 
     /// Request-path handles for one backend of a pool.

@@ -132,6 +132,7 @@ impl MetricsEndpoint {
         let status = serde_json::json!({
             "pid": std::process::id(),
             "generation": self.metrics.generation(),
+            "stopping": self.traffic.stopping(),
             "requests_in_flight": self.traffic.in_flight(),
             "pools": self.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
             "backends": backends,

@@ -16,12 +16,13 @@ use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 
-use crate::access_log::{AccessLog, Entry};
+use crate::access_log::{AccessLog, Entry, TlsFacts};
 use crate::client_connections::{keepalive_seconds, HeaderParsed};
 use crate::config::{ClientLimits, Forwarding, HashKey};
 use crate::metrics::Metrics;
 use crate::request_rules;
 use crate::routing::{self, RequestTarget, Route, RouteId, Router};
+use crate::tls::ServerName;
 use crate::traffic::{InFlight, Traffic};
 use crate::upstreams::health::InFlightRequest;
 use crate::upstreams::{BackendId, Destination, Pool, Pools};
@@ -549,6 +550,21 @@ impl ProxyHttp for Balancer {
             total,
             upstream_time: ctx.upstream_time,
             retries: ctx.tried.len().saturating_sub(1),
+            tls: tls_facts(session),
         });
     }
+}
+
+/// The TLS of the client connection, for the access log.
+fn tls_facts(session: &Session) -> Option<TlsFacts> {
+    let ssl = session.digest()?.ssl_digest.as_ref()?;
+    let server_name = ssl
+        .extension
+        .get::<ServerName>()
+        .and_then(|name| name.0.clone());
+    Some(TlsFacts {
+        version: ssl.version.clone(),
+        cipher: ssl.cipher.clone(),
+        server_name,
+    })
 }

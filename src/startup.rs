@@ -6,14 +6,12 @@
 //! 5. privileges are dropped, while the process still has a single thread;
 //! 6. pingora runs, with this crate's signal handling and readiness announcement.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::info;
 use nix::unistd::Uid;
-use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::ListenerConfig;
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
@@ -24,7 +22,7 @@ use pingora::services::ServiceWithDependents;
 use crate::access_log::{AccessLog, Sink};
 use crate::cli::Cli;
 use crate::client_connections::ClientConnections;
-use crate::config::Config;
+use crate::config::{Config, ListenAddress};
 use crate::exit_codes;
 use crate::lifecycle::{Announcer, Lifecycle, Signals};
 use crate::listeners::BindError;
@@ -37,7 +35,7 @@ use crate::proxy::{Balancer, MAX_STALE_RETRIES};
 use crate::readiness::Readiness;
 use crate::routing::Router;
 use crate::runtime_files::{prepare_parent, PidFile};
-use crate::tls;
+use crate::tls::{TlsListeners, TlsTerminator};
 use crate::traffic::Traffic;
 use crate::upgrade::{Handoff, HandoffError, HandoffSocket};
 use crate::upstreams::{Pools, ResolveError};
@@ -72,7 +70,7 @@ pub enum StartError {
     #[error("key `listeners[{index}].tls`: {source}")]
     Tls {
         index: usize,
-        source: Box<pingora::Error>,
+        source: pingora::tls::error::ErrorStack,
     },
 }
 
@@ -128,8 +126,8 @@ struct Prepared {
     /// The proxy's listening sockets.
     sockets: ListeningSockets,
     metrics_socket: Option<ListeningSockets>,
-    /// The TLS settings of each TLS listener, by its address.
-    tls: HashMap<String, TlsSettings>,
+    /// TLS termination of each TLS listener.
+    tls: Vec<(ListenAddress, TlsTerminator)>,
     /// Every listening socket, to hand to a successor.
     handed_over: Vec<(String, std::os::fd::RawFd)>,
     pid_file: Option<PidFile>,
@@ -178,7 +176,7 @@ fn prepare(cli: &Cli, config: &Config, readiness: &mut Readiness) -> Result<Prep
     let metrics = Arc::new(Metrics::new(generation));
     let pools = Arc::new(Pools::build(config, &metrics)?);
     let access_log_sink = Sink::open(&config.access_log).map_err(StartError::AccessLog)?;
-    let tls = tls_settings(config)?;
+    let tls = tls_terminators(config)?;
 
     drop_privileges(identity.as_ref())?;
     Ok(Prepared {
@@ -224,16 +222,17 @@ fn take_over(
     Ok(handoff)
 }
 
-/// The TLS settings of each TLS listener, by address.
-fn tls_settings(config: &Config) -> Result<HashMap<String, TlsSettings>, StartError> {
-    let mut settings = HashMap::new();
+/// TLS termination of each TLS listener.
+fn tls_terminators(config: &Config) -> Result<Vec<(ListenAddress, TlsTerminator)>, StartError> {
+    let mut terminators = Vec::new();
     for (index, listener) in config.listeners.iter().enumerate() {
         if let Some(tls) = &listener.tls {
-            let built = tls::settings(tls).map_err(|source| StartError::Tls { index, source })?;
-            settings.insert(listener.address.to_string(), built);
+            let terminator =
+                TlsTerminator::new(tls).map_err(|source| StartError::Tls { index, source })?;
+            terminators.push((listener.address, terminator));
         }
     }
-    Ok(settings)
+    Ok(terminators)
 }
 
 /// Every address to listen on, with its configuration key: the proxy's, then the metrics'.
@@ -266,6 +265,7 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
         sockets: prepared.handed_over,
         upgrade_sock: config.upgrade_sock.0.clone(),
         grace_period: Duration::from_secs(config.grace_period_seconds),
+        stop_accepting_after: config.stop_accepting_after.0,
         pid_file: prepared.pid_file,
         predecessor: Mutex::new(prepared.predecessor),
         readiness: Mutex::new(readiness),
@@ -288,6 +288,7 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
         balancer,
         prepared.sockets,
         prepared.tls,
+        &metrics,
     );
     let proxy = server.add_boxed_service(proxy);
     for checks in pools.health_checks() {
@@ -320,7 +321,8 @@ fn proxy_service(
     config: &Config,
     balancer: Balancer,
     sockets: ListeningSockets,
-    mut tls: HashMap<String, TlsSettings>,
+    tls: Vec<(ListenAddress, TlsTerminator)>,
+    metrics: &Metrics,
 ) -> Box<dyn ServiceWithDependents> {
     let mut proxy = pingora::services::listening::Service::new(
         "proxy".to_string(),
@@ -328,6 +330,7 @@ fn proxy_service(
             pingora::proxy::http_proxy(server_conf, balancer),
             &config.client,
             config.proxy_protocol.clone(),
+            TlsListeners::new(tls, metrics),
         ),
     );
     // Reads go straight into the request's own buffer: pingora's default 64 KiB read
@@ -337,11 +340,7 @@ fn proxy_service(
         write: None,
     };
     for address in sockets.addresses() {
-        let mut listener = ListenerConfig::tcp(address).l4_buffer(unbuffered_reads);
-        if let Some(settings) = tls.remove(address) {
-            listener = listener.tls(settings);
-        }
-        proxy.add_listener(listener);
+        proxy.add_listener(ListenerConfig::tcp(address).l4_buffer(unbuffered_reads));
     }
     sockets.attach(Box::new(proxy))
 }

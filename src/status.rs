@@ -33,6 +33,8 @@ pub enum StatusError {
     },
     #[error("not serving: the status endpoint {address} answered {answer}")]
     BadAnswer { address: SocketAddr, answer: String },
+    #[error("not serving: process {pid} is stopping")]
+    Stopping { pid: u32 },
     #[error("not serving: pool `{pool}` has no usable backend ({detail})")]
     NoBackend { pool: String, detail: String },
     #[error("not serving: cannot read the pid file: {0}")]
@@ -58,6 +60,7 @@ impl StatusError {
 #[derive(Debug, Deserialize)]
 struct StatusAnswer {
     pid: u32,
+    stopping: bool,
     pools: Vec<String>,
     backends: Vec<BackendAnswer>,
 }
@@ -149,8 +152,12 @@ fn complete_body(bytes: &[u8]) -> Result<Option<&[u8]>, String> {
     Ok((body.len() >= length).then(|| &body[..length]))
 }
 
-/// Every pool needs a backend that is healthy and not drained.
+/// A stopping process, or one with a pool without a backend that is healthy and not
+/// drained, cannot take traffic.
 fn judge(answer: &StatusAnswer) -> Result<String, StatusError> {
+    if answer.stopping {
+        return Err(StatusError::Stopping { pid: answer.pid });
+    }
     let mut seen = Vec::with_capacity(answer.pools.len());
     for pool in &answer.pools {
         let backends: Vec<&BackendAnswer> =
@@ -185,6 +192,7 @@ mod tests {
         pools.dedup();
         StatusAnswer {
             pid: 7,
+            stopping: false,
             pools,
             backends: backends
                 .iter()
@@ -209,6 +217,14 @@ mod tests {
         assert_eq!(
             error,
             "not serving: pool `b` has no usable backend (2 backends: 1 unhealthy, 1 draining)"
+        );
+        let stopping = StatusAnswer {
+            stopping: true,
+            ..answer(&[("a", true, false)])
+        };
+        assert_eq!(
+            judge(&stopping).unwrap_err().to_string(),
+            "not serving: process 7 is stopping"
         );
     }
 

@@ -2,15 +2,26 @@
 //! minimum version, ALPN), and the certificate of each handshake, chosen by the name the
 //! client asks for (SNI).
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::protocols::l4::stream::Stream as TcpStream;
+use pingora::protocols::tls::server::handshake_with_callback;
+use pingora::protocols::Stream;
+use pingora::tls::error::ErrorStack;
 use pingora::tls::ext::{ssl_add_chain_cert, ssl_use_certificate, ssl_use_private_key};
-use pingora::tls::ssl::{NameType, SslRef, SslVersion};
+use pingora::tls::ssl::{
+    select_next_proto, AlpnError, NameType, SslAcceptor, SslMethod, SslRef, SslVersion,
+};
 
-use crate::config::{Certificate, TlsListener, TlsVersion};
+use crate::config::{Certificate, ListenAddress, TlsListener, TlsVersion};
+use crate::metrics::{HandshakeMetrics, HandshakeResult, Metrics};
 
 /// The certificates of a listener, by the names they serve.
 pub struct CertificateChooser {
@@ -59,12 +70,17 @@ impl TlsAccept for CertificateChooser {
             );
         }
     }
+
+    async fn handshake_complete_callback(
+        &self,
+        ssl: &SslRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        let name = ssl.servername(NameType::HOST_NAME).map(str::to_string);
+        Some(Arc::new(ServerName(name)))
+    }
 }
 
-fn present(
-    ssl: &mut SslRef,
-    certificate: &Certificate,
-) -> Result<(), pingora::tls::error::ErrorStack> {
+fn present(ssl: &mut SslRef, certificate: &Certificate) -> Result<(), ErrorStack> {
     ssl_use_certificate(ssl, &certificate.chain[0])?;
     for intermediate in &certificate.chain[1..] {
         ssl_add_chain_cert(ssl, intermediate)?;
@@ -72,20 +88,114 @@ fn present(
     ssl_use_private_key(ssl, &certificate.key)
 }
 
-/// pingora's TLS settings for a listener: Mozilla "intermediate" (TLS 1.2 and 1.3, its
-/// ciphers), the minimum version, HTTP/2 by ALPN if enabled.
-pub fn settings(tls: &TlsListener) -> pingora::Result<TlsSettings> {
-    let chooser = CertificateChooser::new(&tls.certificates);
-    let mut settings = TlsSettings::with_callbacks(Box::new(chooser))?;
-    if tls.min_version == TlsVersion::Tls13 {
-        settings
-            .set_min_proto_version(Some(SslVersion::TLS1_3))
-            .map_err(|e| {
-                pingora::Error::because(pingora::ErrorType::InternalError, "TLS 1.3", e)
-            })?;
+/// The name a client asked for (SNI), kept with the connection's TLS digest for the
+/// access log.
+#[derive(Debug)]
+pub struct ServerName(pub Option<String>);
+
+/// TLS termination on one listener, run by the client connection loop (not by pingora's
+/// listener) so that a PROXY protocol header can come first, the handshake shares the
+/// request header's deadline, and failures are counted rather than logged as errors.
+pub struct TlsTerminator {
+    acceptor: SslAcceptor,
+    chooser: CertificateChooser,
+}
+
+impl TlsTerminator {
+    /// Mozilla "intermediate" (TLS 1.2 and 1.3 with its ciphers), the minimum version, and
+    /// HTTP/2 by ALPN if enabled.
+    pub fn new(tls: &TlsListener) -> Result<TlsTerminator, ErrorStack> {
+        let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
+        if tls.min_version == TlsVersion::Tls13 {
+            builder.set_min_proto_version(Some(SslVersion::TLS1_3))?;
+        }
+        let offered: &'static [u8] = if tls.http2 {
+            b"\x02h2\x08http/1.1"
+        } else {
+            b"\x08http/1.1"
+        };
+        builder.set_alpn_select_callback(move |_, client| {
+            select_next_proto(offered, client).ok_or(AlpnError::NOACK)
+        });
+        Ok(TlsTerminator {
+            acceptor: builder.build(),
+            chooser: CertificateChooser::new(&tls.certificates),
+        })
     }
-    if tls.http2 {
-        settings.enable_h2();
+
+    /// The handshake on a new connection, within `deadline`.
+    pub async fn handshake(
+        &self,
+        stream: Stream,
+        deadline: Duration,
+    ) -> Result<Stream, (HandshakeResult, String)> {
+        // Listeners accept plain TCP streams; TLS is layered on the stream itself.
+        let tcp = match stream.into_any().downcast::<TcpStream>() {
+            Ok(tcp) => *tcp,
+            Err(_) => return Err((HandshakeResult::Failed, "not a TCP connection".into())),
+        };
+        let handshake = handshake_with_callback(&self.acceptor, tcp, &self.chooser);
+        match tokio::time::timeout(deadline, handshake).await {
+            Ok(Ok(tls)) => Ok(Box::new(tls)),
+            Ok(Err(e)) => Err((HandshakeResult::Failed, e.to_string())),
+            Err(_) => Err((HandshakeResult::TimedOut, "no handshake in time".into())),
+        }
     }
-    Ok(settings)
+}
+
+/// The proxy's TLS listeners, found by the address a connection came in on.
+pub struct TlsListeners(Vec<TlsListenerState>);
+
+struct TlsListenerState {
+    address: ListenAddress,
+    terminator: TlsTerminator,
+    handshakes: HandshakeMetrics,
+}
+
+impl TlsListeners {
+    pub fn new(terminators: Vec<(ListenAddress, TlsTerminator)>, metrics: &Metrics) -> Self {
+        TlsListeners(
+            terminators
+                .into_iter()
+                .map(|(address, terminator)| TlsListenerState {
+                    handshakes: metrics.tls_handshakes(&address.to_string()),
+                    address,
+                    terminator,
+                })
+                .collect(),
+        )
+    }
+
+    /// Terminates TLS on a connection accepted by a TLS listener, within `deadline`.
+    /// `None`: the handshake failed and the connection is closed.
+    pub async fn terminate(&self, stream: Stream, deadline: Duration) -> Option<Stream> {
+        if self.0.is_empty() {
+            return Some(stream);
+        }
+        let Some(local) = local_address(&stream) else {
+            return Some(stream);
+        };
+        let Some(listener) = self.0.iter().find(|l| l.address.accepted(local)) else {
+            return Some(stream);
+        };
+        match listener.terminator.handshake(stream, deadline).await {
+            Ok(tls) => {
+                listener.handshakes.observe(HandshakeResult::Done);
+                Some(tls)
+            }
+            Err((result, reason)) => {
+                listener.handshakes.observe(result);
+                // Scanners and old clients fail handshakes all day: the counter is the
+                // signal, the reason is for debugging one client.
+                log::debug!("TLS handshake on {local} failed: {reason}");
+                None
+            }
+        }
+    }
+}
+
+/// The address a connection was accepted at.
+fn local_address(stream: &Stream) -> Option<SocketAddr> {
+    let digest = stream.get_socket_digest()?;
+    digest.local_addr().and_then(PingoraAddr::as_inet).copied()
 }

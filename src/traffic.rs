@@ -10,6 +10,7 @@ pub struct Traffic {
     in_flight: AtomicUsize,
     started: AtomicUsize,
     draining: AtomicBool,
+    stopping: AtomicBool,
 }
 
 impl Traffic {
@@ -27,6 +28,18 @@ impl Traffic {
     /// new process, after a handoff) instead of finding their idle connection closed.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// The process is stopping with no successor: from now on it must not be sent new
+    /// clients (keepalived's track script moves the virtual IP away).
+    pub fn start_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.start_draining();
+    }
+
+    /// Whether the process is stopping with no successor.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// Whether responses must close their connection.

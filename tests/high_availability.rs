@@ -102,6 +102,23 @@ fn status_answers_whether_this_balancer_can_take_traffic() {
         "not serving: pool `default` has no usable backend (1 backends: 1 unhealthy, 0 draining)",
     );
 
+    // Stopping, the process says so at once, while it still answers (and drains): the
+    // virtual IP can move before its listeners close.
+    signal(lb.pid, Signal::SIGTERM);
+    let mut answer = status(&lb.config);
+    for _ in 0..20 {
+        if answer.code != 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+        answer = status(&lb.config);
+    }
+    assert_failed(
+        &answer,
+        69,
+        &format!("not serving: process {} is stopping", lb.pid),
+    );
+
     stop(&mut lb);
     assert_failed(
         &status(&lb.config),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: lint, unit and integration tests on the real binary
 # (as root: privilege tests need it), the .deb built and linted, the .rpm built, linted and
-# installed into a scratch root, the Nix files checked, and the .deb installed and reloaded
-# under load in a real systemd booted in a container.
+# installed into a scratch root, the Nix files checked, a keepalived pair failed over in
+# network namespaces, and the .deb installed and reloaded under load in a real systemd
+# booted in a container.
 #
 # Usage: sudo bash tests/run-all.sh        (installs what a fresh Debian machine lacks)
 # SKIP_SYSTEM=1 leaves out the systemd container test.
@@ -19,7 +20,7 @@ step() { printf '\n==> %s (%ss)\n' "$*" "$SECONDS"; }
 step "system packages"
 packages=(build-essential cmake pkg-config libssl-dev debhelper fakeroot lintian rpm rpmlint
           nix-bin shellcheck mmdebstrap systemd-container curl python3 wrk haproxy nginx-light
-          chromium)
+          chromium keepalived iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -29,8 +30,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-# The packaged haproxy and nginx are only used by the benchmark: keep them stopped.
-systemctl disable --now haproxy nginx >/dev/null 2>&1 || true
+# The packaged haproxy and nginx are only used by the benchmark, keepalived by the HA
+# test in its own network namespaces: keep the system's services stopped.
+systemctl disable --now haproxy nginx keepalived >/dev/null 2>&1 || true
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -54,6 +56,10 @@ for tool in deadnix nixpkgs-fmt; do
     command -v "$tool" >/dev/null || cargo install --locked --quiet "$tool"
 done
 PINGORA_LB_BIN="$CARGO_TARGET_DIR/release/pingora-lb" bash tests/nix/check.sh
+
+step "HA pair: the keepalived example, and a failover with real keepalived in network namespaces"
+bash tests/ha/example-config.sh "$CARGO_TARGET_DIR/release/pingora-lb"
+bash tests/ha/failover.sh "$CARGO_TARGET_DIR/release/pingora-lb"
 
 if [ "${SKIP_SYSTEM:-}" != 1 ]; then
     step "systemd: apt install, reload under load, package upgrade, purge"

@@ -446,3 +446,91 @@ fn websockets_pass_through_with_their_own_idle_timeout() {
     std::thread::sleep(Duration::from_millis(3500));
     assert_eq!(echo(&mut socket, "too late"), None);
 }
+
+/// The value of a sample of `/metrics` whose line starts with `prefix`.
+fn sample(metrics: SocketAddr, prefix: &str) -> Option<f64> {
+    let page = get(metrics, "/metrics", &[]).unwrap().body;
+    page.lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[test]
+fn handshakes_follow_a_proxy_header_are_counted_and_logged_with_version_cipher_and_name() {
+    let certificates = Certificates::new();
+    let backend = Backend::start("a");
+    let (metrics, logs) = (listen_address(), tempfile::tempdir().unwrap());
+    let log = logs.path().join("access.log");
+    let tls_address = listen_address();
+    let extra = format!(
+        "metrics: {{listen: \"{metrics}\"}}\naccess_log: {{destination: {}, format: json}}\n\
+         proxy_protocol: {{from: [127.0.0.1/32], listeners: [\"{tls_address}\"]}}\n\
+         client: {{header_timeout: 1s}}\n",
+        log.display()
+    );
+    let body = format!(
+        "listeners:\n{}{}health_check: {{kind: none}}\n{extra}",
+        certificates.listener(tls_address),
+        upstreams(&[backend.addr])
+    );
+    let lb = Lb::start_with_listeners(&body, tls_address);
+    let proxy_header = format!(
+        "PROXY TCP4 203.0.113.9 {} 4444 {}\r\n",
+        tls_address.ip(),
+        tls_address.port()
+    );
+
+    // A PROXY header, then TLS with SNI, as a balancer in front would send them.
+    let mut tcp = TcpStream::connect(tls_address).unwrap();
+    tcp.write_all(proxy_header.as_bytes()).unwrap();
+    let mut connector =
+        openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+    connector.set_ca_file(certificates.ca_file()).unwrap();
+    let mut tls = connector.build().connect("a.test", tcp).unwrap();
+    tls.write_all(b"GET /over-tls HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Plain HTTP to the TLS port; then a PROXY header and silence until the deadline.
+    let garbage = exchange(
+        tls_address,
+        format!("{proxy_header}GET / HTTP/1.1\r\n\r\n").as_bytes(),
+        Duration::from_secs(2),
+    );
+    assert!(!garbage.contains("200"), "{garbage}");
+    let silent = exchange(tls_address, proxy_header.as_bytes(), Duration::from_secs(3));
+    assert_eq!(silent, "", "closed without a word after the deadline");
+
+    let listener = format!("pingora_lb_tls_handshakes_total{{listener=\"{tls_address}\",");
+    for (result, count) in [("done", 1.0), ("failed", 1.0), ("timeout", 1.0)] {
+        assert_eq!(
+            sample(metrics, &format!("{listener}result=\"{result}\"}}")),
+            Some(count),
+            "{result}"
+        );
+    }
+    assert!(eventually(Duration::from_secs(3), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/over-tls"))
+    }));
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(line["client"], "203.0.113.9");
+    assert_eq!(line["tls_version"], "TLSv1.3");
+    assert_eq!(line["sni"], "a.test");
+    assert!(
+        line["tls_cipher"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("TLS_")),
+        "{line}"
+    );
+    drop(lb);
+}

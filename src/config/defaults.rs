@@ -19,6 +19,9 @@ pub(super) fn upgrade_sock() -> AbsolutePath {
 pub(super) fn grace_period_seconds() -> u64 {
     30
 }
+pub(super) fn stop_accepting_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
 pub(super) fn graceful_shutdown_timeout_seconds() -> u64 {
     5
 }

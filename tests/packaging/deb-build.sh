@@ -53,6 +53,8 @@ debian/rules clean >/dev/null
 echo "==> contents of $DEB"
 dpkg-deb --info "$DEB"
 dpkg-deb --contents "$DEB"
+dpkg-deb --contents "$DEB" | grep -Eq ' \./usr/share/doc/pingora-lb/examples/keepalived\.conf(\.gz)?$' ||
+    fail "the keepalived example is not in /usr/share/doc/pingora-lb/examples"
 
 echo "==> lintian --allow-root $DEB"
 # --fail-on error: exit status non-zero only for E: tags. Tags are printed
