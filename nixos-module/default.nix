@@ -190,7 +190,8 @@ let
       '';
       description = ''
         `IP:PORT` addresses to accept HTTP on (`[IPv6]:PORT` for IPv6), or attribute sets
-        with `address` and `tls` (`certificates`, `min_version`, `http2`) for HTTPS, and
+        with `address` and `tls` (`certificates`, `min_version`, `http2`) for HTTPS,
+        `redirect_to_https = true` for a plain listener that sends clients to HTTPS, and
         `freebind = true` for an address this machine may not hold yet, such as the virtual
         IP of a keepalived pair (see {option}`services.pingora-lb.statusCommand`). Ports
         below 1024 work: the unit grants `CAP_NET_BIND_SERVICE`, which the daemon drops once

@@ -416,6 +416,7 @@ impl Config {
                 ));
             }
         }
+        self.check_https_redirects()?;
         let mut seen = std::collections::HashSet::new();
         match self
             .listeners
@@ -432,6 +433,32 @@ impl Config {
             )),
             None => Ok(()),
         }
+    }
+
+    /// A redirect to HTTPS is on a plain listener, and some listener serves HTTPS.
+    fn check_https_redirects(&self) -> Result<(), Inconsistency> {
+        let redirecting = self.listeners.iter().enumerate();
+        for (i, listener) in redirecting.filter(|(_, l)| l.redirect_to_https) {
+            let key = format!("listeners[{i}].redirect_to_https");
+            if listener.tls.is_some() {
+                return Err((key, "this listener serves HTTPS already".to_string()));
+            }
+            if self.https_port().is_none() {
+                return Err((
+                    key,
+                    "no listener has `tls`: there is no HTTPS to redirect to".to_string(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The port of the first HTTPS listener, where plain HTTP is redirected.
+    pub fn https_port(&self) -> Option<u16> {
+        self.listeners
+            .iter()
+            .find(|l| l.tls.is_some())
+            .map(|l| l.address.0.port())
     }
 
     /// Each pool, and backends enough (and not too many) in all.
@@ -828,6 +855,17 @@ mod tests {
             Ok(())
         );
         assert_eq!(check_flow_nesting(&"[]".repeat(1000)), Ok(()));
+    }
+
+    #[test]
+    fn a_redirect_to_https_needs_an_https_listener() {
+        let error = parse(
+            "listeners: [{address: \"127.0.0.1:1\", redirect_to_https: true}]\n\
+             upstreams: [{address: \"127.0.0.1:2\"}]\n",
+        )
+        .unwrap_err();
+        assert_eq!(error.key, "listeners[0].redirect_to_https");
+        assert!(error.message.contains("no listener has `tls`"), "{error}");
     }
 
     #[test]

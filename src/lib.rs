@@ -37,6 +37,8 @@ pub mod proxy;
 pub mod proxy_protocol;
 /// Start-up reports to a reload command or a `-d` parent.
 pub mod readiness;
+/// Plain HTTP redirected to HTTPS.
+pub mod redirect;
 /// The `reload` command.
 pub mod reload;
 /// The HTTP/1 request rules checked before a request is forwarded.

@@ -20,6 +20,7 @@ use crate::access_log::{AccessLog, Entry, TlsFacts};
 use crate::client_connections::{keepalive_seconds, HeaderParsed};
 use crate::config::{ClientLimits, Forwarding, HashKey};
 use crate::metrics::Metrics;
+use crate::redirect::{self, HttpsRedirect};
 use crate::request_rules;
 use crate::routing::{self, RequestTarget, Route, RouteId, Router};
 use crate::tls::ServerName;
@@ -57,6 +58,8 @@ pub struct RequestContext {
     stale_retries: usize,
     /// What to answer when no backend is left: 504 after a timeout, else 502.
     failure_status: u16,
+    /// The request came to a listener that answers with a redirect to HTTPS.
+    redirect_to_https: bool,
     _in_flight: InFlight,
 }
 
@@ -72,6 +75,7 @@ pub struct Balancer {
     pub metrics: Arc<Metrics>,
     pub access_log: Option<Arc<AccessLog>>,
     pub client: ClientLimits,
+    pub https_redirect: Option<HttpsRedirect>,
 }
 
 /// The status for a request whose backend failed: 504 when it timed out, else 502.
@@ -132,13 +136,7 @@ impl Balancer {
     /// Picks the request's route, and refuses a body its route does not accept.
     fn route_request(&self, session: &Session, ctx: &mut RequestContext) -> Result<()> {
         let request = session.req_header();
-        let host = routing::request_host(
-            request
-                .headers
-                .get(http::header::HOST)
-                .map(|v| v.as_bytes()),
-            request.uri.authority().map(|a| a.as_str()),
-        );
+        let host = host_of(request);
         let target = RequestTarget {
             host: host.as_deref(),
             path: request.uri.path(),
@@ -163,6 +161,17 @@ impl Balancer {
             _ => Ok(()),
         }
     }
+}
+
+/// The host a request names, as routes compare it.
+fn host_of(request: &RequestHeader) -> Option<String> {
+    routing::request_host(
+        request
+            .headers
+            .get(http::header::HOST)
+            .map(|v| v.as_bytes()),
+        request.uri.authority().map(|a| a.as_str()),
+    )
 }
 
 /// 413, as nginx answers a body over `client_max_body_size`.
@@ -196,6 +205,7 @@ impl ProxyHttp for Balancer {
             retry_same_backend: false,
             stale_retries: 0,
             failure_status: 502,
+            redirect_to_https: false,
             _in_flight: InFlight::new(&self.traffic),
         }
     }
@@ -247,7 +257,48 @@ impl ProxyHttp for Balancer {
                 .into_down()
             },
         )?;
+        if let Some(redirect) = &self.https_redirect {
+            let local = session
+                .server_addr()
+                .and_then(PingoraAddr::as_inet)
+                .copied();
+            if redirect.applies(local, session.req_header().uri.path()) {
+                ctx.redirect_to_https = true;
+                return Ok(());
+            }
+        }
         self.route_request(session, ctx)
+    }
+
+    /// Answers the requests of a listener with `redirect_to_https`.
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+    ) -> Result<bool> {
+        let Some(redirect) = self
+            .https_redirect
+            .as_ref()
+            .filter(|_| ctx.redirect_to_https)
+        else {
+            return Ok(false);
+        };
+        let request = session.req_header();
+        let host = host_of(request);
+        let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
+        let Some(location) = redirect.location(host.as_deref(), path) else {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(400),
+                "a redirect to HTTPS needs a host name and a path",
+            );
+        };
+        let mut response = ResponseHeader::build(redirect::status(&request.method), Some(3))?;
+        response.insert_header(http::header::LOCATION, location)?;
+        response.insert_header(http::header::CONTENT_LENGTH, "0")?;
+        session
+            .write_response_header(Box::new(response), true)
+            .await?;
+        Ok(true)
     }
 
     /// Counts what pingora has read of the body (not what this filter saw: it runs again

@@ -33,6 +33,7 @@ use crate::metrics_endpoint::MetricsEndpoint;
 use crate::privileges::{drop_privileges, Identity, PrivilegeError};
 use crate::proxy::{Balancer, MAX_STALE_RETRIES};
 use crate::readiness::Readiness;
+use crate::redirect::HttpsRedirect;
 use crate::routing::Router;
 use crate::runtime_files::{prepare_parent, PidFile};
 use crate::tls::{TlsListeners, TlsTerminator};
@@ -276,6 +277,7 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
         pools: pools.clone(),
         router,
         no_route_status: config.no_route_status,
+        https_redirect: HttpsRedirect::from_config(config),
         traffic: traffic.clone(),
         forwarding: config.forwarding.clone(),
         metrics: metrics.clone(),

@@ -534,3 +534,84 @@ fn handshakes_follow_a_proxy_header_are_counted_and_logged_with_version_cipher_a
     );
     drop(lb);
 }
+
+#[test]
+fn plain_http_is_redirected_to_https_except_acme_challenges() {
+    let certificates = Certificates::new();
+    let backend = Backend::start("a");
+    let (tls, plain) = (listen_address(), listen_address());
+    let body = format!(
+        "listeners:\n  - {{address: \"{plain}\", redirect_to_https: true}}\n{}{}health_check: {{kind: none}}\n",
+        certificates.listener(tls),
+        upstreams(&[backend.addr])
+    );
+    let lb = Lb::start_with_listeners(&body, plain);
+    let port = tls.port();
+
+    let get = lb.get("/x/y?z=1").unwrap();
+    assert_eq!(get.status, 301, "{get:?}");
+    assert_eq!(
+        get.headers["location"],
+        format!("https://lb.test:{port}/x/y?z=1")
+    );
+    let post = exchange(
+        plain,
+        b"POST /form HTTP/1.1\r\nHost: A.test:80\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+        Duration::from_secs(2),
+    );
+    assert!(post.starts_with("HTTP/1.1 308"), "{post}");
+    assert!(
+        post.contains(&format!("\r\nlocation: https://a.test:{port}/form\r\n"))
+            || post.contains(&format!("\r\nLocation: https://a.test:{port}/form\r\n")),
+        "{post}"
+    );
+    let no_host = exchange(plain, b"GET / HTTP/1.0\r\n\r\n", Duration::from_secs(2));
+    assert!(no_host.starts_with("HTTP/1.1 400"), "{no_host}");
+    let before = backend.served();
+    let challenge = lb.get("/.well-known/acme-challenge/token").unwrap();
+    assert_eq!((challenge.status, challenge.backend()), (200, "a"));
+    assert_eq!(backend.served(), before + 1);
+
+    let redirecting_tls = lb.config.with_file_name("redirecting-tls.yaml");
+    std::fs::write(
+        &redirecting_tls,
+        std::fs::read_to_string(&lb.config).unwrap().replace(
+            &format!("  - address: \"{tls}\"\n"),
+            &format!("  - redirect_to_https: true\n    address: \"{tls}\"\n"),
+        ),
+    )
+    .unwrap();
+    assert_failed(
+        &check_config(&redirecting_tls),
+        78,
+        "key `listeners[1].redirect_to_https`: this listener serves HTTPS already",
+    );
+
+    // A client that follows it lands on HTTPS.
+    let followed = Command::new("curl")
+        .args([
+            "-sS",
+            "-L",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{url_effective} %{http_code}",
+            "--cacert",
+        ])
+        .arg(certificates.ca_file())
+        .arg("--resolve")
+        .arg(format!("a.test:{port}:{}", tls.ip()))
+        .arg("--resolve")
+        .arg(format!("a.test:{}:{}", plain.port(), plain.ip()))
+        .arg(format!("http://a.test:{}/page", plain.port()))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&followed.stdout),
+        format!("https://a.test:{port}/page 200"),
+        "{}",
+        String::from_utf8_lossy(&followed.stderr)
+    );
+}

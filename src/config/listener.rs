@@ -29,6 +29,9 @@ pub struct Listener {
     /// Bind even while no interface holds the address (IP_FREEBIND): the standby of a
     /// keepalived pair then already listens on the virtual IP it may be given.
     pub freebind: bool,
+    /// Answer every request with a redirect to the same URL over HTTPS (except ACME
+    /// HTTP-01 challenges, which are routed as usual).
+    pub redirect_to_https: bool,
 }
 
 #[derive(Deserialize)]
@@ -39,6 +42,8 @@ struct ListenerOptions {
     tls: Option<TlsListener>,
     #[serde(default)]
     freebind: bool,
+    #[serde(default)]
+    redirect_to_https: bool,
 }
 
 impl<'de> Deserialize<'de> for Listener {
@@ -56,6 +61,7 @@ impl<'de> Deserialize<'de> for Listener {
                     address: text.parse().map_err(E::custom)?,
                     tls: None,
                     freebind: false,
+                    redirect_to_https: false,
                 })
             }
             fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Listener, M::Error> {
@@ -66,6 +72,7 @@ impl<'de> Deserialize<'de> for Listener {
                     address: options.address,
                     tls: options.tls,
                     freebind: options.freebind,
+                    redirect_to_https: options.redirect_to_https,
                 })
             }
         }
