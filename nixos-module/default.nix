@@ -209,7 +209,7 @@ let
       ];
       description = ''
         The backends of the pool `default`, each with the keys `address`, `weight`, `tls`,
-        `sni`, `host`, `verify_cert` and `ca_file`. There is no default: give these, or
+        `sni`, `host`, `verify_cert`, `ca_file` and `http2`. There is no default: give these, or
         {option}`services.pingora-lb.settings.pools` and `routes`.
       '';
     };

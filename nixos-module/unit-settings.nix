@@ -43,8 +43,8 @@
     RuntimeDirectory = "pingora-lb";
     RuntimeDirectoryMode = "0750";
 
-    AmbientCapabilities = "CAP_NET_BIND_SERVICE";
-    CapabilityBoundingSet = "CAP_NET_BIND_SERVICE";
+    AmbientCapabilities = "CAP_NET_BIND_SERVICE CAP_DAC_READ_SEARCH";
+    CapabilityBoundingSet = "CAP_NET_BIND_SERVICE CAP_DAC_READ_SEARCH";
     NoNewPrivileges = true;
 
     ProtectSystem = "strict";

@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::lb::discovery::Static;
 use pingora::lb::{Backend, Backends};
+use pingora::protocols::ALPN;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
@@ -25,6 +26,10 @@ use crate::metrics::{BackendMetrics, Metrics};
 use crate::proxy_protocol;
 use health::{BackendHealth, BackendState, HealthWatch, Target};
 use selection::Selector;
+
+/// Concurrent requests one HTTP/2 connection to a backend carries, as nginx's
+/// `http2_max_concurrent_streams` default; more open another connection.
+const H2_STREAMS_PER_CONNECTION: usize = 128;
 
 /// A pool's place among the pools: `default` (if any) first, then by name.
 pub type PoolId = usize;
@@ -322,6 +327,11 @@ fn destination(
     options.verify_hostname = upstream.verify_cert;
     if let Some(ca) = upstream.ca_file.as_ref().or(ca_file) {
         options.ca = Some(ca.certificates.clone());
+    }
+    if upstream.http2 {
+        // Over TLS the backend chooses by ALPN; in clear text only prior knowledge works.
+        options.alpn = if upstream.tls { ALPN::H2H1 } else { ALPN::H2 };
+        options.max_h2_streams = H2_STREAMS_PER_CONNECTION;
     }
     // Connections of the balancer's own (health checks) say so; requests replace it with
     // their client's (see `Pool::peer`).

@@ -130,6 +130,10 @@ pub struct Upstream {
     /// CA bundle for this backend, instead of the global `ca_file` or the system's.
     #[serde(default)]
     pub ca_file: Option<CaFile>,
+    /// Speak HTTP/2 to this backend (gRPC): offered by ALPN with `tls` (the backend may
+    /// still choose HTTP/1.1), with prior knowledge (h2c) without.
+    #[serde(default)]
+    pub http2: bool,
 }
 
 impl Upstream {

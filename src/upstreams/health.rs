@@ -11,11 +11,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use http::HeaderValue;
+use pingora::connectors::http::v2::{handshake as h2_handshake, H2HandshakeSettings};
 use pingora::connectors::TransportConnector;
 use pingora::http::RequestHeader;
 use pingora::lb::health_check::HealthCheck;
 use pingora::lb::Backend;
-use pingora::protocols::http::v1::client::HttpSession;
+use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::HttpSession as Http1Session;
+use pingora::protocols::{Stream, ALPN};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 use tokio::sync::watch;
@@ -384,23 +387,65 @@ impl Probe {
         else {
             return Ok(());
         };
-        let mut session = HttpSession::new_with_options(stream, &self.peer);
-        session.read_timeout = self.peer.options.read_timeout;
-        session.write_timeout = self.peer.options.write_timeout;
-        session.write_request_header(request.clone()).await?;
-        session.finish_body().await?;
-        session.read_response().await?;
+        let mut session = self.session(stream).await?;
+        session.set_read_timeout(self.peer.options.read_timeout);
+        session.set_write_timeout(self.peer.options.write_timeout);
+        let request = match session {
+            HttpSession::H2(_) => Box::new(h2_request(request, self.peer.is_tls())?),
+            _ => request.clone(),
+        };
+        session.write_request_header(request).await?;
+        session.finish_request_body().await?;
+        session.read_response_header().await?;
         // The status is the verdict: the connection closes without reading the body.
-        let status = session.resp_header().map_or(0, |r| r.status.as_u16());
+        let status = session.response_header().map_or(0, |r| r.status.as_u16());
         if status == *expected_status {
             Ok(())
         } else {
             Error::e_explain(
                 ErrorType::CustomCode("unexpected status", status),
-                format!("health check expected status {expected_status}"),
+                format!("health check expected status {expected_status}, got {status}"),
             )
         }
     }
+
+    /// HTTP/2 where requests speak it (ALPN `h2`, or h2c by configuration), as a gRPC
+    /// backend may know nothing else; HTTP/1.1 otherwise.
+    async fn session(&self, stream: Stream) -> Result<HttpSession> {
+        let h2 = match stream.selected_alpn_proto() {
+            Some(alpn) => matches!(alpn, ALPN::H2),
+            None => !self.peer.is_tls() && self.peer.options.alpn.get_min_http_version() == 2,
+        };
+        if !h2 {
+            return Ok(HttpSession::H1(Http1Session::new_with_options(
+                stream, &self.peer,
+            )));
+        }
+        let mut settings = H2HandshakeSettings::new();
+        settings.max_streams = 1;
+        let connection = h2_handshake(stream, settings).await?;
+        let stream = connection.spawn_stream().await?.ok_or_else(|| {
+            Error::explain(ErrorType::H2Error, "the backend allows no HTTP/2 stream")
+        })?;
+        Ok(HttpSession::H2(stream))
+    }
+}
+
+/// The check's request in HTTP/2's shape: the host in `:authority` (with the scheme), and
+/// no `Host` header, which some servers (nginx) refuse next to it.
+fn h2_request(request: &RequestHeader, tls: bool) -> Result<RequestHeader> {
+    let mut request = request.clone();
+    let host = request
+        .remove_header(&http::header::HOST)
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "a check without Host"))?;
+    let uri = http::Uri::builder()
+        .scheme(if tls { "https" } else { "http" })
+        .authority(host.as_bytes())
+        .path_and_query(request.uri.path_and_query().map_or("/", |p| p.as_str()))
+        .build()
+        .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "the check's Host", e))?;
+    request.set_uri(uri);
+    Ok(request)
 }
 
 impl BackendHealth {
