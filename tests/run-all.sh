@@ -20,7 +20,7 @@ step() { printf '\n==> %s (%ss)\n' "$*" "$SECONDS"; }
 step "system packages"
 packages=(build-essential cmake pkg-config libssl-dev debhelper fakeroot lintian rpm rpmlint
           nix-bin shellcheck mmdebstrap systemd-container curl python3 wrk haproxy nginx-light
-          chromium keepalived iproute2)
+          chromium keepalived iproute2 openssl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

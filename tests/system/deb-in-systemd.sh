@@ -709,6 +709,49 @@ old=$(main_pid)
 CX_TIMEOUT=90 cx systemctl reload "$UNIT" && [ "$(main_pid)" != "$old" ] && [ "$(is_active)" = active ] &&
     pass "reload after the restore works: MainPID $old -> $(main_pid)" || fail "reload after the restore"
 
+step "5b. HTTPS from the packaged unit, with a key only root can read"
+TLS_PORT=
+for p in $(seq $((LB_PORT + 100)) $((LB_PORT + 150))); do
+    port_busy "$p" || { TLS_PORT=$p; break; }
+done
+[ -n "$TLS_PORT" ] || die "no free port for the TLS listener"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+    -subj /CN=systest.test -addext subjectAltName=DNS:systest.test \
+    -keyout "$WORK/share/systest.key" -out "$WORK/share/systest.pem" 2>/dev/null ||
+    die "openssl cannot make the test certificate"
+TLS_DIR=/etc/pingora-lb/tls
+cx install -d -m 0755 "$TLS_DIR"
+cx install -m 0644 /systest/systest.pem "$TLS_DIR/systest.pem"
+cx install -m 0600 -o root -g root /systest/systest.key "$TLS_DIR/systest.key"
+if cx runuser -u pingora-lb -- cat "$TLS_DIR/systest.key" >/dev/null 2>&1; then
+    fail "the user pingora-lb can read the key: the test proves nothing"
+else
+    pass "$TLS_DIR/systest.key is 0600 root:root: the user pingora-lb cannot read it"
+fi
+cx cp -p "$CONF" /root/pingora-lb.yaml.plain
+cx sed -i "/^listeners:/a\\  - {address: \"127.0.0.1:$TLS_PORT\", tls: {certificates: [{cert: $TLS_DIR/systest.pem, key: $TLS_DIR/systest.key}]}}" "$CONF"
+https_get() {
+    cx curl -sS --max-time 5 --cacert "$TLS_DIR/systest.pem" \
+        --resolve "systest.test:$TLS_PORT:127.0.0.1" "https://systest.test:$TLS_PORT/"
+}
+old=$(main_pid)
+if CX_TIMEOUT=90 cx systemctl reload "$UNIT" && body=$(https_get) && [[ $body == backend-* ]]; then
+    pass "reload onto a TLS listener: MainPID $old -> $(main_pid), https://systest.test:$TLS_PORT/ answers $body"
+else
+    fail "HTTPS after the reload: '${body:-}'; $(cx journalctl -u "$UNIT" -n 5 --no-pager -o cat | xargs)"
+fi
+check_privs "$(main_pid)" "after reading the root-only key"
+CX_TIMEOUT=90 cx systemctl restart "$UNIT"
+if [ "$(is_active)" = active ] && body=$(https_get) && [[ $body == backend-* ]]; then
+    pass "restart (ExecStartPre's check, then a fresh start) reads the key too: $body"
+else
+    fail "HTTPS after a restart: is-active = $(is_active), '${body:-}'"
+fi
+check_privs "$(main_pid)" "after a fresh start with the root-only key"
+cx cp -p /root/pingora-lb.yaml.plain "$CONF"
+CX_TIMEOUT=90 cx systemctl reload "$UNIT" && [ "$(is_active)" = active ] &&
+    pass "back to the plain configuration by reload" || fail "reload back to the plain configuration"
+
 step "6. upgrade to $NEWVER under load"
 old=$(main_pid)
 inv=$(svc_prop InvocationID)
