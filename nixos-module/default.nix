@@ -45,14 +45,45 @@ let
     inherit (cfg) user group;
   };
 
-  # A setting set to null is left out of the file: the binary's own default applies.
-  generatedConfig = format.generate "pingora-lb.yaml"
+  # A setting set to null is left out of the file, and so are no pools and no routes: the
+  # binary's own defaults apply.
+  fileSettings = lib.filterAttrs
+    (name: value: !(builtins.elem name [ "pools" "routes" ] && (value == { } || value == [ ])))
     (lib.filterAttrsRecursive (_: value: value != null) cfg.settings);
+  generatedConfig = format.generate "pingora-lb.yaml" fileSettings;
 
   # A path outside the Nix store (a mutable or secret file) cannot be read by a build: it is
   # only checked when the service starts (ExecStartPre) and by the reload command.
   isRuntimeFile = builtins.isString cfg.configFile
     && !lib.hasPrefix "${builtins.storeDir}/" cfg.configFile;
+
+  # Certificates and keys outside the Nix store (security.acme's, /etc/...) cannot be read
+  # by a build: the build-time check of a generated config reads a throwaway certificate in
+  # their place, and ExecStartPre and the reload check the real ones.
+  placeholderCertificate = pkgs.runCommand "pingora-lb-placeholder-certificate"
+    { nativeBuildInputs = [ pkgs.openssl ]; }
+    ''
+      mkdir "$out"
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+        -subj /CN=placeholder.invalid -addext subjectAltName=DNS:placeholder.invalid \
+        -keyout "$out/key.pem" -out "$out/cert.pem"
+    '';
+  inStore = path: lib.hasPrefix "${builtins.storeDir}/" (toString path);
+  withPlaceholder = certificate:
+    if inStore certificate.cert && inStore certificate.key then certificate
+    else { cert = "${placeholderCertificate}/cert.pem"; key = "${placeholderCertificate}/key.pem"; };
+  withPlaceholders = listener:
+    if builtins.isAttrs listener && listener.tls or null != null
+    then listener // { tls = listener.tls // { certificates = map withPlaceholder listener.tls.certificates; }; }
+    else listener;
+  checkedListeners = map withPlaceholders cfg.settings.listeners;
+  usesPlaceholders = toString cfg.configFile == toString generatedConfig
+    && checkedListeners != cfg.settings.listeners;
+  fileToCheck =
+    if usesPlaceholders
+    then
+      format.generate "pingora-lb-check.yaml" (fileSettings // { listeners = checkedListeners; })
+    else cfg.configFile;
 
   checkedConfig =
     if cfg.checkConfig && !isRuntimeFile
@@ -66,10 +97,14 @@ let
         ''
           # The same check as ExecStartPre and the reload command: a config the daemon
           # would refuse fails the build, with the file, line and key in the message.
-          pingora-lb -t -c ${cfg.configFile}
+          pingora-lb -t -c ${fileToCheck}
           ln -s ${cfg.configFile} "$out"
         ''
     else cfg.configFile;
+
+  # The certificates of security.acme this service serves.
+  acmeCerts = map (name: config.security.acme.certs.${name}) cfg.useACMEHosts;
+  acmeTargets = map (name: "acme-finished-${name}.target") cfg.useACMEHosts;
 
   # One argument of an Exec*= line: quoted, with systemd's specifier and variable
   # characters escaped.
@@ -361,6 +396,41 @@ in
       '';
     };
 
+    useACMEHosts = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [ "example.com" ];
+      description = ''
+        Certificates of {option}`security.acme.certs` that TLS listeners serve, by name.
+        For each, the service joins the certificate's group (to read its key), starts
+        once it exists, and is reloaded (socket handoff, no connection lost) when it is
+        renewed. Use them in a listener through
+        {option}`services.pingora-lb.acmeCertificates`:
+        ```nix
+        services.pingora-lb.settings.listeners = [
+          { address = "0.0.0.0:80"; redirect_to_https = true; }
+          { address = "0.0.0.0:443";
+            tls.certificates = [ config.services.pingora-lb.acmeCertificates."example.com" ]; }
+        ];
+        ```
+        ACME HTTP-01 challenges on a listener with `redirect_to_https` still reach the
+        backends, so a backend can answer them (or use a DNS-01 challenge).
+      '';
+    };
+
+    acmeCertificates = lib.mkOption {
+      type = lib.types.attrsOf (lib.types.attrsOf lib.types.str);
+      readOnly = true;
+      default = lib.genAttrs cfg.useACMEHosts (name:
+        let directory = config.security.acme.certs.${name}.directory;
+        in { cert = "${directory}/fullchain.pem"; key = "${directory}/key.pem"; });
+      defaultText = lib.literalMD "`{ cert, key }` in each certificate's directory";
+      description = ''
+        For each name of {option}`services.pingora-lb.useACMEHosts`, the entry of a
+        listener's `tls.certificates` that serves it.
+      '';
+    };
+
     statusCommand = lib.mkOption {
       type = lib.types.str;
       readOnly = true;
@@ -414,13 +484,17 @@ in
 
     environment.systemPackages = [ cfg.package ];
 
+    security.acme.certs = lib.genAttrs cfg.useACMEHosts (_: {
+      reloadServices = [ "pingora-lb.service" ];
+    });
+
     environment.etc."pingora-lb/pingora-lb.yaml".source = checkedConfig;
 
     systemd.services.pingora-lb = {
       description = unit.Unit.Description;
       documentation = unit.Unit.Documentation;
-      wants = unit.Unit.Wants;
-      after = unit.Unit.After;
+      wants = unit.Unit.Wants ++ acmeTargets;
+      after = unit.Unit.After ++ acmeTargets;
       wantedBy = unit.Install.WantedBy;
 
       # A new config is applied by a reload (socket handoff, no connection lost), never by
@@ -429,7 +503,9 @@ in
       reloadTriggers = [ checkedConfig ];
       restartTriggers = [ cfg.package ];
 
-      serviceConfig = unit.Service // {
+      serviceConfig = unit.Service // lib.optionalAttrs (acmeCerts != [ ]) {
+        SupplementaryGroups = lib.unique (map (cert: cert.group) acmeCerts);
+      } // {
         ExecStart = unit.Service.ExecStart + lib.concatMapStrings (arg: " " + systemdArg arg) cfg.extraArgs;
       }
         // lib.optionalAttrs (errorLogIsFile && lib.hasPrefix logsDir cfg.settings.error_log) {

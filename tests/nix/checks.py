@@ -219,6 +219,28 @@ def cmd_module(eval_json, unit_file, yaml_file):
     check(result["twoListeners"]["firewall"] == [80, 8443],
           f"ports of several listeners: {result['twoListeners']['firewall']}")
 
+    # A certificate of security.acme: read through its group, awaited, reloaded on renewal;
+    # the build-time check reads a placeholder in its place (a build cannot read it).
+    acme = result["acme"]
+    check(acme["failedAssertions"] == [], f"acme: assertions fail: {acme['failedAssertions']}")
+    target = "acme-finished-example.com.target"
+    check(target in acme["unit"]["wants"] and target in acme["unit"]["after"],
+          f"useACMEHosts: the unit does not wait for {target}: {acme['unit']}")
+    check(acme["serviceConfig"].get("SupplementaryGroups") == ["acme"],
+          f"useACMEHosts: SupplementaryGroups {acme['serviceConfig'].get('SupplementaryGroups')}")
+    check(acme["acmeCerts"]["example.com"].get("reloadServices") == ["pingora-lb.service"],
+          f"useACMEHosts: a renewal does not reload: {acme['acmeCerts']}")
+    served = acme["generated"]["listeners"][1]["tls"]["certificates"]
+    check(served == [{"cert": "/var/lib/acme/example.com/fullchain.pem",
+                      "key": "/var/lib/acme/example.com/key.pem"}],
+          f"acmeCertificates: the listener serves {served}")
+    script = acme["checkScript"] or ""
+    check("pingora-lb -t -c " in script and f"-t -c {acme['configFile']}" not in script
+          and "pingora-lb-check.yaml" in script,
+          f"the build-time check of a config with ACME certificates does not use placeholders: {script}")
+    check(d["serviceConfig"].get("SupplementaryGroups") is None and d["acmeCerts"] == {},
+          "without useACMEHosts, the unit still joins groups or asks for certificates")
+
     # The VM test's machine: its specialisations differ from it only in what a reload applies.
     vm = result["vmTest"]
     base = vm["machine"]

@@ -29,6 +29,14 @@ let
       users.users = lib.mkOption { type = lib.types.attrsOf lib.types.anything; default = { }; };
       users.groups = lib.mkOption { type = lib.types.attrsOf lib.types.anything; default = { }; };
       networking.firewall.allowedTCPPorts = lib.mkOption { type = lib.types.listOf lib.types.port; default = [ ]; };
+      security.acme.certs = lib.mkOption {
+        type = lib.types.attrsOf (lib.types.submodule ({ name, ... }: {
+          freeformType = lib.types.attrsOf lib.types.anything;
+          options.directory = lib.mkOption { type = lib.types.str; default = "/var/lib/acme/${name}"; };
+          options.group = lib.mkOption { type = lib.types.str; default = "acme"; };
+        }));
+        default = { };
+      };
       specialisation = lib.mkOption {
         type = lib.types.attrsOf (lib.types.submodule {
           options.configuration = lib.mkOption { type = lib.types.deferredModule; default = { }; };
@@ -75,6 +83,7 @@ let
       users = builtins.attrNames config.users.users;
       groups = builtins.attrNames config.users.groups;
       userAccount = config.users.users.pingora-lb or null;
+      acmeCerts = config.security.acme.certs;
     };
 
   enabled = settings: extra: summary (eval [
@@ -111,6 +120,25 @@ in
   runtimeFile = enabled { } { configFile = "/var/lib/pingora-lb/pingora-lb.yaml"; };
   unchecked = enabled { } { checkConfig = false; };
   oneHealthKey = enabled { health_check.kind = "http"; retries = null; } { };
+  acme = summary (eval [
+    ({ config, ... }: {
+      services.pingora-lb = {
+        enable = true;
+        inherit package;
+        useACMEHosts = [ "example.com" ];
+        settings = {
+          inherit (distConfig) upstreams;
+          listeners = [
+            { address = "0.0.0.0:80"; redirect_to_https = true; }
+            {
+              address = "0.0.0.0:443";
+              tls.certificates = [ config.services.pingora-lb.acmeCertificates."example.com" ];
+            }
+          ];
+        };
+      };
+    })
+  ]).config;
   twoListeners = enabled { listeners = [ "0.0.0.0:80" "[::1]:8443" "127.0.0.1:80" ]; } { openFirewall = true; };
 
   vmTest = {
