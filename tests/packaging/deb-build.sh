@@ -52,8 +52,9 @@ debian/rules clean >/dev/null
 
 echo "==> contents of $DEB"
 dpkg-deb --info "$DEB"
-dpkg-deb --contents "$DEB"
-dpkg-deb --contents "$DEB" | grep -Eq ' \./usr/share/doc/pingora-lb/examples/keepalived\.conf(\.gz)?$' ||
+CONTENTS=$(dpkg-deb --contents "$DEB")
+echo "$CONTENTS"
+grep -Eq ' \./usr/share/doc/pingora-lb/examples/keepalived\.conf(\.gz)?$' <<<"$CONTENTS" ||
     fail "the keepalived example is not in /usr/share/doc/pingora-lb/examples"
 
 echo "==> lintian --allow-root $DEB"
