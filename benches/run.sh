@@ -7,14 +7,16 @@
 # configured as an equivalent round-robin balancer over them with the same thread/worker
 # count, pinned (taskset) to the same CPU set; the backends and wrk run on the other CPUs.
 # wrk runs in alternating rounds (pingora-lb, HAProxy, nginx, pingora-lb, ...) for
-# keep-alive clients and for a new connection per request. Then it times pingora-lb's
-# reload and how fast a dead backend leaves the rotation.
+# keep-alive clients and for a new connection per request, over plain HTTP and over TLS
+# (issue 13: the same throwaway certificate, protocol and cipher for all three). Then it
+# times pingora-lb's reload and how fast a dead backend leaves the rotation.
 #
 # PINGORA_LB=path selects the pingora-lb binary (default: target/release/pingora-lb).
 # Several, as name=path pairs separated by commas, are all measured in the same rounds:
 #   PINGORA_LB=before=/tmp/old/pingora-lb,after=target/release/pingora-lb benches/run.sh
 #
-# Needs: haproxy, nginx (nginx-light is enough), wrk, taskset (util-linux), ss (iproute2).
+# Needs: haproxy, nginx (nginx-light is enough), wrk, taskset (util-linux), ss (iproute2),
+# openssl (for the TLS scenarios).
 # Installs nothing. Runs as root or as any user (then the processes stay that user).
 set -euo pipefail
 
@@ -36,7 +38,13 @@ PORT_BASE=20100
 BACKEND_WORKERS=2
 OUT="$BENCH_DIR/results/latest.md"
 ONLY="pingora,haproxy,nginx"
-SCENARIOS="keepalive,close"
+SCENARIOS="keepalive,close,tls-keepalive,tls-handshake"
+ALL_SCENARIOS="keepalive,close,tls-keepalive,tls-handshake,tls-resume"
+# TLS scenarios: every balancer and wrk settle on exactly this (see openssl-client.cnf.in).
+TLS_PROTOCOL=TLSv1.3
+TLS_CIPHER=TLS_AES_128_GCM_SHA256
+TLS_GROUP=X25519
+TLS_NAME=bench.test
 KEEP_TMP=0
 REDO=2
 
@@ -55,7 +63,10 @@ Usage: benches/run.sh [options]
   --load-cpus LIST     CPUs for the backends and wrk (default: every other CPU)
   --reloads K          pingora-lb reloads timed (default $RELOADS; 0 skips)
   --kills K            times a backend is killed to time its removal (default $KILLS; 0 skips)
-  --scenarios LIST     keepalive,close (default $SCENARIOS)
+  --scenarios LIST     from keepalive, close (plain HTTP), tls-keepalive, tls-handshake (a
+                       full TLS handshake per request, resumption off), tls-resume (a
+                       resumed one per request); "plain", "tls" and "all" name groups
+                       (default $SCENARIOS)
   --only LIST          balancers to run: pingora,haproxy,nginx (default all)
   --port-base P        ports P+1.. are used on 127.0.0.1 (default $PORT_BASE)
   --backend-workers W  nginx workers of each backend (default $BACKEND_WORKERS)
@@ -99,15 +110,34 @@ done
 ((THREADS >= 1 && ROUNDS >= 1 && DURATION >= 1 && CONNECTIONS >= 1 && WRK_THREADS >= 1)) ||
     die "threads, rounds, duration, connections and wrk threads must be at least 1"
 ((CONNECTIONS >= WRK_THREADS)) || die "--connections must be at least --wrk-threads"
+SCEN_LIST=()
+IFS=',' read -r -a _scens <<<"$SCENARIOS"
+for scen in "${_scens[@]}"; do
+    case "$scen" in
+        plain) SCEN_LIST+=(keepalive close) ;;
+        tls) SCEN_LIST+=(tls-keepalive tls-handshake tls-resume) ;;
+        all) IFS=',' read -r -a _all <<<"$ALL_SCENARIOS"; SCEN_LIST+=("${_all[@]}") ;;
+        keepalive|close|tls-keepalive|tls-handshake|tls-resume) SCEN_LIST+=("$scen") ;;
+        *) die "--scenarios: unknown scenario $scen" ;;
+    esac
+done
+((${#SCEN_LIST[@]})) || die "--scenarios selects no scenario"
+mapfile -t SCEN_LIST < <(printf '%s\n' "${SCEN_LIST[@]}" | awk '!seen[$0]++')
+is_tls() { [[ $1 == tls-* ]]; }                                   # over TLS
+closes() { [[ $1 == close || $1 == tls-handshake || $1 == tls-resume ]]; }  # Connection: close
+ANY_TLS=0
+for scen in "${SCEN_LIST[@]}"; do if is_tls "$scen"; then ANY_TLS=1; fi; done
 
 # ---------------------------------------------------------------- tools
 missing=()
-for tool in haproxy nginx wrk taskset ss timeout getconf; do
+tools=(haproxy nginx wrk taskset ss timeout getconf)
+if ((ANY_TLS)); then tools+=(openssl); fi
+for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then
     echo "run.sh: missing: ${missing[*]}" >&2
-    echo "  on Debian: apt-get install -y haproxy nginx-light wrk util-linux iproute2 coreutils" >&2
+    echo "  on Debian: apt-get install -y haproxy nginx-light wrk util-linux iproute2 coreutils openssl" >&2
     exit 1
 fi
 
@@ -237,6 +267,7 @@ cleanup() {
         fi
     done
     # Safety net: any other process whose command line names our temporary directory.
+    # shellcheck disable=SC2013  # /proc/N/cmdline: no spaces
     for f in $(grep -laF "$TMP" /proc/[0-9]*/cmdline 2>/dev/null); do
         pid=${f#/proc/}
         pid=${pid%/cmdline}
@@ -275,22 +306,31 @@ render() {
 
 # HTTP status of GET / on a port, or nothing.
 http_status() {
+    # shellcheck disable=SC2016  # the inner script's own expansions
     timeout 3 bash -c '
         exec 3<>/dev/tcp/127.0.0.1/'"$1"' || exit 1
         printf "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" >&3
         read -r _ code _ <&3 && echo "$code"' 2>/dev/null || true
 }
 
-# wait_ready PORT PID LOG: until GET / answers 200
+# The same over TLS, with the client settings wrk has in the TLS scenarios.
+https_status() {
+    printf 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' |
+        OPENSSL_CONF=$TLS_CLIENT_CONF timeout 3 openssl s_client -connect "127.0.0.1:$1" \
+            -servername "$TLS_NAME" -quiet 2>/dev/null | awk 'NR == 1 { print $2 }' || true
+}
+
+# wait_ready PORT PID LOG [tls]: until GET / answers 200
 wait_ready() {
-    local port=$1 pid=$2 logf=$3 i
+    local port=$1 pid=$2 logf=$3 tls=${4:-} i code
     for ((i = 0; i < 150; i++)); do
         if ! kill -0 "$pid" 2>/dev/null; then
             echo "--- $logf" >&2
             tail -n 30 "$logf" >&2 2>/dev/null || true
             die "process $pid (port $port) exited during start-up"
         fi
-        [[ $(http_status "$port") == 200 ]] && return 0
+        if [[ $tls == tls ]]; then code=$(https_status "$port"); else code=$(http_status "$port"); fi
+        [[ $code == 200 ]] && return 0
         sleep 0.1
     done
     tail -n 30 "$logf" >&2 2>/dev/null || true
@@ -338,6 +378,59 @@ cpu_jiffies() {
             busy += total - $5 - $6; all += total
         }
         END { print busy + 0, all + 0 }' /proc/stat
+}
+
+# ---------------------------------------------------------------- TLS material
+# A throwaway ECDSA P-256 certificate for bench.test, made now and used by all three
+# balancers; the client (wrk, and the openssl s_client checks) is pinned by its OpenSSL
+# configuration to one protocol, cipher suite and group; the balancers get an OpenSSL
+# configuration of their own that sets the number of TLS 1.3 session tickets (0: no
+# resumption possible) the same way for all three.
+TLS_DIR="$TMP/tls"
+TLS_CLIENT_CONF="$TLS_DIR/openssl-client.cnf"
+if ((ANY_TLS)); then
+    mkdir -p "$TLS_DIR"
+    if ! openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$TLS_DIR/key.pem" -out "$TLS_DIR/cert.pem" -days 30 -subj "/CN=$TLS_NAME" \
+        -addext "subjectAltName=DNS:$TLS_NAME" >"$TLS_DIR/req.log" 2>&1; then
+        cat "$TLS_DIR/req.log" >&2
+        die "openssl could not make the test certificate"
+    fi
+    chmod 600 "$TLS_DIR/key.pem"
+    # HAProxy's crt: the chain and the key in one file.
+    cat "$TLS_DIR/cert.pem" "$TLS_DIR/key.pem" >"$TLS_DIR/haproxy.pem"
+    chmod 600 "$TLS_DIR/haproxy.pem"
+    render "$BENCH_DIR/openssl-client.cnf.in" "$TLS_CLIENT_CONF" \
+        "PROTOCOL=$TLS_PROTOCOL" "CIPHER=$TLS_CIPHER" "GROUP=$TLS_GROUP"
+    render "$BENCH_DIR/openssl-server.cnf.in" "$TLS_DIR/openssl-server-tickets.cnf" "NUM_TICKETS=2"
+    render "$BENCH_DIR/openssl-server.cnf.in" "$TLS_DIR/openssl-server-notickets.cnf" "NUM_TICKETS=0"
+fi
+# The balancers' OpenSSL configuration in a TLS scenario: no session ticket (so no
+# resumption) where each connection must be a full handshake.
+server_openssl_conf() {
+    if [[ $1 == tls-handshake ]]; then echo "$TLS_DIR/openssl-server-notickets.cnf"
+    else echo "$TLS_DIR/openssl-server-tickets.cnf"; fi
+}
+
+# tls_probe PORT: what a client pinned like wrk negotiates with the balancer on PORT, as
+# "PROTOCOL CIPHER SUBJECT RESUMPTION": RESUMPTION is "on" when a second connection resumed
+# the session the first was given, else "off" (no ticket given, or not accepted).
+tls_probe() {
+    local port=$1 sess="$TLS_DIR/probe-$1.sess" out proto cipher subject resumed=off
+    local req='GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n'
+    rm -f "$sess"
+    # shellcheck disable=SC2059
+    out=$(printf "$req" | OPENSSL_CONF=$TLS_CLIENT_CONF timeout 5 openssl s_client \
+        -connect "127.0.0.1:$port" -servername "$TLS_NAME" -sess_out "$sess" -ign_eof 2>&1) || true
+    read -r proto cipher < <(sed -n 's/^New, \(TLSv[0-9.]*\), Cipher is \(.*\)$/\1 \2/p' <<<"$out" | head -n 1) || true
+    subject=$(sed -n 's/^subject=.*CN *= *\([^ ,/]*\).*/\1/p' <<<"$out" | head -n 1)
+    if [[ -s $sess ]]; then
+        # shellcheck disable=SC2059
+        out=$(printf "$req" | OPENSSL_CONF=$TLS_CLIENT_CONF timeout 5 openssl s_client \
+            -connect "127.0.0.1:$port" -servername "$TLS_NAME" -sess_in "$sess" -ign_eof 2>&1) || true
+        if grep -q '^Reused, ' <<<"$out"; then resumed=on; fi
+    fi
+    echo "${proto:-none} ${cipher:-none} ${subject:-none} $resumed"
 }
 
 # ---------------------------------------------------------------- backends
@@ -405,34 +498,69 @@ pingora_upstreams() { # ports...
     for p in "$@"; do printf '  - address: 127.0.0.1:%s\n' "$p"; done
 }
 
+# pingora_listeners PORT [tls]: the `listeners` entries. HTTP/2 is not offered: wrk speaks
+# HTTP/1.1 (and offers no ALPN), as HAProxy and nginx are set up here.
+pingora_listeners() {
+    if [[ ${2:-} != tls ]]; then
+        printf '  - 127.0.0.1:%s\n' "$1"
+        return
+    fi
+    printf '%s\n' \
+        "  - address: 127.0.0.1:$1" \
+        "    tls:" \
+        "      certificates:" \
+        "        - cert: $TLS_DIR/cert.pem" \
+        "          key: $TLS_DIR/key.pem" \
+        "      min_version: \"${TLS_PROTOCOL#TLSv}\"" \
+        "      http2: false"
+}
+
 # start_balancer I SCENARIO: start balancer I pinned to the balancer CPUs; sets LB_PID[I].
+# In a TLS scenario its listener terminates TLS (the backends stay plain HTTP) and its
+# OpenSSL configuration (OPENSSL_CONF, read by the libssl all three link) is the scenario's.
 declare -A LB_PID=()
 start_balancer() {
-    local i=$1 scen=$2 dir="$TMP/lb$1-$2" pid user_line=""
+    local i=$1 scen=$2 dir="$TMP/lb$1-$2" pid user_line="" tls="" ossl_conf=""
+    local bind_tls="" listen_tls="" tls_lines="" run_env=()
     mkdir -p "$dir"
+    if is_tls "$scen"; then
+        tls=tls
+        ossl_conf=$(server_openssl_conf "$scen")
+        run_env=(env "OPENSSL_CONF=$ossl_conf")
+        bind_tls=" ssl crt $TLS_DIR/haproxy.pem ssl-min-ver $TLS_PROTOCOL ciphersuites $TLS_CIPHER"
+        listen_tls=" ssl"
+        tls_lines=$(printf '%s\n' \
+            "        ssl_certificate $TLS_DIR/cert.pem;" \
+            "        ssl_certificate_key $TLS_DIR/key.pem;" \
+            "        ssl_protocols $TLS_PROTOCOL;" \
+            "        ssl_conf_command Ciphersuites $TLS_CIPHER;")
+    fi
     case "${KIND[$i]}" in
         pingora)
             render "$BENCH_DIR/pingora-lb.yaml.in" "$dir/pingora-lb.yaml" \
-                "DIR=$dir" "PORT=${PORT[$i]}" "THREADS=$THREADS" "USER=$ME" "LOG_LEVEL=warn" \
-                "UPSTREAMS=$(pingora_upstreams "$B1_PORT" "$B2_PORT")"
-            taskset -c "$LB_CPUS" "${BIN[$i]}" -c "$dir/pingora-lb.yaml" >"$dir/stdout.log" 2>&1 &
+                "DIR=$dir" "LISTENERS=$(pingora_listeners "${PORT[$i]}" "$tls")" "THREADS=$THREADS" \
+                "USER=$ME" "LOG_LEVEL=warn" "UPSTREAMS=$(pingora_upstreams "$B1_PORT" "$B2_PORT")"
+            "${run_env[@]+"${run_env[@]}"}" \
+                taskset -c "$LB_CPUS" "${BIN[$i]}" -c "$dir/pingora-lb.yaml" >"$dir/stdout.log" 2>&1 &
             pid=$!
             LB_LOG[$i]="$dir/error.log"
             ;;
         haproxy)
             render "$BENCH_DIR/haproxy.cfg.in" "$dir/haproxy.cfg" \
-                "PORT=${PORT[$i]}" "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT"
+                "PORT=${PORT[$i]}" "BIND_TLS=$bind_tls" "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT"
             # -db: foreground, one process (its threads); no master-worker.
-            taskset -c "$LB_CPUS" haproxy -db -f "$dir/haproxy.cfg" >"$dir/stdout.log" 2>&1 &
+            "${run_env[@]+"${run_env[@]}"}" \
+                taskset -c "$LB_CPUS" haproxy -db -f "$dir/haproxy.cfg" >"$dir/stdout.log" 2>&1 &
             pid=$!
             LB_LOG[$i]="$dir/stdout.log"
             ;;
         nginx)
             if [[ $ME == root ]]; then user_line="user root;"; fi
             render "$BENCH_DIR/nginx-lb.conf.in" "$dir/nginx.conf" \
-                "DIR=$dir" "PORT=${PORT[$i]}" "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT" \
-                "USER_LINE=$user_line"
-            taskset -c "$LB_CPUS" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g 'daemon off;' \
+                "DIR=$dir" "PORT=${PORT[$i]}" "LISTEN_TLS=$listen_tls" "TLS_LINES=$tls_lines" \
+                "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT" "USER_LINE=$user_line"
+            "${run_env[@]+"${run_env[@]}"}" \
+                taskset -c "$LB_CPUS" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g 'daemon off;' \
                 >"$dir/stdout.log" 2>&1 &
             pid=$!
             LB_LOG[$i]="$dir/error.log"
@@ -440,7 +568,7 @@ start_balancer() {
     esac
     STARTED_PIDS+=("$pid")
     LB_PID[$i]=$pid
-    wait_ready "${PORT[$i]}" "$pid" "${LB_LOG[$i]}"
+    wait_ready "${PORT[$i]}" "$pid" "${LB_LOG[$i]}" "$tls"
 }
 declare -A LB_LOG=()
 
@@ -459,28 +587,38 @@ DISCARDED="$TMP/discarded.tsv"   # runs repeated because other processes disturb
 printf '' >"$RAW"
 printf '' >"$DISCARDED"
 
-# run_wrk OUTFILE PORT SECONDS CONNECTIONS [wrk args...]
+# run_wrk OUTFILE PORT SECONDS CONNECTIONS [wrk args...]; PORT may be "tls:PORT" (https,
+# with the pinned client TLS settings).
 run_wrk() {
-    local out=$1 port=$2 secs=$3 conns=$4
+    local out=$1 port=$2 secs=$3 conns=$4 url
     shift 4
     local threads=$WRK_THREADS
     ((threads <= conns)) || threads=$conns
-    timeout --foreground -k 5 $((secs + 30)) taskset -c "$LOAD_CPUS" \
+    local run_env=()
+    if [[ $port == tls:* ]]; then
+        url="https://127.0.0.1:${port#tls:}/"
+        run_env=(env "OPENSSL_CONF=$TLS_CLIENT_CONF")
+    else
+        url="http://127.0.0.1:$port/"
+    fi
+    timeout --foreground -k 5 $((secs + 30)) taskset -c "$LOAD_CPUS" "${run_env[@]+"${run_env[@]}"}" \
         wrk -t"$threads" -c"$conns" -d"${secs}s" --latency -s "$WRK_LUA" "$@" \
-        "http://127.0.0.1:$port/" >"$out" 2>&1 || true
+        "$url" >"$out" 2>&1 || true
 }
+# wrk_target I SCENARIO: run_wrk's PORT for balancer I in a scenario.
+wrk_target() { if is_tls "$2"; then echo "tls:${PORT[$1]}"; else echo "${PORT[$1]}"; fi; }
 
 # measure I SCENARIO ROUND: one wrk run against balancer I; appends a line to $RAW.
 measure() {
     local i=$1 scen=$2 round=$3 out pids t0 t1 l0 l1 c0 c1 line extra=()
-    if [[ $scen == close ]]; then extra=(-H "Connection: close"); fi
+    if closes "$scen"; then extra=(-H "Connection: close"); fi
     out="$TMP/wrk-$scen-r$round-lb$i.txt"
     pids=$(proc_tree "${LB_PID[$i]}")
     # shellcheck disable=SC2086
     t0=$(cpu_ticks $pids)
     l0=$(cpu_jiffies "${LOAD_LIST[@]}")
     c0=$(cpu_jiffies "${LB_LIST[@]}")
-    run_wrk "$out" "${PORT[$i]}" "$DURATION" "$CONNECTIONS" "${extra[@]+"${extra[@]}"}"
+    run_wrk "$out" "$(wrk_target "$i" "$scen")" "$DURATION" "$CONNECTIONS" "${extra[@]+"${extra[@]}"}"
     l1=$(cpu_jiffies "${LOAD_LIST[@]}")
     c1=$(cpu_jiffies "${LB_LIST[@]}")
     # shellcheck disable=SC2086
@@ -534,17 +672,32 @@ log "backends: nginx on 127.0.0.1:$B1_PORT (pid $B1_PID) and 127.0.0.1:$B2_PORT 
 declare -A RSS_KB=()    # scenario,i -> peak RSS kB
 declare -A NPROCS=()    # scenario,i -> processes summed
 declare -A CEILING=()   # scenario -> req/s of wrk straight to a backend
-IFS=',' read -r -a SCEN_LIST <<<"$SCENARIOS"
+declare -A TLS_SEEN=()  # scenario,i -> what openssl s_client negotiated with the balancer
 for scen in "${SCEN_LIST[@]}"; do
-    case "$scen" in keepalive|close) ;; *) die "--scenarios: unknown scenario $scen" ;; esac
     log "scenario $scen: starting balancers"
     for i in "${!KIND[@]}"; do start_balancer "$i" "$scen"; done
+    if is_tls "$scen"; then
+        # Every balancer must settle on the same protocol, cipher and certificate, and resume
+        # sessions or not as the scenario says.
+        want_resumption=on
+        if [[ $scen == tls-handshake ]]; then want_resumption=off; fi
+        for i in "${!KIND[@]}"; do
+            read -r proto cipher subject resumption < <(tls_probe "${PORT[$i]}")
+            log "  ${NAME[$i]}: $proto $cipher, certificate $subject, resumption $resumption"
+            [[ $proto == "$TLS_PROTOCOL" && $cipher == "$TLS_CIPHER" && $subject == "$TLS_NAME" ]] ||
+                die "${NAME[$i]} negotiated $proto $cipher with certificate $subject, not $TLS_PROTOCOL $TLS_CIPHER $TLS_NAME"
+            [[ $resumption == "$want_resumption" ]] ||
+                die "${NAME[$i]}: session resumption is $resumption in $scen, should be $want_resumption"
+            TLS_SEEN[$scen,$i]="$proto $cipher, resumption $resumption"
+        done
+    fi
     sleep 1
     # Warm-up: fills connection pools and caches, not measured.
     warm_extra=()
-    if [[ $scen == close ]]; then warm_extra=(-H "Connection: close"); fi
+    if closes "$scen"; then warm_extra=(-H "Connection: close"); fi
     for i in "${!KIND[@]}"; do
-        run_wrk "$TMP/warmup-$scen-lb$i.txt" "${PORT[$i]}" 1 "$CONNECTIONS" "${warm_extra[@]+"${warm_extra[@]}"}"
+        run_wrk "$TMP/warmup-$scen-lb$i.txt" "$(wrk_target "$i" "$scen")" 1 "$CONNECTIONS" \
+            "${warm_extra[@]+"${warm_extra[@]}"}"
     done
     if [[ $scen == keepalive ]]; then
         # The load side's own ceiling: wrk straight to one backend, same CPUs, no balancer.
@@ -575,7 +728,7 @@ for scen in "${SCEN_LIST[@]}"; do
         pids=$(proc_tree "${LB_PID[$i]}")
         # shellcheck disable=SC2086
         RSS_KB[$scen,$i]=$(peak_rss_kb $pids)
-        NPROCS[$scen,$i]=$(echo $pids | wc -w)
+        NPROCS[$scen,$i]=$(wc -w <<<"$pids")
         stop_balancer "$i"
     done
 done
@@ -629,7 +782,7 @@ if ((RELOADS > 0 || KILLS > 0)) && [[ " ${KIND[*]} " == *" pingora "* ]]; then
         dir="$TMP/life$i"
         mkdir -p "$dir"
         render "$BENCH_DIR/pingora-lb.yaml.in" "$dir/pingora-lb.yaml" \
-            "DIR=$dir" "PORT=$LIFECYCLE_PORT" "THREADS=$THREADS" "USER=$ME" "LOG_LEVEL=info" \
+            "DIR=$dir" "LISTENERS=$(pingora_listeners "$LIFECYCLE_PORT")" "THREADS=$THREADS" "USER=$ME" "LOG_LEVEL=info" \
             "UPSTREAMS=$(pingora_upstreams "$B1_PORT" "$B2_PORT" "$B3_PORT")"
         taskset -c "$LB_CPUS" "${BIN[$i]}" -c "$dir/pingora-lb.yaml" >"$dir/stdout.log" 2>&1 &
         pid=$!
@@ -764,6 +917,17 @@ REPORT="$TMP/report.md"
     done
     echo "- Repository HEAD: $(git -C "$REPO_DIR" log -1 --format='%h %s' 2>/dev/null || echo unknown)$(if [[ -n $(git -C "$REPO_DIR" status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then echo " (src/ has uncommitted changes)"; fi)."
     echo "- $(haproxy -v 2>/dev/null | head -n 1 | sed 's/ - https.*//'); nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')."
+    if ((ANY_TLS)); then
+        libs=$(for b in "${PL_COPIES[@]}" "$(command -v haproxy)" "$(command -v nginx)"; do
+            ldd "$b" 2>/dev/null | awk '/libssl/ { print $3; f = 1 } END { if (!f) print "static" }'
+        done | sort -u)
+        if [[ $libs == /* && $libs != *$'\n'* ]]; then
+            libs="all three link $libs, $(openssl version | awk '{ print $1, $2 }')"
+        else
+            libs="libssl: $(tr '\n' ' ' <<<"$libs")(not the same for all three), $(openssl version | awk '{ print $1, $2 }') on the system"
+        fi
+        echo "- TLS scenarios: $TLS_PROTOCOL, $TLS_CIPHER, $TLS_GROUP key exchange, a self-signed ECDSA P-256 certificate for $TLS_NAME made for the run (the same files for all three; $libs). wrk is held to exactly that by its OpenSSL configuration, sends 127.0.0.1 as server name and verifies no certificate; the balancers' backends stay plain HTTP."
+    fi
     echo "- Load average before the run: $LOAD_AT_START."
     max_other=$(awk -F'\t' '{ if ($12 > m) m = $12 } END { printf "%.0f", m * 100 }' "$RAW")
     if ((max_other >= 5)); then
@@ -775,18 +939,51 @@ REPORT="$TMP/report.md"
     fi
     for scen in "${SCEN_LIST[@]}"; do
         echo
-        if [[ $scen == keepalive ]]; then
-            echo "## Keep-alive clients ($CONNECTIONS connections)"
-            if [[ -n ${CEILING[$scen]-} ]]; then
+        rate="req/s" per="req"
+        case "$scen" in
+            keepalive)
+                echo "## Keep-alive clients ($CONNECTIONS connections)"
+                if [[ -n ${CEILING[$scen]-} ]]; then
+                    echo
+                    echo "Load-side ceiling: wrk straight to one backend (no balancer, same CPUs) makes ${CEILING[$scen]} req/s."
+                fi
+                ;;
+            close)
+                echo "## New connection per request (\`Connection: close\`, $CONNECTIONS concurrent)"
+                ;;
+            tls-keepalive)
+                echo "## TLS, keep-alive clients ($CONNECTIONS connections, $TLS_PROTOCOL $TLS_CIPHER)"
                 echo
-                echo "Load-side ceiling: wrk straight to one backend (no balancer, same CPUs) makes ${CEILING[$scen]} req/s."
-            fi
-        else
-            echo "## New connection per request (\`Connection: close\`, $CONNECTIONS concurrent)"
+                echo "One handshake per connection, then requests only: TLS record encryption and decryption on top of the proxying."
+                ;;
+            tls-handshake)
+                rate="handshakes/s" per="handshake"
+                echo "## TLS, a full handshake per request (\`Connection: close\`, $CONNECTIONS concurrent, resumption off)"
+                echo
+                echo "Each request is a new TCP connection with a full $TLS_PROTOCOL handshake ($TLS_GROUP, ECDSA P-256 signature):"
+                echo "handshakes/s = requests/s, and the CPU per handshake includes its request. No balancer issues session"
+                echo "tickets (OpenSSL \`NumTickets = 0\` for all three), so none can be resumed. The client's half of a handshake"
+                echo "costs wrk about as much CPU as the balancer's half: with few load CPUs, wrk sets the pace (load CPUs busy"
+                echo "near 100%, balancer CPU use below), and CPU µs/handshake is the figure to compare."
+                ;;
+            tls-resume)
+                rate="handshakes/s" per="handshake"
+                echo "## TLS, a resumed handshake per request (\`Connection: close\`, $CONNECTIONS concurrent, resumption on)"
+                echo
+                echo "Session tickets on (OpenSSL's default, 2 per handshake, for all three). wrk keeps each connection's TLS"
+                echo "session when it reconnects, so every new connection but the first of each of its $CONNECTIONS resumes"
+                echo "($TLS_PROTOCOL PSK with a $TLS_GROUP exchange: no certificate, no signature)."
+                ;;
+        esac
+        if is_tls "$scen"; then
+            seen=$(for i in "${!KIND[@]}"; do echo "${NAME[$i]}: ${TLS_SEEN[$scen,$i]-?}"; done | awk '{ printf "%s%s", sep, $0; sep = "; " }')
+            echo
+            echo "Checked with \`openssl s_client\` pinned like wrk: $seen."
         fi
         echo
-        echo "| balancer | req/s | p50 ms | p99 ms | CPU µs/req | balancer CPU use | peak RSS MiB | load CPUs busy | errors |"
+        echo "| balancer | $rate | p50 ms | p99 ms | CPU µs/$per | balancer CPU use | peak RSS MiB | load CPUs busy | errors |"
         echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        # shellcheck disable=SC2016  # awk expressions
         for i in "${!KIND[@]}"; do
             rps=$(med_of "$scen" "$i" '$4 / ($5 / 1e6)')
             p50=$(med_of "$scen" "$i" '$6 / 1000')
@@ -801,10 +998,10 @@ REPORT="$TMP/report.md"
         done
         if ((HAP >= 0 || NGX >= 0)); then
             echo
-            echo "Ratios (req/s: higher is better; the others: lower is better)"
+            echo "Ratios ($rate: higher is better; the others: lower is better)"
             echo
             hdr="| balancer |" sep="|---|"
-            for m in "req/s" "p50" "p99" "CPU/req" "RSS"; do
+            for m in "$rate" "p50" "p99" "CPU/$per" "RSS"; do
                 if ((HAP >= 0)); then hdr+=" $m ÷ HAProxy |"; sep+="---:|"; fi
                 if ((NGX >= 0)); then hdr+=" $m ÷ nginx |"; sep+="---:|"; fi
             done
@@ -849,7 +1046,24 @@ REPORT="$TMP/report.md"
 
 - Each scenario starts every balancer afresh, warms it up with 1 s of wrk, then runs the rounds in turn.
 - **req/s, p50, p99** come from wrk (\`--latency\`, via a \`done()\` hook in \`benches/report.lua\`). wrk times a
-  request from sending it to the end of the response, so the new-connection scenario's latencies exclude the TCP handshake.
+  request from sending it to the end of the response, so the new-connection scenarios' latencies exclude the TCP
+  and TLS handshakes.
+EOF
+    if ((ANY_TLS)); then
+        cat <<EOF
+- **TLS**: each balancer terminates TLS on its listener with the same certificate and key (pingora-lb: a
+  \`listeners\` entry with \`tls\`, \`min_version: "${TLS_PROTOCOL#TLSv}"\`, \`http2: false\`; HAProxy: \`bind ... ssl crt\`
+  with \`ssl-min-ver $TLS_PROTOCOL ciphersuites $TLS_CIPHER\`; nginx: \`listen ... ssl\`, \`ssl_protocols $TLS_PROTOCOL\`,
+  \`ssl_conf_command Ciphersuites $TLS_CIPHER\`). pingora-lb has no cipher setting (Mozilla "intermediate"), so the
+  client decides: wrk, through \`OPENSSL_CONF\` (\`benches/openssl-client.cnf.in\`), offers only $TLS_PROTOCOL,
+  $TLS_CIPHER and $TLS_GROUP. Session resumption is set the same way for all three, in the OpenSSL configuration
+  each balancer is started with (\`benches/openssl-server.cnf.in\`, \`NumTickets\`: 0 in tls-handshake, 2 otherwise),
+  since pingora-lb has no setting for it. Before a TLS scenario's rounds, \`openssl s_client\` with wrk's settings
+  checks each balancer's protocol, cipher, certificate and whether a second connection resumes the first's
+  session; the run stops if one differs.
+EOF
+    fi
+    cat <<EOF
 - **CPU µs/req**: utime+stime (\`/proc/PID/stat\`, all threads) of the balancer's processes (pingora-lb: one
   process; HAProxy: one process, started with \`-db\`; nginx: master + workers) from before to after a run,
   divided by the requests wrk completed. **balancer CPU use** is that CPU time over the run's wall time
@@ -862,7 +1076,7 @@ REPORT="$TMP/report.md"
   processes (for nginx master + workers; pages they share are counted once per process, so this overstates
   nginx's real footprint).
 - Configurations: \`benches/pingora-lb.yaml.in\`, \`benches/haproxy.cfg.in\`, \`benches/nginx-lb.conf.in\`,
-  backends \`benches/backend-nginx.conf.in\`.
+  backends \`benches/backend-nginx.conf.in\`; TLS: \`benches/openssl-client.cnf.in\`, \`benches/openssl-server.cnf.in\`.
 EOF
     echo
     echo "## Raw rounds"
