@@ -84,17 +84,7 @@ fn access_log_file_is_written_and_reopened_on_sighup() {
         ),
     );
     get(lb.listen, "/first?x=1", &[("User-Agent", "test-agent")]).unwrap();
-    assert!(eventually(Duration::from_secs(3), || {
-        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/first"))
-    }));
-    let line: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap(),
-    )
-    .unwrap();
+    let line = first_json_log_line(&log, "/first");
     assert_eq!(line["method"], "GET");
     assert_eq!(line["path"], "/first?x=1");
     assert_eq!(line["status"], 200);

@@ -512,17 +512,7 @@ fn handshakes_follow_a_proxy_header_are_counted_and_logged_with_version_cipher_a
             "{result}"
         );
     }
-    assert!(eventually(Duration::from_secs(3), || {
-        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/over-tls"))
-    }));
-    let line: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap(),
-    )
-    .unwrap();
+    let line = first_json_log_line(&log, "/over-tls");
     assert_eq!(line["client"], "203.0.113.9");
     assert_eq!(line["tls_version"], "TLSv1.3");
     assert_eq!(line["sni"], "a.test");

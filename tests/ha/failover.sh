@@ -8,7 +8,7 @@
 #   node A   10.213.0.1   pingora-lb + keepalived, priority 150   } listener on the VIP
 #   node B   10.213.0.2   pingora-lb + keepalived, priority 100   } 10.213.0.100:80 (freebind)
 #   client   10.213.0.10  tests/ha/client.py: a new connection every 50 ms, and a keep-alive one
-#   backends 10.213.0.21:8080 and 10.213.0.22:8080 (tests/ha/backend.py)
+#   backends 10.213.0.21:8080 and 10.213.0.22:8080 (tests/system/http_backend.py)
 #
 # Round 0: both balancers reload (socket handoff): the VIP stays on A and no request fails.
 # Round 1: node A's pingora-lb is stopped (SIGTERM) -> keepalived's track script fails and the
@@ -174,7 +174,7 @@ say "backends: ${BACKENDS[*]} port 8080"
 i=0
 for addr in "${BACKENDS[@]}"; do
     i=$((i + 1))
-    ip netns exec "$NS_BE" python3 "$HERE/backend.py" "backend-$i" "$addr" 8080 \
+    ip netns exec "$NS_BE" python3 "$HERE/../system/http_backend.py" "backend-$i" 8080 "$addr" \
         >>"$TMP/backends.log" 2>&1 &
     PIDS+=($!)
 done

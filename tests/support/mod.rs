@@ -750,6 +750,19 @@ pub fn reloaded_pid(stdout: &str) -> i32 {
         .unwrap_or_else(|| panic!("reload prints the new pid: {stdout:?}"))
 }
 
+/// The first line of a JSON access log, once a line with `needle` has been written.
+pub fn first_json_log_line(log: &Path, needle: &str) -> serde_json::Value {
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle))
+        }),
+        "no {needle:?} in {}",
+        log.display()
+    );
+    let text = std::fs::read_to_string(log).unwrap();
+    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+}
+
 /// A pingora-lb process started by the test, killed when dropped.
 pub struct Lb {
     pub child: Option<Child>,

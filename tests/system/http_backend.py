@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Test backend for tests/system/deb-in-systemd.sh (runs inside the container).
+"""Test backend for tests/system/deb-in-systemd.sh (inside the container) and
+tests/ha/failover.sh (in the test's backends namespace).
 
-Usage: http_backend.py NAME PORT
-Answers every GET on 127.0.0.1:PORT with "NAME\n" (HTTP/1.1, keep-alive); GET /slow answers
-after 2 seconds, so that requests are in flight while the load balancer hands over.
+Usage: http_backend.py NAME PORT [ADDRESS]
+Answers every GET on ADDRESS:PORT (default 127.0.0.1) with "NAME\n" (HTTP/1.1, keep-alive);
+GET /slow answers after 2 seconds, so that requests are in flight while the load balancer
+hands over.
 """
 import http.server
 import sys
 import time
 
 NAME, PORT = sys.argv[1], int(sys.argv[2])
+ADDRESS = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
 BODY = (NAME + "\n").encode()
 
 
@@ -32,6 +35,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
-server.daemon_threads = True
-server.serve_forever()
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # a balancer closing a pooled connection is not news
+
+
+Server((ADDRESS, PORT), Handler).serve_forever()
