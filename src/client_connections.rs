@@ -73,11 +73,7 @@ impl<P> ClientConnections<P> {
     /// the client it names the connection's client. `None`: the connection is closed (no
     /// valid header in time).
     async fn take_proxy_header(&self, mut stream: Stream) -> Option<Stream> {
-        let digest = stream.get_socket_digest();
-        let address = |addr: Option<&PingoraAddr>| addr.and_then(PingoraAddr::as_inet).copied();
-        let peer = address(digest.as_ref().and_then(|d| d.peer_addr()));
-        let local = address(digest.as_ref().and_then(|d| d.local_addr()));
-        let (Some(peer), Some(local)) = (peer, local) else {
+        let (Some(peer), Some(local)) = addresses(&stream) else {
             return Some(stream);
         };
         if !self.expects_proxy_header(peer, local) {
@@ -111,6 +107,16 @@ impl<P> ClientConnections<P> {
     }
 }
 
+/// The client's and the listener's address of a TCP connection (`None` for others).
+fn addresses(stream: &Stream) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let digest = stream.get_socket_digest();
+    let inet = |addr: Option<&PingoraAddr>| addr.and_then(PingoraAddr::as_inet).copied();
+    (
+        inet(digest.as_ref().and_then(|d| d.peer_addr())),
+        inet(digest.as_ref().and_then(|d| d.local_addr())),
+    )
+}
+
 /// pingora counts keep-alive in whole seconds, and 0 means "forever": round up.
 pub fn keepalive_seconds(timeout: Duration) -> u64 {
     timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0)
@@ -132,7 +138,18 @@ where
             None => stream,
         };
         // After the PROXY header, which comes before the TLS handshake.
-        let stream = self.tls.terminate(stream, self.header_timeout).await?;
+        let local = match self.tls.is_empty() {
+            true => None,
+            false => addresses(&stream).1,
+        };
+        let stream = match local {
+            Some(local) => {
+                self.tls
+                    .terminate(stream, local, self.header_timeout)
+                    .await?
+            }
+            None => stream,
+        };
         if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1)) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }

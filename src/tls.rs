@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::listeners::TlsAccept;
-use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::protocols::l4::stream::Stream as TcpStream;
 use pingora::protocols::tls::server::handshake_with_callback;
 use pingora::protocols::Stream;
@@ -166,15 +165,19 @@ impl TlsListeners {
         )
     }
 
-    /// Terminates TLS on a connection accepted by a TLS listener, within `deadline`.
-    /// `None`: the handshake failed and the connection is closed.
-    pub async fn terminate(&self, stream: Stream, deadline: Duration) -> Option<Stream> {
-        if self.0.is_empty() {
-            return Some(stream);
-        }
-        let Some(local) = local_address(&stream) else {
-            return Some(stream);
-        };
+    /// Whether no listener has TLS.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Terminates TLS on a connection accepted at `local`, if that is a TLS listener,
+    /// within `deadline`. `None`: the handshake failed and the connection is closed.
+    pub async fn terminate(
+        &self,
+        stream: Stream,
+        local: SocketAddr,
+        deadline: Duration,
+    ) -> Option<Stream> {
         let Some(listener) = self.0.iter().find(|l| l.address.accepted(local)) else {
             return Some(stream);
         };
@@ -192,10 +195,4 @@ impl TlsListeners {
             }
         }
     }
-}
-
-/// The address a connection was accepted at.
-fn local_address(stream: &Stream) -> Option<SocketAddr> {
-    let digest = stream.get_socket_digest()?;
-    digest.local_addr().and_then(PingoraAddr::as_inet).copied()
 }
