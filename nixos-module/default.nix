@@ -11,9 +11,10 @@
 # The unit is dist/pingora-lb.service, the one every package ships: its directives come from
 # ./unit-settings.nix, which tests/nix/check.sh keeps equal to that file. The settings default
 # to dist/pingora-lb.yaml (./config-defaults.nix, checked the same way). A configuration
-# change is applied by `systemctl reload` (socket handoff to a new process, no connection
-# lost), never by a restart; a configuration the daemon refuses fails the build, or, for a
-# file outside the Nix store, the reload, while the running process keeps serving.
+# change or a new package is applied by `systemctl reload` (socket handoff to a new process,
+# no connection lost), never by a restart; a configuration the daemon refuses fails the
+# build, or, for a file outside the Nix store, the reload, while the running process keeps
+# serving.
 { config
 , lib
 , pkgs
@@ -306,7 +307,9 @@ in
       default = "pingora-lb";
       description = ''
         User the service runs as (`User=`). The default account is created; any other
-        must exist already.
+        must exist already. A switch applies a change of it by a reload, which the running
+        process refuses (it hands its sockets only to its own user): run
+        `systemctl restart pingora-lb` after such a switch.
       '';
     };
 
@@ -315,7 +318,8 @@ in
       default = "pingora-lb";
       description = ''
         Group the service runs as (`Group=`). The default group is created; any other
-        must exist already.
+        must exist already. A change of it, like one of {option}`services.pingora-lb.user`,
+        needs `systemctl restart pingora-lb`.
       '';
     };
 
@@ -497,11 +501,28 @@ in
       after = unit.Unit.After ++ acmeTargets;
       wantedBy = unit.Install.WantedBy;
 
-      # A new config is applied by a reload (socket handoff, no connection lost), never by
-      # a restart: the unit file itself does not change, only this trigger and the /etc
-      # link it reads. A new package changes ExecStart and restarts the service.
+      # A switch applies any change of this unit by a reload (socket handoff to a new
+      # process, no connection lost), never by a restart, as the deb and rpm do on upgrade:
+      #   - a new config changes only this trigger (and the /etc link the unit reads, which
+      #     the activation script updates before the reload);
+      #   - a new package changes the store path in ExecStart and ExecReload. The package is
+      #     deliberately no restart trigger.
+      # reloadIfChanged (X-ReloadIfChanged) makes every change of the unit file a reload;
+      # reloadTriggers alone would reload only when nothing but the triggers changed, and
+      # restart otherwise (NixOS manual, "Unit handling"). switch-to-configuration runs
+      # `systemctl daemon-reload` before it reloads units, so the reload runs the new unit's
+      # ExecReload: the new package's `pingora-lb reload`, which starts the new server from
+      # its own executable. That server is a descendant of the ExecReload process, which
+      # systemd starts under the new unit's settings: new User=, capabilities and sandbox
+      # directives apply to it as they would to a restart.
+      # Two changes a reload does not carry out:
+      #   - services.pingora-lb.user/group: the handoff passes sockets only between
+      #     processes of one user (or root), so the reload fails, the switch reports it
+      #     (exit status 4) and the old process keeps serving as the old user. Apply it with
+      #     `systemctl restart pingora-lb`.
+      #   - extraArgs: only ExecStart passes them; they apply at the next start or restart.
+      reloadIfChanged = true;
       reloadTriggers = [ checkedConfig ];
-      restartTriggers = [ cfg.package ];
 
       serviceConfig = unit.Service // lib.optionalAttrs (acmeCerts != [ ]) {
         SupplementaryGroups = lib.unique (map (cert: cert.group) acmeCerts);

@@ -5,6 +5,8 @@
 #   - `systemctl reload` hands the sockets over to a new process without failing a request;
 #   - a configuration change applied by switch-to-configuration is a reload (new main process,
 #     same unit invocation, no stop), again without failing a request, and takes effect;
+#   - so is a new pingora-lb package: the switch hands the sockets over to a process running
+#     the new store path's binary, without failing a request;
 #   - a configuration the daemon refuses makes the reload, and so the switch, fail while the
 #     old process keeps serving (a file outside the Nix store, which the build cannot check);
 #   - a stop completes within the unit's timeout.
@@ -18,6 +20,14 @@
 let
   # Directory of a backend's single page; its body names the backend.
   page = name: pkgs.writeTextDir "index.html" "${name}\n";
+
+  # A new pingora-lb package, as an update brings: the same binary at another store path,
+  # so that every Exec*= line of the unit changes, without building the package twice. A
+  # copy, not a symbolic link: a reload starts the new server from its own executable
+  # (/proc/self/exe), which would resolve a link to the old path.
+  nextPackage = pkgs.runCommand "pingora-lb-next" { meta.mainProgram = "pingora-lb"; } ''
+    install -D --mode=0755 ${package}/bin/pingora-lb "$out/bin/pingora-lb"
+  '';
 
   # Where the runtime-config specialisation points the service: a mutable file, as a
   # secret-management tool or an operator would keep it.
@@ -108,6 +118,12 @@ pkgs.testers.runNixOSTest {
         ];
       };
 
+      # A new package: every Exec*= line names another store path. Switching to it must
+      # reload onto the new binary, not restart.
+      specialisation.new-package.configuration = {
+        services.pingora-lb.package = lib.mkForce nextPackage;
+      };
+
       # The escape hatch: a config file outside the Nix store, checked only at run time.
       specialisation.runtime-config.configuration = {
         services.pingora-lb.configFile = runtimeConfigPath;
@@ -191,6 +207,10 @@ pkgs.testers.runNixOSTest {
           return show("InvocationID"), show("MainPID")
 
 
+      def executable(pid):
+          return machine.succeed(f"readlink /proc/{pid}/exe").strip()
+
+
       def assert_reloaded(before, reloads_before):
           """The unit was reloaded by a handoff: new main process, same invocation."""
           invocation, old_pid = before
@@ -223,6 +243,11 @@ pkgs.testers.runNixOSTest {
           return machine.execute(f"{path}/bin/switch-to-configuration test >&2")[0]
 
 
+      def switch_succeeds(name=None):
+          status = switch(name)
+          assert status == 0, f"switch-to-configuration exited {status}"
+
+
       def install_runtime_config(source):
           machine.succeed(f"install -D --mode=0644 {source} ${runtimeConfigPath}")
 
@@ -250,18 +275,31 @@ pkgs.testers.runNixOSTest {
 
       with subtest("a config change is applied by a reload, not a restart"):
           before, reloads = identity(), manager_messages("Reloaded ")
-
-          def switch_to_only_b():
-              status = switch("only-backend-b")
-              assert status == 0, f"switch-to-configuration exited {status}"
-
-          under_load(switch_to_only_b)
+          under_load(lambda: switch_succeeds("only-backend-b"))
           assert_reloaded(before, reloads)
           assert_serves({"backend-b"})
 
           before, reloads = identity(), manager_messages("Reloaded ")
           assert switch() == 0
           assert_reloaded(before, reloads)
+          assert_serves(BOTH)
+
+      with subtest("a new package is applied by a reload onto the new binary, not a restart"):
+          old_binary, new_binary = "${package}/bin/pingora-lb", "${nextPackage}/bin/pingora-lb"
+          before, reloads = identity(), manager_messages("Reloaded ")
+          assert executable(before[1]) == old_binary, executable(before[1])
+          under_load(lambda: switch_succeeds("new-package"))
+          assert_reloaded(before, reloads)
+          running = executable(show("MainPID"))
+          assert running == new_binary, f"the new main process runs {running}, not {new_binary}"
+          assert_serves(BOTH)
+
+          # And back: the old package is a new one too.
+          before, reloads = identity(), manager_messages("Reloaded ")
+          under_load(switch_succeeds)
+          assert_reloaded(before, reloads)
+          running = executable(show("MainPID"))
+          assert running == old_binary, f"the new main process runs {running}, not {old_binary}"
           assert_serves(BOTH)
 
       with subtest("a refused config fails the switch and the old process keeps serving"):

@@ -6,6 +6,12 @@
 # Exits non-zero on the first failure.
 #
 # Usage: rpm/build-and-check.sh [OUTPUT_DIR]   (default: target/rpm-out)
+# RPM_NEWER=1 also writes OUTPUT_DIR/newer/: the same package with Release
+# N+1 (for upgrade tests), packaging the binary this build left in
+# $CARGO_TARGET_DIR/release without running cargo again.
+# RPM_NO_CARGO=1 does not run cargo at all, not even for the first package:
+# it packages $CARGO_TARGET_DIR/release/pingora-lb as it is (a quick local
+# check; that binary may not match the working tree).
 # CARGO_TARGET_DIR defaults to the repository's target/ so that the release
 # build made for the tests is reused (only this crate is compiled again,
 # because the unpacked sources live at another path).
@@ -34,24 +40,33 @@ trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$TMP"/{BUILD,BUILDROOT,RPMS,SOURCES,SPECS,SRPMS} "$OUT"
 
 step "source tarball $NAME-$VERSION.tar.gz from the working tree"
-# The working tree as it is (committed or not), without build output, VCS
-# data and what a Debian build leaves under debian/.
-STAGE=$TMP/stage/$NAME-$VERSION
-mkdir -p "$STAGE"
-tar -C "$REPO" -cf - \
-    --exclude=./target --exclude=./.git \
-    --exclude=./debian/.debhelper --exclude=./debian/pingora-lb \
-    --exclude=./debian/tmp --exclude=./result \
-    . | tar -C "$STAGE" -xf -
-tar -C "$TMP/stage" -czf "$TMP/SOURCES/$NAME-$VERSION.tar.gz" "$NAME-$VERSION"
+# The crates are not vendored here: this build reuses the tests' release build in
+# CARGO_TARGET_DIR, from the registry's sources (tests/packaging/hermetic-build.sh
+# builds the vendored tarball offline).
+"$REPO/tools/source-tarball.sh" "$TMP/SOURCES"
 cp "$REPO/dist/pingora-lb.sysusers" "$TMP/SOURCES/$NAME.sysusers"
 cp "$SPEC" "$TMP/SPECS/"
 cp "$SPEC" "$TMP/SOURCES/"
 
-step "rpmbuild -bb (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+# A stand-in for cargo on PATH: %build's `cargo build` then does nothing, and
+# %install packages the binary already in $CARGO_TARGET_DIR/release.
+mkdir -p "$TMP/no-cargo"
+cat >"$TMP/no-cargo/cargo" <<'NOCARGO'
+#!/bin/sh
+echo "rpm/build-and-check.sh: cargo $* not run: $CARGO_TARGET_DIR/release/pingora-lb is packaged as it is" >&2
+test -x "$CARGO_TARGET_DIR/release/pingora-lb"
+NOCARGO
+chmod +x "$TMP/no-cargo/cargo"
+NO_CARGO_PATH=$TMP/no-cargo:$PATH
+
+step "rpmbuild -bb (CARGO_TARGET_DIR=$CARGO_TARGET_DIR${RPM_NO_CARGO:+, cargo not run})"
 # --nodeps: on a Debian host the rpm database is empty, so every
 # BuildRequires would count as missing although dpkg has them installed.
-rpmbuild -bb --nodeps --define "_topdir $TMP" "$TMP/SPECS/$NAME.spec"
+if [ "${RPM_NO_CARGO:-}" = 1 ]; then
+    PATH=$NO_CARGO_PATH rpmbuild -bb --nodeps --define "_topdir $TMP" "$TMP/SPECS/$NAME.spec"
+else
+    rpmbuild -bb --nodeps --define "_topdir $TMP" "$TMP/SPECS/$NAME.spec"
+fi
 RPM=$(find "$TMP/RPMS" -name "$NAME-$VERSION-*.rpm" ! -name '*debug*' | head -n1)
 [ -n "$RPM" ] || fail "rpmbuild produced no $NAME package"
 cp "$RPM" "$OUT/"
@@ -72,6 +87,7 @@ expect() { # mode path
         fail "expected $2 with mode $1, owned by root:root"
 }
 expect '-rwxr-xr-x' /usr/bin/pingora-lb
+expect '-rwxr-xr-x' /usr/libexec/pingora-lb/reload-after-upgrade
 expect '-rw-r--r--' /usr/lib/systemd/system/pingora-lb.service
 expect 'drwxr-xr-x' /etc/pingora-lb
 expect '-rw-r--r--' /etc/pingora-lb/pingora-lb.yaml
@@ -87,6 +103,8 @@ WANTED=$(sort <<'EOF'
 /etc/pingora-lb
 /etc/pingora-lb/pingora-lb.yaml
 /usr/bin/pingora-lb
+/usr/libexec/pingora-lb
+/usr/libexec/pingora-lb/reload-after-upgrade
 /usr/lib/systemd/system/pingora-lb.service
 /usr/lib/sysusers.d/pingora-lb.conf
 /usr/share/doc/pingora-lb
@@ -108,6 +126,7 @@ EXTRACT=$TMP/extract
 mkdir -p "$EXTRACT"
 (cd "$EXTRACT" && rpm2cpio "$RPM" | cpio -idm --quiet)
 cmp "$EXTRACT/usr/lib/systemd/system/pingora-lb.service" "$REPO/dist/pingora-lb.service"
+cmp "$EXTRACT/usr/libexec/pingora-lb/reload-after-upgrade" "$REPO/dist/reload-after-upgrade"
 cmp "$EXTRACT/etc/pingora-lb/pingora-lb.yaml" "$REPO/dist/pingora-lb.yaml"
 cmp "$EXTRACT/usr/lib/sysusers.d/pingora-lb.conf" "$REPO/dist/pingora-lb.sysusers"
 cmp "$EXTRACT/usr/share/doc/pingora-lb/examples/keepalived.conf" "$REPO/dist/keepalived/keepalived.conf"
@@ -115,15 +134,17 @@ cmp "$EXTRACT/usr/share/doc/pingora-lb/examples/keepalived.conf" "$REPO/dist/kee
 step "scriptlets (rpm -qp --scripts)"
 SCRIPTS=$(rpm -qp --scripts "$RPM")
 echo "$SCRIPTS"
-# %postun of an upgrade ($1 >= 1) must reload the unit: either systemd's
-# mark-reload-system-units (real macros) or try-reload-or-restart (fallback),
-# and never restart it.
-POSTUN=$(echo "$SCRIPTS" | sed -n '/^postuninstall scriptlet/,/^[a-z]* *scriptlet/p')
-echo "$POSTUN" | grep -Eq 'mark-reload-system-units|try-reload-or-restart' ||
-    fail "%postun does not reload the service on upgrade"
-echo "$POSTUN" | grep -q 'pingora-lb.service' || fail "%postun does not name pingora-lb.service"
-if echo "$POSTUN" | grep -Eq 'mark-restart-system-units|try-restart|systemctl restart'; then
-    fail "%postun restarts the service on upgrade"
+# An upgrade must reload the unit, never restart it: %pre notes that the old
+# version serves, %posttrans hands over to the new binary with the shared
+# reload-after-upgrade (which restarts only when the new binary cannot take
+# over), and the old package's %postun leaves the service alone.
+scriptlet() { echo "$SCRIPTS" | sed -n "/^$1 scriptlet/,/^[a-z]* *scriptlet/p"; }
+scriptlet preinstall | grep -q 'rpm-state/pingora-lb/was-active' ||
+    fail "%pre does not note whether the service runs"
+scriptlet posttrans | grep -q '/usr/libexec/pingora-lb/reload-after-upgrade systemctl' ||
+    fail "%posttrans does not reload the service after an upgrade"
+if scriptlet postuninstall | grep -Eq 'restart|reload-or'; then
+    fail "%postun restarts or reloads the service"
 fi
 echo "$SCRIPTS" | grep -q 'pingora-lb' || fail "no scriptlet creates the pingora-lb user"
 
@@ -151,5 +172,19 @@ step "installed binary checks the installed config"
 step "erase from the scratch root"
 rpm --root "$ROOT" -e --nodeps --noscripts "$NAME"
 [ ! -e "$ROOT/usr/bin/pingora-lb" ] || fail "binary left behind after erase"
+
+if [ "${RPM_NEWER:-}" = 1 ]; then
+    step "the same package with Release N+1, for upgrade tests (cargo not run)"
+    REL=$(sed -n 's/^Release:[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$SPEC")
+    [ -n "$REL" ] || fail "no numeric Release in $SPEC"
+    mkdir -p "$TMP/SPECS-newer" "$OUT/newer"
+    sed "s/^\(Release:[[:space:]]*\)$REL/\1$((REL + 1))/" "$SPEC" >"$TMP/SPECS-newer/$NAME.spec"
+    PATH=$NO_CARGO_PATH rpmbuild -bb --nodeps --quiet --define "_topdir $TMP" "$TMP/SPECS-newer/$NAME.spec"
+    NEWER=$(find "$TMP/RPMS" -name "$NAME-$VERSION-$((REL + 1)).*rpm" ! -name '*debug*' | head -n1)
+    [ -n "$NEWER" ] || fail "rpmbuild produced no $NAME-$VERSION-$((REL + 1)) package"
+    rm -f "$OUT/newer/$NAME"-*.rpm
+    cp "$NEWER" "$OUT/newer/"
+    echo "built (newer): $OUT/newer/$(basename "$NEWER")"
+fi
 
 printf '\nOK: %s\n' "$OUT/$(basename "$RPM")"

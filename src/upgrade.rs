@@ -1,12 +1,18 @@
 //! The socket handoff between an old process and its successor, over `upgrade_sock`.
 //! See LIFECYCLE.md for the whole sequence and its failure cases.
 //!
-//! Wire format (one connection): the old process sends one message whose payload is the
-//! listening addresses separated by spaces (pingora's own format), a newline and its reload
-//! generation, and whose SCM_RIGHTS control message carries the matching descriptors; it
-//! then waits for the successor to write
-//! one byte, [SERVING], once it serves. Only then does the old process stop accepting, so a
+//! Wire format (one connection): the old process sends one message whose payload is a
+//! version line (`pingora-lb handoff 2`), the listening addresses separated by spaces
+//! (pingora's own format), a newline and its reload generation, and whose SCM_RIGHTS control
+//! message carries the matching descriptors; it then waits for the successor to write one
+//! byte, [SERVING], once it serves. Only then does the old process stop accepting, so a
 //! successor that dies at any point before leaves the old process serving.
+//!
+//! The version line is how a package upgrade learns that the new binary cannot take over
+//! from the running one: the successor refuses a version it does not speak, with
+//! [HandoffError::IncompatibleProtocol], and the reload fails loudly instead of the new
+//! binary misreading the message. Version 1 is the message of pingora-lb 0.1.0, which had
+//! no version line and the same fields after it.
 
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
@@ -34,6 +40,41 @@ pub const ACCEPT_WINDOW: Duration = Duration::from_secs(10);
 const SERVING_WINDOW: Duration = Duration::from_secs(60);
 /// Every listening socket a configuration can have: the proxy listeners and the metrics one.
 const MAX_SOCKETS: usize = crate::config::MAX_LISTENERS + 1;
+/// Starts the first line of a versioned message.
+const VERSION_PREFIX: &str = "pingora-lb handoff ";
+
+/// The handoff protocol this build speaks. Raise it, and [OLDEST_ACCEPTED] if the older
+/// message can no longer be read, whenever the message changes.
+///
+/// Setting `PINGORA_LB_HANDOFF_PROTOCOL` when building makes a build that speaks only that
+/// version: a deliberately incompatible binary, with which the system test checks that a
+/// package upgrade the new binary cannot take over falls back to a restart.
+pub const PROTOCOL: u32 = match option_env!("PINGORA_LB_HANDOFF_PROTOCOL") {
+    Some(version) => parse_version(version),
+    None => 2,
+};
+/// The oldest version this build takes sockets from.
+const OLDEST_ACCEPTED: u32 = match option_env!("PINGORA_LB_HANDOFF_PROTOCOL") {
+    Some(_) => PROTOCOL,
+    None => 1,
+};
+
+/// A decimal version, at compile time: anything else fails the build.
+const fn parse_version(text: &str) -> u32 {
+    let bytes = text.as_bytes();
+    assert!(!bytes.is_empty(), "PINGORA_LB_HANDOFF_PROTOCOL is empty");
+    let mut value: u32 = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        assert!(
+            bytes[i].is_ascii_digit(),
+            "PINGORA_LB_HANDOFF_PROTOCOL must be a decimal number"
+        );
+        value = value * 10 + (bytes[i] - b'0') as u32;
+        i += 1;
+    }
+    value
+}
 
 /// Why a handoff did not happen; the old process keeps serving in every case.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +114,13 @@ pub enum HandoffError {
     CountMismatch { addresses: usize, sockets: usize },
     #[error("the running process sent a malformed generation {0:?}")]
     MalformedGeneration(String),
+    #[error(
+        "the running process hands its sockets over with handoff protocol {theirs}, and this \
+         build of pingora-lb speaks protocol {}, so it cannot take them over; restart the \
+         service to switch to this build (connections open now are closed)",
+        PROTOCOL
+    )]
+    IncompatibleProtocol { theirs: String },
 }
 
 /// Old process: sends the listening sockets to the successor listening on `path`, then
@@ -89,7 +137,7 @@ pub fn hand_over(
         .map(|(k, _)| k.as_str())
         .collect::<Vec<_>>()
         .join(" ");
-    let payload = format!("{keys}\n{generation}");
+    let payload = format!("{VERSION_PREFIX}{PROTOCOL}\n{keys}\n{generation}");
     let fds: Vec<RawFd> = sockets.iter().map(|(_, fd)| *fd).collect();
     sendmsg::<()>(
         stream.as_raw_fd(),
@@ -285,6 +333,7 @@ fn parse_message(
     fds: Vec<OwnedFd>,
 ) -> Result<(HashMap<String, OwnedFd>, u64), HandoffError> {
     let text = std::str::from_utf8(payload).map_err(|_| HandoffError::NotUtf8)?;
+    let text = check_version(text)?;
     let (keys, generation) = text.split_once('\n').unwrap_or((text, "0"));
     let keys: Vec<&str> = keys.split(' ').filter(|k| !k.is_empty()).collect();
     if keys.len() != fds.len() {
@@ -301,6 +350,21 @@ fn parse_message(
         keys.into_iter().map(String::from).zip(fds).collect(),
         generation,
     ))
+}
+
+/// Checks the version line of a message and returns what follows it. An address never
+/// starts with [VERSION_PREFIX], so a message without one is version 1.
+fn check_version(text: &str) -> Result<&str, HandoffError> {
+    let (version, rest) = match text.strip_prefix(VERSION_PREFIX) {
+        Some(versioned) => versioned.split_once('\n').unwrap_or((versioned, "")),
+        None => ("1", text),
+    };
+    match version.parse::<u32>() {
+        Ok(v) if (OLDEST_ACCEPTED..=PROTOCOL).contains(&v) => Ok(rest),
+        _ => Err(HandoffError::IncompatibleProtocol {
+            theirs: version.chars().take(32).collect(),
+        }),
+    }
 }
 
 /// Held by a process that took over, to tell the old one to stop.
@@ -437,6 +501,58 @@ mod tests {
             matches!(&error, HandoffError::MalformedGeneration(g) if g == "seven"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_unversioned_message_of_0_1_0_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(&dir);
+        let socket = HandoffSocket::bind(&path, None).unwrap();
+        let (address, fd) = listening_socket();
+        let _sender = send_raw(&path, &format!("{address}\n3"), &[fd.as_raw_fd()]);
+        let handoff = socket.receive(&ours()).unwrap();
+        assert_eq!(handoff.from_generation, 3);
+        assert!(handoff.sockets.contains_key(&address));
+    }
+
+    #[test]
+    fn a_protocol_this_build_does_not_speak_is_refused_and_the_old_process_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(&dir);
+        let socket = HandoffSocket::bind(&path, None).unwrap();
+        let (address, fd) = listening_socket();
+        let payload = format!("{VERSION_PREFIX}{}\n{address}\n1", PROTOCOL + 1);
+        let sender = std::thread::spawn(move || {
+            let mut stream = send_raw(&path, &payload, &[fd.as_raw_fd()]);
+            wait_until_serving(&mut stream)
+        });
+        let error = socket.receive(&ours()).err().unwrap();
+        assert!(
+            matches!(&error, HandoffError::IncompatibleProtocol { theirs } if *theirs == (PROTOCOL + 1).to_string()),
+            "{error}"
+        );
+        assert!(error.to_string().contains("restart the service"), "{error}");
+        let error = sender.join().unwrap().unwrap_err();
+        assert!(matches!(error, HandoffError::SuccessorGone(_)), "{error}");
+    }
+
+    proptest::proptest! {
+        /// The version line decides alone: a message is read past it only when its version
+        /// is one this build speaks, and an unversioned message is version 1.
+        #[test]
+        fn only_spoken_versions_are_read(version in 0u32..8, rest in "[ -~\n]{0,40}") {
+            let message = format!("{VERSION_PREFIX}{version}\n{rest}");
+            let spoken = (OLDEST_ACCEPTED..=PROTOCOL).contains(&version);
+            proptest::prop_assert_eq!(check_version(&message).ok(), spoken.then_some(rest.as_str()));
+        }
+
+        #[test]
+        fn any_text_is_judged_without_panicking(text in "\\PC{0,60}") {
+            let verdict = check_version(&text);
+            if !text.starts_with(VERSION_PREFIX) {
+                proptest::prop_assert_eq!(verdict.ok(), (OLDEST_ACCEPTED <= 1).then_some(text.as_str()));
+            }
+        }
     }
 
     #[test]

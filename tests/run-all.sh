@@ -20,7 +20,7 @@ step() { printf '\n==> %s (%ss)\n' "$*" "$SECONDS"; }
 step "system packages"
 packages=(build-essential cmake pkg-config libssl-dev debhelper fakeroot lintian rpm rpmlint
           nix-bin shellcheck mmdebstrap systemd-container curl python3 wrk haproxy nginx-light
-          chromium keepalived iproute2 openssl)
+          chromium keepalived iproute2 openssl apt-utils gnupg createrepo-c dnf)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -34,8 +34,18 @@ fi
 # test in its own network namespaces: keep the system's services stopped.
 systemctl disable --now haproxy nginx keepalived >/dev/null 2>&1 || true
 
+step "cargo fetch, and the build flags every build below shares"
+cargo fetch --locked
+# The packages' builds (debian/rules, the spec) rename the crates' source paths; the
+# tests' build uses the same flags, so the packages reuse it instead of rebuilding all.
+RUSTFLAGS=$(tools/path-remap-flags)
+export RUSTFLAGS
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+step "bundled licences match Cargo.lock"
+python3 tools/bundled-licenses.py --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
@@ -49,7 +59,19 @@ rm -rf "$CARGO_TARGET_DIR/debian-out"
 bash tests/packaging/deb-build.sh "$CARGO_TARGET_DIR/debian-out"
 
 step "RPM package: rpmbuild, rpmlint, install into a scratch root"
-bash rpm/build-and-check.sh
+# RPM_NEWER=1: also a build with Release N+1 (the same binary, cargo not run again) in
+# rpm-out/newer/, for the upgrade in the system test.
+rm -rf "$CARGO_TARGET_DIR/rpm-out"
+RPM_NEWER=1 bash rpm/build-and-check.sh "$CARGO_TARGET_DIR/rpm-out"
+RPM_FILE=$(find "$CARGO_TARGET_DIR/rpm-out" -maxdepth 1 -name 'pingora-lb-*.rpm' | head -n 1)
+RPM_NEWER_FILE=$(find "$CARGO_TARGET_DIR/rpm-out/newer" -name 'pingora-lb-*.rpm' | head -n 1)
+
+step "dnf repository: tools/dnf-repository.sh, signed, read by dnf (and refused when signed by another key)"
+bash tests/packaging/dnf-repository-check.sh "$RPM_FILE" "$RPM_NEWER_FILE"
+
+step "offline and reproducible: the vendored tarball built in unshare -n, compared with the build above"
+# Also makes $CARGO_TARGET_DIR/handoff-incompatible/pingora-lb for the system test.
+bash tests/packaging/hermetic-build.sh "$CARGO_TARGET_DIR"/debian-out/pingora-lb_*.deb
 
 step "Nix: parse, deadnix, nixpkgs-fmt, flake evaluation, unit drift"
 for tool in deadnix nixpkgs-fmt; do
@@ -63,7 +85,11 @@ bash tests/ha/failover.sh "$CARGO_TARGET_DIR/release/pingora-lb"
 
 if [ "${SKIP_SYSTEM:-}" != 1 ]; then
     step "systemd: apt install, reload under load, package upgrade, purge"
-    bash tests/system/deb-in-systemd.sh "$CARGO_TARGET_DIR"/debian-out/pingora-lb_*.deb
+    # The build speaking another handoff protocol (hermetic-build.sh made it): the upgrade
+    # that must fall back to a restart.
+    SYSTEST_RPM=$RPM_FILE SYSTEST_RPM_NEWER=$RPM_NEWER_FILE \
+    SYSTEST_INCOMPATIBLE_BIN=$CARGO_TARGET_DIR/handoff-incompatible/pingora-lb \
+        bash tests/system/deb-in-systemd.sh "$CARGO_TARGET_DIR"/debian-out/pingora-lb_*.deb
 fi
 
 step "all tests passed"

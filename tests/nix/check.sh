@@ -13,10 +13,16 @@
 #   1. every .nix file parses (nix-instantiate --parse);
 #   2. deadnix --fail (no unused bindings) and nixpkgs-fmt --check (formatting);
 #   3. drift: nixos-module/unit-settings.nix against dist/pingora-lb.service and
-#      nixos-module/config-defaults.nix against dist/pingora-lb.yaml, key by key;
-#   4. the flake evaluates: `nix flake show` and `nix flake check --no-build` with the nixpkgs
-#      input replaced by tests/nix/stub-nixpkgs, and every package, check, dev shell and
-#      formatter of both systems instantiates (nothing is built);
+#      nixos-module/config-defaults.nix against dist/pingora-lb.yaml, key by key; and the
+#      module's unit, evaluated with a stub of nixpkgs' lib (tests/nix/eval-unit.nix): a
+#      switch to a new package or config reloads it (reloadIfChanged, no restart trigger);
+#   4. flake.lock: nixpkgs locked to a GitHub revision with its narHash, from the branch
+#      flake.nix names, and Nix accepts the lock as it is (`nix flake lock
+#      --no-update-lock-file --offline`: no change, no download). Then the flake evaluates:
+#      `nix flake show` and `nix flake check --no-build` with the nixpkgs input replaced by
+#      tests/nix/stub-nixpkgs (--override-input; the lock is neither fetched nor rewritten,
+#      which is checked afterwards), and every package, check, dev shell and formatter of
+#      both systems instantiates (nothing is built);
 #   5. the VM test's Python script compiles (and passes pyflakes when it is installed), and
 #      its load script passes shellcheck (when installed), as the test driver and
 #      writeShellApplication would demand;
@@ -105,6 +111,12 @@ config_drift() {
 }
 step "config-defaults.nix == dist/pingora-lb.yaml" config_drift
 
+unit_triggers() {
+  nix-instantiate --read-write-mode --eval --strict --json tests/nix/eval-unit.nix >"$work/unit-triggers.json" &&
+    python3 tests/nix/checks.py unit-triggers "$work/unit-triggers.json"
+}
+step "module unit: a new package or config reloads, never restarts (stub lib)" unit_triggers
+
 # The flake is evaluated from a scratch git repository holding the same files, so that
 # untracked files count and the work tree's git state does not matter.
 flake="$work/flake"
@@ -113,7 +125,20 @@ tar -cf - -T "$work/files" | tar -xf - -C "$flake"
 git -C "$flake" init -q
 git -C "$flake" add -A
 git -C "$flake" -c user.name=check -c user.email=check@localhost commit -q -m scratch
-stub=(--override-input nixpkgs "path:$flake/tests/nix/stub-nixpkgs" --no-write-lock-file)
+# The lock as committed: its nixpkgs input stays locked (never fetched here), the override
+# replaces it for these evaluations only, and nothing may write the lock file.
+stub=(--override-input nixpkgs "path:$flake/tests/nix/stub-nixpkgs" --no-write-lock-file --no-update-lock-file)
+
+flake_lock() {
+  [[ -f $flake/flake.lock ]] || { echo "no flake.lock: nix build would lock whatever nixpkgs is current"; return 1; }
+  nix-instantiate --eval --strict --json --expr "(import $flake/flake.nix).inputs" >"$work/inputs.json" &&
+    python3 tests/nix/checks.py flake-lock "$flake/flake.lock" "$work/inputs.json" &&
+    sha256sum "$flake/flake.lock" >"$work/flake.lock.sha256" &&
+    # Fails when flake.nix asks for an input the lock does not hold as it is (Nix would
+    # have to change the lock, and download to do so).
+    nix "${nix_flags[@]}" flake lock --no-update-lock-file "$flake"
+}
+step "flake.lock pins nixpkgs as flake.nix names it" flake_lock
 
 step "nix flake show (stub nixpkgs)" \
   nix "${nix_flags[@]}" flake show "${stub[@]}" "$flake"
@@ -132,6 +157,12 @@ instantiate_all() {
   [[ $status -eq 0 ]] && python3 tests/nix/checks.py outputs "$work"
 }
 step "every output of both systems instantiates" instantiate_all
+
+lock_untouched() {
+  [[ -s $work/flake.lock.sha256 ]] && sha256sum --check --quiet "$work/flake.lock.sha256" &&
+    git -C "$flake" diff --quiet -- flake.lock
+}
+step "the flake evaluations left flake.lock as it is" lock_untouched
 
 render_test() {
   nix-instantiate --read-write-mode --eval --strict --json tests/nix/render-test.nix >"$work/render.json" &&

@@ -9,12 +9,18 @@ Subcommands (each exits 1 with one line per difference):
                                     the module evaluated with lib.evalModules
                                     (tests/nix/eval-module.nix) against dist/ and its own
                                     promises (reload-not-restart, firewall, users, ...)
+  unit-triggers UNITS_JSON          the module's unit evaluated without nixpkgs' lib
+                                    (tests/nix/eval-unit.nix): a switch to a new package or
+                                    config reloads it, nothing restarts it
+  flake-lock LOCK_FILE INPUTS_JSON  flake.lock pins nixpkgs to a GitHub revision with a NAR
+                                    hash, from the branch flake.nix names (its inputs, JSON)
   outputs WORK_DIR                  the flake's outputs (drvPaths from `nix eval`) are complete
   render RENDER_JSON OUT_DIR        writes the VM test's Python script and load script out of
                                     an evaluation, for py_compile, pyflakes and shellcheck
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -189,7 +195,10 @@ def cmd_module(eval_json, unit_file, yaml_file):
           "/etc/pingora-lb/pingora-lb.yaml is not the checked file")
     check(d["reloadTriggers"] == [d["etcSource"]],
           f"reloadTriggers {d['reloadTriggers']} != [the config in /etc]")
-    check(d["restartTriggers"] == ["/usr"], f"restartTriggers {d['restartTriggers']} != [the package]")
+    check(d["reloadIfChanged"] is True,
+          "reloadIfChanged is not set: a switch to a new package would restart, not reload")
+    check(d["restartTriggers"] == [],
+          f"restartTriggers {d['restartTriggers']}: the package (or anything) is a restart trigger again")
     check(result["disabled"] == {}, "a disabled module defines systemd services")
 
     # Variations.
@@ -246,18 +255,108 @@ def cmd_module(eval_json, unit_file, yaml_file):
     base = vm["machine"]
     check(base["failedAssertions"] == [], f"VM test machine: assertions fail: {base['failedAssertions']}")
     specs = vm["specialisations"]
-    check(set(specs) == {"only-backend-b", "runtime-config"}, f"specialisations: {sorted(specs)}")
+    check(set(specs) == {"only-backend-b", "runtime-config", "new-package"},
+          f"specialisations: {sorted(specs)}")
     for name, spec in specs.items():
-        for key in ("serviceConfig", "unit", "restartTriggers"):
+        check(spec["reloadIfChanged"] is True and base["reloadIfChanged"] is True,
+              f"specialisation {name}: reloadIfChanged is not set, switching to it would restart")
+        for key in ("unit", "restartTriggers"):
             check(spec[key] == base[key],
-                  f"specialisation {name} changes {key}: switching to it would restart, not reload")
+                  f"specialisation {name} changes {key}, not only what a reload applies")
+    # A config change: the unit differs only in its reload trigger.
+    for name in ("only-backend-b", "runtime-config"):
+        spec = specs.get(name)
+        if spec is None:
+            continue
+        check(spec["serviceConfig"] == base["serviceConfig"],
+              f"specialisation {name} changes serviceConfig, not only the config")
         check(spec["reloadTriggers"] != base["reloadTriggers"],
               f"specialisation {name} does not change reloadTriggers: switching to it would not reload")
+    # A new package: the unit differs only in the package's path, so the reload the switch
+    # runs is the new package's `pingora-lb reload`.
+    new = specs.get("new-package")
+    if new is not None:
+        check(new["package"] != base["package"], "specialisation new-package keeps the package")
+        check(json.dumps(new["serviceConfig"], sort_keys=True)
+              == json.dumps(base["serviceConfig"], sort_keys=True).replace(base["package"], new["package"]),
+              "specialisation new-package changes serviceConfig in more than the package's path")
+        check(new["serviceConfig"]["ExecReload"].startswith(f"{new['package']}/bin/pingora-lb reload "),
+              f"specialisation new-package: ExecReload {new['serviceConfig']['ExecReload']}")
     check([u["address"] for u in specs["only-backend-b"]["generated"]["upstreams"]] == ["127.0.0.1:8082"],
           "specialisation only-backend-b does not replace the upstreams")
     check(specs["runtime-config"]["etcSource"] == "/var/lib/pingora-lb-test/pingora-lb.yaml",
           "specialisation runtime-config does not link the mutable file")
     failures.finish("the NixOS module evaluated with lib.evalModules")
+
+
+def cmd_unit_triggers(units_json):
+    """The unit of two systems that differ only in the pingora-lb package."""
+    units = json.loads(Path(units_json).read_text())
+    failures = Failures()
+    check = failures.check
+    current, new = units["current"], units["next"]
+    for label, unit in (("current", current), ("next", new)):
+        package = unit["package"]
+        check(unit["enabled"] is True, f"{label}: enable = true does not define the unit")
+        check(unit["reloadIfChanged"] is True,
+              f"{label}: reloadIfChanged is not set: a switch to a new package would restart the service")
+        check(unit["restartIfChanged"] is True, f"{label}: restartIfChanged is turned off")
+        check(unit["restartTriggers"] == [],
+              f"{label}: restartTriggers {unit['restartTriggers']} (the package is no restart trigger)")
+        check(not any(package in trigger for trigger in unit["restartTriggers"]),
+              f"{label}: the package is a restart trigger")
+        check(unit["reloadTriggers"] == [unit["etcSource"]],
+              f"{label}: reloadTriggers {unit['reloadTriggers']} != [the config in /etc, {unit['etcSource']}]")
+        service = unit["serviceConfig"]
+        check(service.get("ExecReload", "").startswith(f"{package}/bin/pingora-lb reload "),
+              f"{label}: ExecReload {service.get('ExecReload')} does not run the package's reload")
+        check(service.get("ExecStart", "").startswith(f"{package}/bin/pingora-lb "),
+              f"{label}: ExecStart {service.get('ExecStart')} does not run the package")
+    check(current["package"] != new["package"], "the two systems have the same package")
+    check(json.dumps(new["serviceConfig"], sort_keys=True)
+          == json.dumps(current["serviceConfig"], sort_keys=True).replace(current["package"], new["package"]),
+          "a new package changes more of the unit than the package's path")
+    failures.finish("a switch to a new package or config reloads the unit (module without nixpkgs' lib)")
+
+
+def cmd_flake_lock(lock_file, inputs_json):
+    """flake.lock: the nixpkgs input locked to a GitHub revision with its NAR hash, from the
+    branch that flake.nix names, and nothing else locked."""
+    failures = Failures()
+    check = failures.check
+    try:
+        lock = json.loads(Path(lock_file).read_text())
+    except (OSError, ValueError) as e:
+        print(f"FAIL {lock_file}: {e}")
+        sys.exit(1)
+    inputs = json.loads(Path(inputs_json).read_text())
+    check(lock.get("version") == 7, f"lock file version {lock.get('version')}, not 7")
+    nodes = lock.get("nodes", {})
+    root = nodes.get(lock.get("root", ""), {})
+    check(set(root.get("inputs", {})) == set(inputs),
+          f"locked inputs {sorted(root.get('inputs', {}))} != flake.nix inputs {sorted(inputs)}")
+    node = nodes.get(root.get("inputs", {}).get("nixpkgs", ""), {})
+    locked, original = node.get("locked", {}), node.get("original", {})
+    check(locked.get("type") == "github" and locked.get("owner") == "NixOS" and locked.get("repo") == "nixpkgs",
+          f"nixpkgs is not locked to github:NixOS/nixpkgs: {locked}")
+    check(re.fullmatch(r"[0-9a-f]{40}", str(locked.get("rev", ""))) is not None,
+          f"nixpkgs is not locked to a revision: rev {locked.get('rev')!r}")
+    check(re.fullmatch(r"sha256-[A-Za-z0-9+/]{43}=", str(locked.get("narHash", ""))) is not None,
+          f"nixpkgs has no sha256 narHash: {locked.get('narHash')!r}")
+    check(isinstance(locked.get("lastModified"), int) and locked["lastModified"] > 0,
+          f"nixpkgs has no lastModified: {locked.get('lastModified')!r}")
+    check(set(locked) == {"lastModified", "narHash", "owner", "repo", "rev", "type"},
+          f"unexpected keys in the nixpkgs lock: {sorted(locked)}")
+    url = inputs.get("nixpkgs", {}).get("url", "")
+    want = f"github:{original.get('owner')}/{original.get('repo')}"
+    if "ref" in original:
+        want += f"/{original['ref']}"
+    check(original.get("type") == "github" and "rev" not in original and url == want,
+          f"flake.nix's nixpkgs input {url!r} is not the lock's original {original} ({want!r})")
+    extra = set(nodes) - {lock.get("root"), root.get("inputs", {}).get("nixpkgs")}
+    check(not extra, f"nodes locked that flake.nix does not use: {sorted(extra)}")
+    failures.finish(f"{Path(lock_file).name}: nixpkgs locked to {locked.get('rev', '?')[:12]} "
+                    f"({original.get('ref', '?')}, lastModified {locked.get('lastModified')})")
 
 
 def cmd_render(render_json, out_dir):
@@ -315,6 +414,8 @@ COMMANDS = {
     "config": cmd_config,
     "yaml-to-json": cmd_yaml_to_json,
     "module": cmd_module,
+    "unit-triggers": cmd_unit_triggers,
+    "flake-lock": cmd_flake_lock,
     "render": cmd_render,
 }
 

@@ -66,8 +66,13 @@ let
       failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
       serviceConfig = service.serviceConfig;
       unit = { inherit (service) description documentation wants after wantedBy; };
-      reloadTriggers = map toString service.reloadTriggers;
-      restartTriggers = map toString service.restartTriggers;
+      # NixOS' defaults where the module sets nothing (systemd.services is a plain container
+      # here).
+      reloadTriggers = map toString (service.reloadTriggers or [ ]);
+      restartTriggers = map toString (service.restartTriggers or [ ]);
+      reloadIfChanged = service.reloadIfChanged or false;
+      restartIfChanged = service.restartIfChanged or true;
+      package = toString cfg.package;
       etcSource = toString etcSource;
       checkScript = etcSource.script or null;
       configFile = toString cfg.configFile;

@@ -56,6 +56,8 @@ CONTENTS=$(dpkg-deb --contents "$DEB")
 echo "$CONTENTS"
 grep -Eq ' \./usr/share/doc/pingora-lb/examples/keepalived\.conf(\.gz)?$' <<<"$CONTENTS" ||
     fail "the keepalived example is not in /usr/share/doc/pingora-lb/examples"
+grep -Eq '^-rwxr-xr-x root/root .* \./usr/libexec/pingora-lb/reload-after-upgrade$' <<<"$CONTENTS" ||
+    fail "/usr/libexec/pingora-lb/reload-after-upgrade is missing or not executable"
 
 echo "==> lintian --allow-root $DEB"
 # --fail-on error: exit status non-zero only for E: tags. Tags are printed

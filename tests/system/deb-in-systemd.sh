@@ -9,26 +9,58 @@
 #   tests/system/deb-in-systemd.sh --boot-only        # only boot the container and run apt-get update
 #
 # Without NEWER.deb, a "newer build" of the package is made from PINGORA_LB.deb: unpacked with
-# dpkg-deb -R, Version bumped to <version>+systest1, repacked with dpkg-deb -b.
+# dpkg-deb -R, Version bumped to <version>+systest1, repacked with dpkg-deb -b. Two more are made
+# the same way: <version>+systest2 (for the upgrade with an invalid config) and, with
+# SYSTEST_INCOMPATIBLE_BIN, <version>+systest2+incompatible holding that binary.
+#
+# The packages reach the container as apt does it for an admin: tools/apt-repository.sh
+# publishes them in a repository signed with a throwaway RSA key (made here, in a temporary
+# GNUPGHOME), copied into the container as /srv/pingora-lb-repo, and named in
+# /etc/apt/sources.list.d/pingora-lb.sources with Signed-By: /etc/apt/keyrings/pingora-lb.gpg.
+# Upgrades publish the next version there, then `apt-get update` (of that source only: a full
+# one would fetch the Debian mirror again) and `apt-get install --only-upgrade pingora-lb` (not
+# `apt-get upgrade`, which would also upgrade whatever Debian updated since the cached root
+# was made, systemd included, in the middle of the measurements).
 #
 # Steps (each prints PASS:/FAIL: lines; the exit status is non-zero if anything failed):
 #   1. a bookworm minbase root made with mmdebstrap, cached in $SYSTEST_CACHE
-#      (default /var/cache/pingora-lb-systest) and reused across runs;
+#      (default /var/cache/pingora-lb-systest) and reused across runs; the signed repository;
 #   2. booted with systemd-nspawn --volatile=overlay (the cache stays clean), sharing the host's
 #      network (apt needs the mirror), in a cgroup of its own; commands run with nsenter;
-#   3. apt-get install of the .deb; two python3 backends (http_backend.py); the service is active,
+#   3. a copy of the repository signed with ANOTHER key is refused (apt-get update fails with
+#      NO_PUBKEY, pingora-lb cannot be installed from it); from the real one, apt-get install
+#      pingora-lb by name; two python3 backends (http_backend.py); the service is active,
 #      balances over both backends, runs as pingora-lb with no capabilities and NoNewPrivs;
 #   4. 10 x systemctl reload under load (http_load.py: keep-alive, new-connection, slow
 #      in-flight and idle keep-alive clients, and a monitor of the unit's state): no failed
 #      request, a new MainPID each time (also unprivileged), the unit never leaves
 #      active/reloading, the old processes exit;
 #   5. a broken config: reload fails, the same process keeps serving; restored, reload works;
-#   6. the newer package installed under load: no failed request, reloaded and not restarted
-#      (same InvocationID and ActiveEnterTimestamp; systemd logged Reloading/Reloaded and no
-#      Stopping/Started), and the new MainPID runs the installed binary;
-#   7. the daemon's lines in the journal; systemctl stop in < 10 s with a request in flight
-#      (answered) and an idle keep-alive connection open; apt-get purge is clean;
-#   8. systemd-analyze security (exposure score printed; saved to $SYSTEST_OUT/security.txt).
+#   6. the newer package published and upgraded to from the repository under load: no failed
+#      request, reloaded and not restarted (same InvocationID and ActiveEnterTimestamp; systemd
+#      logged Reloading/Reloaded and no Stopping/Started), and the new MainPID runs the
+#      installed binary;
+#   6b. an upgrade while /etc/pingora-lb/pingora-lb.yaml is invalid fails loudly (apt-get exits
+#      non-zero, the postinst names the config problem, the package stays half-configured) and
+#      the old process keeps serving (same MainPID, no failed request); with the config
+#      restored, dpkg --configure -a finishes the upgrade by a reload;
+#   6c. (with SYSTEST_INCOMPATIBLE_BIN) an upgrade to a binary that cannot take over by reload
+#      (another handoff protocol): the postinst falls back to a restart ("restarting
+#      pingora-lb.service" in apt's output), the unit is active with a new InvocationID, and
+#      its MainPID runs the installed /usr/bin/pingora-lb; the requests that failed during the
+#      restart are reported, not counted as a failure;
+#   7. the daemon's lines in the journal; systemd-analyze verify and security (exposure score
+#      printed; saved to $SYSTEST_OUT/security.txt); systemctl stop in < 10 s with a request
+#      in flight (answered) and an idle keep-alive connection open; apt-get purge is clean;
+#   8. (with SYSTEST_RPM and SYSTEST_RPM_NEWER) the RPM's scriptlets for real, in the same
+#      container, with Debian's rpm: with Fedora's default preset policy ("disable *", in
+#      /etc/systemd/system-preset/99-default-disable.preset) `rpm -i` creates the pingora-lb
+#      user (%pre; the user the .deb left is deleted first) and leaves the unit disabled and
+#      stopped, which is what a Fedora or RHEL admin expects of a package with a service (%post
+#      only applies the preset policy); `systemctl enable --now` starts it; `rpm -U` to the
+#      newer build under load reloads it (new MainPID, same InvocationID, no failed request);
+#      `rpm -e` after an edit of the config stops and disables the unit and keeps the edited
+#      config as /etc/pingora-lb/pingora-lb.yaml.rpmsave.
 # The container is always powered off and its cgroups removed; the cache is kept.
 #
 # Ports: the container shares the host's network, so the packaged config's ports (listener
@@ -39,12 +71,25 @@
 # Environment: SYSTEST_CACHE (cache directory), SYSTEST_OUT (directory for security.txt, the
 # container's journal and console), SYSTEST_MIRROR / SYSTEST_SECURITY_MIRROR
 # (Debian mirrors; default: the ones configured on this host for bookworm, else deb.debian.org),
-# SYSTEST_CACHE_MAX_DAYS (rebuild an older cached root; default 30).
+# SYSTEST_CACHE_MAX_DAYS (rebuild an older cached root; default 30),
+# SYSTEST_RPM and SYSTEST_RPM_NEWER (the .rpm and a newer build of it, e.g. from
+# `RPM_NEWER=1 rpm/build-and-check.sh`: step 8, skipped without them),
+# SYSTEST_INCOMPATIBLE_BIN (a pingora-lb binary speaking another handoff protocol: step 6c,
+# skipped without it).
 set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+TOOLS=$(cd "$HERE/../../tools" && pwd)
 UNIT=pingora-lb.service
 CONF=/etc/pingora-lb/pingora-lb.yaml
+# The signed apt repository: on the host (under $WORK/share, seen as /systest) and in the
+# container; the key file and sources file the admin installs.
+REPO_IN=/srv/pingora-lb-repo
+KEYRING_IN=/etc/apt/keyrings/pingora-lb.gpg
+SOURCES_IN=/etc/apt/sources.list.d/pingora-lb.sources
+INCOMPATIBLE_BIN=${SYSTEST_INCOMPATIBLE_BIN:-}
+RPM_FILE=${SYSTEST_RPM:-}
+RPM_NEWER_FILE=${SYSTEST_RPM_NEWER:-}
 SUITE=bookworm
 INCLUDE=systemd,systemd-sysv,dbus,curl,python3,ca-certificates,procps
 CACHE=${SYSTEST_CACHE:-/var/cache/pingora-lb-systest}
@@ -155,6 +200,9 @@ cleanup() {
     if [ -n "$WORK" ] && [ -n "$OUT" ] && [ -f "$WORK/console.log" ]; then
         cp "$WORK/console.log" "$OUT/container-console.txt"
     fi
+    for d in "$WORK"/gnupg-*; do
+        [ -d "$d" ] && timeout 10 gpgconf --homedir "$d" --kill gpg-agent >/dev/null 2>&1
+    done
     [ -n "$WORK" ] && rm -rf "$WORK"
     echo
     if [ "$FAILS" -eq 0 ] && [ "$rc" -eq 0 ]; then
@@ -172,7 +220,8 @@ cleanup() {
 ensure_tools() {
     local missing=() pair cmd pkg
     for pair in mmdebstrap:mmdebstrap systemd-nspawn:systemd-container curl:curl nsenter:util-linux \
-        dpkg-deb:dpkg flock:util-linux timeout:coreutils python3:python3 pgrep:procps; do
+        dpkg-deb:dpkg flock:util-linux timeout:coreutils python3:python3 pgrep:procps \
+        apt-ftparchive:apt-utils gpg:gnupg; do
         cmd=${pair%%:*}
         pkg=${pair#*:}
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
@@ -185,7 +234,7 @@ ensure_tools() {
             timeout 600 apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
             die "could not install ${missing[*]}"
     fi
-    pass "host tools present (mmdebstrap, systemd-nspawn, nsenter, dpkg-deb, curl, python3)"
+    pass "host tools present (mmdebstrap, systemd-nspawn, nsenter, dpkg-deb, curl, python3, apt-ftparchive, gpg)"
 }
 
 # The first http(s) URI in this host's apt sources that serves suite $1 (deb822 or one-line).
@@ -268,36 +317,143 @@ prepare_root() {
 # ---------------------------------------------------------------------------------------------
 # Packages
 
+# repack_deb SRC VERSION [BINARY]: SRC unpacked with dpkg-deb -R, its Version set to VERSION
+# (and usr/bin/pingora-lb replaced by BINARY, md5sums updated), packed again into $WORK/debs/;
+# prints the new file's path.
+repack_deb() {
+    local src=$1 ver=$2 bin=${3:-} tree=$WORK/repack-tree arch out sum
+    arch=$(dpkg-deb -f "$src" Architecture)
+    rm -rf "$tree"
+    dpkg-deb -R "$src" "$tree" || return 1
+    sed -i "s/^Version: .*/Version: $ver/" "$tree/DEBIAN/control"
+    if [ -n "$bin" ]; then
+        install -m 0755 "$bin" "$tree/usr/bin/pingora-lb" || return 1
+        sum=$(cd "$tree" && md5sum usr/bin/pingora-lb | awk '{ print $1 }')
+        awk -v s="$sum" '$2 == "usr/bin/pingora-lb" { print s "  " $2; next } { print }' \
+            "$tree/DEBIAN/md5sums" >"$tree/md5sums" && mv "$tree/md5sums" "$tree/DEBIAN/md5sums"
+    fi
+    mkdir -p "$WORK/debs"
+    out=$WORK/debs/pingora-lb_${ver//:/%3a}_${arch}.deb
+    # gzip -1: a valid .deb, and fast to pack even with a large (debug) binary inside.
+    dpkg-deb -Zgzip -z1 -b "$tree" "$out" >/dev/null || return 1
+    rm -rf "$tree"
+    echo "$out"
+}
+
 prepare_debs() {
-    local tree arch
     DEB=$(readlink -f "$1")
     [ -f "$DEB" ] || die "no such package: $1"
     [ "$(dpkg-deb -f "$DEB" Package)" = pingora-lb ] || die "$DEB is not the pingora-lb package"
     VER=$(dpkg-deb -f "$DEB" Version)
-    arch=$(dpkg-deb -f "$DEB" Architecture)
-    cp "$DEB" "$WORK/share/" || die "cannot copy $DEB"
-    DEB_IN=/systest/$(basename "$DEB")
     if [ -n "${2:-}" ]; then
         NEWER=$(readlink -f "$2")
         [ -f "$NEWER" ] || die "no such package: $2"
         NEWVER=$(dpkg-deb -f "$NEWER" Version)
-        cp "$NEWER" "$WORK/share/" || die "cannot copy $NEWER"
-        NEWER_IN=/systest/$(basename "$NEWER")
         info "newer package given: $NEWER"
     else
         NEWVER=$VER+systest1
-        tree=$WORK/newer-tree
-        dpkg-deb -R "$DEB" "$tree" || die "dpkg-deb -R $DEB failed"
-        sed -i "s/^Version: .*/Version: $NEWVER/" "$tree/DEBIAN/control"
-        NEWER=$WORK/share/pingora-lb_${NEWVER//:/%3a}_${arch}.deb
-        # gzip -1: a valid .deb, and fast to pack even with a large (debug) binary inside.
-        dpkg-deb -Zgzip -z1 -b "$tree" "$NEWER" >/dev/null || die "dpkg-deb -b failed"
-        rm -rf "$tree"
-        NEWER_IN=/systest/$(basename "$NEWER")
+        NEWER=$(repack_deb "$DEB" "$NEWVER") || die "cannot make the newer package $NEWVER"
         info "newer build made by bumping the version: $(basename "$NEWER")"
     fi
     dpkg --compare-versions "$NEWVER" gt "$VER" || die "$NEWVER is not newer than $VER"
-    pass "packages: pingora-lb $VER, then $NEWVER"
+    # The next one, for the upgrade with an invalid config (6b).
+    NEXTVER=${NEWVER%+systest1}+systest2
+    NEXT=$(repack_deb "$NEWER" "$NEXTVER") || die "cannot make the package $NEXTVER"
+    dpkg --compare-versions "$NEXTVER" gt "$NEWVER" || die "$NEXTVER is not newer than $NEWVER"
+    INCVER=
+    if [ -n "$INCOMPATIBLE_BIN" ]; then
+        [ -x "$INCOMPATIBLE_BIN" ] || die "SYSTEST_INCOMPATIBLE_BIN=$INCOMPATIBLE_BIN is not an executable file"
+        INCVER=$NEXTVER+incompatible
+        INC=$(repack_deb "$NEXT" "$INCVER" "$INCOMPATIBLE_BIN") || die "cannot make the package $INCVER"
+        info "incompatible build: $(basename "$INC") with $INCOMPATIBLE_BIN"
+    fi
+    pass "packages: pingora-lb $VER, then $NEWVER, $NEXTVER${INCVER:+, $INCVER}"
+}
+
+# The RPMs for step 8, if given, into the directory the container sees.
+prepare_rpms() {
+    RPM_IN=
+    RPM_NEWER_IN=
+    [ -n "$RPM_FILE" ] || [ -n "$RPM_NEWER_FILE" ] || return 0
+    [ -f "$RPM_FILE" ] || die "SYSTEST_RPM=$RPM_FILE: no such file"
+    [ -f "$RPM_NEWER_FILE" ] || die "SYSTEST_RPM_NEWER=${RPM_NEWER_FILE:-(not set)}: no such file"
+    [ "$(basename "$RPM_FILE")" != "$(basename "$RPM_NEWER_FILE")" ] ||
+        die "SYSTEST_RPM and SYSTEST_RPM_NEWER have the same file name: $(basename "$RPM_FILE")"
+    mkdir -p "$WORK/share/rpm"
+    cp "$RPM_FILE" "$RPM_NEWER_FILE" "$WORK/share/rpm/" || die "cannot copy the RPMs"
+    RPM_IN=/systest/rpm/$(basename "$RPM_FILE")
+    RPM_NEWER_IN=/systest/rpm/$(basename "$RPM_NEWER_FILE")
+    pass "RPMs for step 8: $(basename "$RPM_FILE"), then $(basename "$RPM_NEWER_FILE")"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The signed apt repository
+
+# mkkey NAME: a throwaway RSA 3072 signing key without a passphrase in $WORK/gnupg-NAME; prints
+# its fingerprint.
+mkkey() {
+    local home=$WORK/gnupg-$1
+    mkdir -m 0700 "$home" || return 1
+    timeout 120 gpg --homedir "$home" --batch --quiet --no-tty --passphrase '' \
+        --quick-generate-key "pingora-lb system test $1 <$1@pingora-lb.invalid>" rsa3072 sign 1d \
+        >/dev/null 2>&1 || return 1
+    gpg --homedir "$home" --batch --with-colons --list-secret-keys 2>/dev/null |
+        awk -F: '$1 == "fpr" { print $10; exit }'
+}
+
+# publish DEB...: tools/apt-repository.sh adds the packages to the repository (signed with
+# the publisher's key A), which is then copied into the container as $REPO_IN.
+publish() {
+    local t
+    t=$(now)
+    if ! timeout 120 "$TOOLS/apt-repository.sh" --gpg-home "$WORK/gnupg-a" --key "$KEY_A" \
+        --url "file:$REPO_IN" "$WORK/share/apt-repo" "$@" >"$WORK/publish.log" 2>&1; then
+        cat "$WORK/publish.log"
+        return 1
+    fi
+    if [ -n "$PID1" ]; then copy_repository_in "" || return 1; fi
+    info "published in $(since "$t") s: $(grep -E '^added' "$WORK/publish.log" | xargs)"
+}
+
+# copy_repository_in SUFFIX: /systest/apt-repo$SUFFIX (the host's) to $REPO_IN$SUFFIX in the
+# container, replacing what was there.
+copy_repository_in() {
+    local to=$REPO_IN$1
+    cx sh -c "rm -rf $to.new && cp -a /systest/apt-repo$1 $to.new && rm -rf $to && mv $to.new $to"
+}
+
+# apt_update_source FILE: apt-get update of the sources in FILE (in the container) only.
+apt_update_source() {
+    CX_TIMEOUT=120 cx apt-get update -q -o Dir::Etc::SourceList="$1" -o Dir::Etc::SourceParts=- \
+        -o APT::Get::List-Cleanup=0
+}
+
+# apt_upgrade LOG: apt-get update of the pingora-lb source, then apt-get install --only-upgrade
+# pingora-lb (keeping a changed config); the output in LOG; returns apt-get's exit status.
+apt_upgrade() {
+    local rc
+    apt_update_source "$SOURCES_IN" >"$1" 2>&1 || { cat "$1"; return 1; }
+    CX_TIMEOUT=300 cx apt-get install -y -q --only-upgrade -o Dpkg::Options::=--force-confdef \
+        -o Dpkg::Options::=--force-confold pingora-lb >>"$1" 2>&1
+    rc=$?
+    grep -E '^(Unpacking|Setting up)|pingora-lb:|[Ww]arning|[Ee]rror|^E:|^W:' "$1" |
+        while IFS= read -r l; do info "apt: ${l:0:200}"; done
+    return "$rc"
+}
+
+# The repository with the first package, signed with a throwaway key A (the publisher's), and
+# a copy of it signed with another key B (for the refusal check).
+prepare_repository() {
+    local t
+    t=$(now)
+    KEY_A=$(mkkey a) && [ -n "$KEY_A" ] || die "cannot make a throwaway gpg key"
+    KEY_B=$(mkkey b) && [ -n "$KEY_B" ] || die "cannot make a second throwaway gpg key"
+    publish "$DEB" || die "tools/apt-repository.sh failed"
+    cp -a "$WORK/share/apt-repo" "$WORK/share/apt-repo-otherkey"
+    timeout 120 "$TOOLS/apt-repository.sh" --gpg-home "$WORK/gnupg-b" --key "$KEY_B" \
+        --url "file:$REPO_IN-otherkey" "$WORK/share/apt-repo-otherkey" >"$WORK/publish-b.log" 2>&1 ||
+        { cat "$WORK/publish-b.log"; die "tools/apt-repository.sh failed with key B"; }
+    pass "signed apt repository with $VER made in $(since "$t") s (key A $KEY_A; a copy signed with key B $KEY_B)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -457,9 +613,15 @@ start_load() {
     return 1
 }
 
-# stop_load: stop the load, print its summary, PASS if nothing failed.
+# stop_load [report]: stop the load, print its summary, PASS if nothing failed. With "report",
+# failed requests and unit states are only reported (for a restart, which drops connections).
+# Sets LOAD_FAILED and LOAD_TOTAL (requests failed, and all requests made) and LOAD_FIRST_FAIL
+# (when the first request failed, in seconds since the load began; - if none did).
 stop_load() {
-    local name=$LOAD_NAME summary
+    local name=$LOAD_NAME mode=${1:-} summary
+    LOAD_FAILED=
+    LOAD_TOTAL=
+    LOAD_FIRST_FAIL=
     touch "$WORK/rw/$name.stop"
     wait "$LOAD_PID"
     LOAD_PID=
@@ -468,6 +630,11 @@ stop_load() {
         cat "$WORK/$name.load.log"
         return 1
     fi
+    read -r LOAD_FAILED LOAD_TOTAL LOAD_FIRST_FAIL < <(python3 -c '
+import json, sys
+s = json.load(open(sys.argv[1]))
+t = [f["t"] for f in s["failures"]]
+print(s["failed"], s["failed"] + s["ok"], "%.2f" % min(t) if t else "-")' "$WORK/rw/$name.json")
     summary=$(python3 - "$WORK/rw/$name.json" <<'EOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
@@ -491,6 +658,9 @@ EOF
     )
     if [ "$(head -n 1 <<<"$summary")" = ok ]; then
         pass "load '$name': $(sed -n 2p <<<"$summary")"
+        tail -n +3 <<<"$summary" | while IFS= read -r l; do info "$l"; done
+    elif [ "$mode" = report ]; then
+        info "load '$name' (reported, not checked): $(sed -n 2p <<<"$summary")"
         tail -n +3 <<<"$summary" | while IFS= read -r l; do info "$l"; done
     else
         fail "load '$name': $(sed -n 2p <<<"$summary")"
@@ -542,6 +712,20 @@ wait_balanced() {
     return 1
 }
 
+# apply_port_map: the packaged config in the container edited to use the test ports, if the
+# packaged ones are taken on the host (see choose_ports).
+apply_port_map() {
+    local sed_args=() m new_ports
+    [ ${#PORT_MAP[@]} = 0 ] && return 0
+    for m in "${PORT_MAP[@]}"; do
+        sed_args+=(-e "s/([]0-9a-zA-Z.:]):${m%%:*}([^0-9]|\$)/\1:${m#*:}\2/g")
+    done
+    cx sed -i -E "${sed_args[@]}" "$CONF"
+    new_ports=$(printf '%s|' "${PORT_MAP[@]#*:}")
+    info "config edited: $(cx grep -v '^ *#' "$CONF" | grep -E ":(${new_ports%|})([^0-9]|$)" | xargs)"
+    cx pingora-lb -t -c "$CONF" >/dev/null 2>&1 || fail "edited config does not pass pingora-lb -t"
+}
+
 # A cursor at the end of the container's journal.
 journal_cursor() { cx journalctl -n 1 -o export --no-pager | sed -n 's/^__CURSOR=//p'; }
 
@@ -568,7 +752,12 @@ cp "$HERE/http_load.py" "$HERE/http_backend.py" "$WORK/share/"
 
 step "1. host prerequisites, packages, Debian $SUITE root (cache: $CACHE)"
 ensure_tools
-[ "$BOOT_ONLY" = 1 ] || prepare_debs "$@"
+if [ "$BOOT_ONLY" = 0 ]; then
+    [ -x "$TOOLS/apt-repository.sh" ] || die "no $TOOLS/apt-repository.sh"
+    prepare_debs "$@"
+    prepare_rpms
+    prepare_repository
+fi
 prepare_root
 
 step "2. boot the container with systemd-nspawn"
@@ -587,7 +776,7 @@ if [ "$BOOT_ONLY" = 1 ]; then
     exit 0
 fi
 
-step "3. install pingora-lb $VER"
+step "3. install pingora-lb $VER by name from the signed repository"
 # Two backends, each answering with its own name (/slow after 2 s), as transient units of the
 # container's systemd.
 for i in 1 2; do
@@ -604,13 +793,55 @@ done
 [ "$backends_up" = 1 ] && pass "backends serve on 127.0.0.1:$B1_PORT and 127.0.0.1:$B2_PORT" ||
     die "the backends do not answer"
 
+# What the admin installs: the publisher's key, where Signed-By names it.
+cx install -d -m 0755 /etc/apt/keyrings &&
+    cx install -m 0644 /systest/apt-repo/pingora-lb.gpg "$KEYRING_IN" || die "cannot install $KEYRING_IN"
+# First a copy of the repository signed with another key, under a sources file that names the
+# publisher's key: apt must refuse it.
+other_sources=/etc/apt/sources.list.d/pingora-lb-otherkey.sources
+copy_repository_in -otherkey || die "cannot copy the repository signed with key B into the container"
+cx sh -c "sed 's|^URIs: .*|URIs: file:$REPO_IN-otherkey|' /systest/apt-repo/pingora-lb.sources >$other_sources"
 t=$(now)
-if CX_TIMEOUT=300 cx apt-get install -y -q "$DEB_IN" >"$WORK/apt-install.log" 2>&1; then
-    pass "apt-get install $(basename "$DEB_IN") ($(since "$t") s, dependencies from the mirror)"
+if apt_update_source "$other_sources" >"$WORK/apt-update-otherkey.log" 2>&1; then rc=0; else rc=$?; fi
+why=$(grep -m 1 -E 'NO_PUBKEY|[Ss]ignature|not signed' "$WORK/apt-update-otherkey.log" | cut -c 1-200)
+if [ "$rc" != 0 ] && [ -n "$why" ]; then
+    pass "apt-get update refuses the copy signed with key B (exit $rc in $(since "$t") s): $why"
+else
+    tail -n 20 "$WORK/apt-update-otherkey.log"
+    fail "apt-get update of the copy signed with key B: exit $rc, no NO_PUBKEY or signature error"
+fi
+if CX_TIMEOUT=60 cx apt-get install -s -q pingora-lb >"$WORK/apt-install-otherkey.log" 2>&1; then
+    fail "pingora-lb can be installed from the copy signed with key B: $(grep -m 1 '^Inst' "$WORK/apt-install-otherkey.log")"
+else
+    pass "pingora-lb cannot be installed from it: $(grep -m 1 -E '^E:' "$WORK/apt-install-otherkey.log")"
+fi
+cx rm -rf "$other_sources" "$REPO_IN-otherkey"
+
+# Then the repository as published.
+copy_repository_in "" || die "cannot copy the repository into the container"
+cx install -m 0644 /systest/apt-repo/pingora-lb.sources "$SOURCES_IN" || die "cannot install $SOURCES_IN"
+info "$SOURCES_IN: $(cx grep -v '^#' "$SOURCES_IN" | xargs)"
+t=$(now)
+if apt_update_source "$SOURCES_IN" >"$WORK/apt-update-repo.log" 2>&1 &&
+    ! grep -q -E '^(W|E):' "$WORK/apt-update-repo.log"; then
+    pass "apt-get update of $SOURCES_IN: signature by key A accepted ($(since "$t") s)"
+else
+    tail -n 20 "$WORK/apt-update-repo.log"
+    die "apt-get update of $SOURCES_IN failed or warned"
+fi
+candidate=$(cx apt-cache policy pingora-lb | awk '$1 == "Candidate:" { print $2 }')
+[ "$candidate" = "$VER" ] && pass "apt-cache policy pingora-lb: candidate $candidate" ||
+    die "apt-cache policy pingora-lb: candidate '$candidate', want $VER"
+t=$(now)
+if CX_TIMEOUT=300 cx apt-get install -y -q pingora-lb >"$WORK/apt-install.log" 2>&1; then
+    pass "apt-get install pingora-lb ($(since "$t") s, dependencies from the mirror)"
 else
     tail -n 30 "$WORK/apt-install.log"
-    die "apt-get install of $DEB_IN failed"
+    die "apt-get install pingora-lb failed"
 fi
+origin=$(cx apt-cache policy pingora-lb | awk '/^ *\*\*\*/ { getline; print $2, $3; exit }')
+[ "$origin" = "file:$REPO_IN stable/main" ] && pass "installed from the repository: $origin" ||
+    fail "installed version's origin: '$origin', want file:$REPO_IN stable/main"
 status=$(cx dpkg-query -W -f='${Status} ${Version}' pingora-lb)
 [ "$status" = "install ok installed $VER" ] && pass "dpkg: $status" || fail "dpkg status: '$status'"
 [ "$(cx systemctl is-enabled "$UNIT")" = enabled ] && pass "$UNIT is enabled" || fail "$UNIT is not enabled"
@@ -632,14 +863,7 @@ else
     else
         info "after install, is-active = $state (expected: packaged ports busy on the host)"
     fi
-    sed_args=()
-    for m in "${PORT_MAP[@]}"; do
-        sed_args+=(-e "s/([]0-9a-zA-Z.:]):${m%%:*}([^0-9]|\$)/\1:${m#*:}\2/g")
-    done
-    cx sed -i -E "${sed_args[@]}" "$CONF"
-    new_ports=$(printf '%s|' "${PORT_MAP[@]#*:}")
-    info "config edited: $(cx grep -v '^ *#' "$CONF" | grep -E ":(${new_ports%|})([^0-9]|$)" | xargs)"
-    cx pingora-lb -t -c "$CONF" >/dev/null 2>&1 || fail "edited config does not pass pingora-lb -t"
+    apply_port_map
     cx systemctl reset-failed "$UNIT" 2>/dev/null
     CX_TIMEOUT=90 cx systemctl restart "$UNIT" && [ "$(is_active)" = active ] &&
         pass "restarted on the test ports: is-active = active" || die "restart on the test ports failed"
@@ -752,7 +976,8 @@ cx cp -p /root/pingora-lb.yaml.plain "$CONF"
 CX_TIMEOUT=90 cx systemctl reload "$UNIT" && [ "$(is_active)" = active ] &&
     pass "back to the plain configuration by reload" || fail "reload back to the plain configuration"
 
-step "6. upgrade to $NEWVER under load"
+step "6. $NEWVER published in the repository; apt-get upgrade to it under load"
+publish "$NEWER" || die "publishing $NEWVER failed"
 old=$(main_pid)
 inv=$(svc_prop InvocationID)
 aet=$(svc_prop ActiveEnterTimestampMonotonic)
@@ -761,15 +986,12 @@ cursor=$(journal_cursor)
 start_load upgrade 240
 sleep 1
 t=$(now)
-if CX_TIMEOUT=300 cx apt-get install -y -q -o Dpkg::Options::=--force-confdef \
-    -o Dpkg::Options::=--force-confold "$NEWER_IN" >"$WORK/apt-upgrade.log" 2>&1; then
-    pass "apt-get install $(basename "$NEWER_IN") ($(since "$t") s)"
+if apt_upgrade "$WORK/apt-upgrade.log"; then
+    pass "apt-get update; apt-get install --only-upgrade pingora-lb ($(since "$t") s)"
 else
     tail -n 30 "$WORK/apt-upgrade.log"
-    fail "apt-get install of the newer package failed"
+    fail "apt-get update; apt-get install --only-upgrade pingora-lb failed"
 fi
-grep -E '^(Unpacking|Setting up)|pingora-lb:|[Ww]arning|[Ee]rror' "$WORK/apt-upgrade.log" |
-    while IFS= read -r l; do info "apt: $l"; done
 sleep 2
 stop_load
 new=$(main_pid)
@@ -797,6 +1019,103 @@ else
     fail "journal: the upgrade did not (only) reload $UNIT"
 fi
 check_privs "$new" "MainPID after the upgrade"
+
+step "6b. $NEXTVER published; upgrading to it with an invalid $CONF fails, the old process serves"
+publish "$NEXT" || die "publishing $NEXTVER failed"
+cx cp -p "$CONF" /root/pingora-lb.yaml.good
+cx sh -c "printf '\nsystest_unknown_key: 1\n' >>$CONF"
+old=$(main_pid)
+inv=$(svc_prop InvocationID)
+start_load badconfig 240
+sleep 1
+t=$(now)
+if apt_upgrade "$WORK/apt-badconfig.log"; then rc=0; else rc=$?; fi
+dt=$(since "$t")
+sleep 1
+body=$(lb_get 2>/dev/null)
+stop_load
+if [ "$rc" != 0 ] && grep -q 'returned an error code' "$WORK/apt-badconfig.log"; then
+    pass "the upgrade fails: apt-get exits $rc after $dt s ($(grep -m 1 'returned an error code' "$WORK/apt-badconfig.log"))"
+else
+    tail -n 30 "$WORK/apt-badconfig.log"
+    fail "apt-get exits $rc after $dt s although $CONF is invalid"
+fi
+named=$(grep -m 1 'systest_unknown_key' "$WORK/apt-badconfig.log" | cut -c 1-160)
+[ -n "$named" ] && pass "the postinst names the config problem: $named" ||
+    fail "apt's output does not name the invalid key systest_unknown_key"
+status=$(cx dpkg-query -W -f='${Status} ${Version}' pingora-lb)
+[ "$status" = "install ok half-configured $NEXTVER" ] && pass "dpkg: $status" ||
+    fail "dpkg status: '$status' (want install ok half-configured $NEXTVER)"
+new=$(main_pid)
+if [ "$(is_active)" = active ] && [ "$new" = "$old" ] && [ "$(svc_prop InvocationID)" = "$inv" ] &&
+    [[ $body == backend-* ]]; then
+    pass "the old process keeps serving: active, same MainPID $old ($(cx readlink "/proc/$old/exe")), answers $body"
+else
+    fail "after the failed upgrade: is-active = $(is_active), MainPID $old -> $new, request: '$body'"
+fi
+cx cp -p /root/pingora-lb.yaml.good "$CONF"
+start_load configure 120
+sleep 1
+t=$(now)
+if CX_TIMEOUT=300 cx dpkg --configure -a >"$WORK/dpkg-configure.log" 2>&1; then
+    pass "config restored: dpkg --configure -a finishes the upgrade ($(since "$t") s)"
+else
+    tail -n 20 "$WORK/dpkg-configure.log"
+    fail "dpkg --configure -a fails with the config restored"
+fi
+sleep 1
+stop_load
+status=$(cx dpkg-query -W -f='${Status} ${Version}' pingora-lb)
+[ "$status" = "install ok installed $NEXTVER" ] && pass "dpkg: $status" || fail "dpkg status: '$status'"
+new=$(main_pid)
+exe=$(cx readlink "/proc/$new/exe")
+[ "$(is_active)" = active ] && [ "$new" != "$old" ] && [ "$(svc_prop InvocationID)" = "$inv" ] &&
+    [ "$exe" = /usr/bin/pingora-lb ] &&
+    pass "reloaded onto $NEXTVER: MainPID $old -> $new (running $exe), same InvocationID" ||
+    fail "after dpkg --configure -a: is-active = $(is_active), MainPID $old -> $new ($exe), InvocationID $inv -> $(svc_prop InvocationID)"
+
+if [ -z "$INCVER" ]; then
+    step "6c. upgrade to a binary that cannot take over: skipped (SYSTEST_INCOMPATIBLE_BIN is not set)"
+else
+    step "6c. $INCVER (another handoff protocol) published; the upgrade under load falls back to a restart"
+    publish "$INC" || die "publishing $INCVER failed"
+    old=$(main_pid)
+    inv=$(svc_prop InvocationID)
+    cursor=$(journal_cursor)
+    start_load incompatible 240
+    sleep 1
+    t=$(now)
+    if apt_upgrade "$WORK/apt-incompatible.log"; then rc=0; else rc=$?; fi
+    dt=$(since "$t")
+    sleep 2
+    stop_load report
+    [ "$rc" = 0 ] && pass "apt-get update; apt-get install --only-upgrade pingora-lb: exit 0 ($dt s)" ||
+        fail "apt-get update; apt-get install --only-upgrade pingora-lb: exit $rc ($dt s)"
+    line=$(grep -m 1 'restarting pingora-lb.service' "$WORK/apt-incompatible.log")
+    [ -n "$line" ] && pass "the postinst falls back to a restart: $line" ||
+        fail "no 'restarting pingora-lb.service' in apt's output"
+    why=$({
+        cat "$WORK/apt-incompatible.log"
+        cx journalctl --no-pager -o cat --after-cursor="$cursor" -u "$UNIT"
+    } | grep -m 1 'handoff protocol' | cut -c 1-200)
+    [ -n "$why" ] && pass "the reload failed on the handoff protocol: $why" ||
+        fail "no 'handoff protocol' in apt's output or the unit's journal: the reload failed for another reason"
+    status=$(cx dpkg-query -W -f='${Status} ${Version}' pingora-lb)
+    [ "$status" = "install ok installed $INCVER" ] && pass "dpkg: $status" || fail "dpkg status: '$status'"
+    new=$(main_pid)
+    inv2=$(svc_prop InvocationID)
+    [ "$(is_active)" = active ] && [ "$inv2" != "$inv" ] && [ "$new" != "$old" ] && [ "$new" != 0 ] &&
+        pass "restarted: active, InvocationID $inv -> $inv2, MainPID $old -> $new" ||
+        fail "after the upgrade: is-active = $(is_active), InvocationID $inv -> $inv2, MainPID $old -> $new"
+    exe=$(cx readlink "/proc/$new/exe")
+    [ "$exe" = /usr/bin/pingora-lb ] && pass "MainPID runs the installed binary: /proc/$new/exe -> $exe" ||
+        fail "MainPID's binary: /proc/$new/exe -> '$exe'"
+    [ "$(cx md5sum /usr/bin/pingora-lb | awk '{ print $1 }')" = "$(md5sum "$INCOMPATIBLE_BIN" | awk '{ print $1 }')" ] &&
+        pass "/usr/bin/pingora-lb is the incompatible build" || fail "/usr/bin/pingora-lb is not $INCOMPATIBLE_BIN"
+    info "requests during the upgrade with a restart: $LOAD_FAILED of $LOAD_TOTAL failed, the first $LOAD_FIRST_FAIL s into the load (reported, not checked)"
+    wait_balanced
+    check_privs "$new" "MainPID after the restart"
+fi
 
 step "7. journal, systemd-analyze security, stop, purge"
 lines=$(cx journalctl -t pingora-lb --no-pager -o cat)
@@ -875,3 +1194,111 @@ done
 [ -z "$leftovers" ] && pass "purged cleanly: no /etc/pingora-lb, /usr/bin/pingora-lb, unit file, enablement link, /run/pingora-lb" ||
     fail "left after purge:$leftovers"
 cx getent passwd pingora-lb >/dev/null && info "the pingora-lb system user stays (as usual for Debian system users)"
+
+if [ -z "$RPM_IN" ]; then
+    step "8. the RPM's scriptlets: skipped (SYSTEST_RPM and SYSTEST_RPM_NEWER are not set)"
+    exit 0
+fi
+step "8. the RPM's scriptlets for real: rpm -i, rpm -U under load, rpm -e"
+t=$(now)
+if CX_TIMEOUT=300 cx apt-get install -y -q --no-install-recommends rpm >"$WORK/apt-rpm.log" 2>&1; then
+    pass "apt-get install rpm (Debian's) in the container ($(since "$t") s)"
+else
+    tail -n 20 "$WORK/apt-rpm.log"
+    die "apt-get install rpm failed"
+fi
+# The user the .deb left behind: gone, so that the RPM's %pre has to create it.
+cx userdel pingora-lb >/dev/null 2>&1
+cx groupdel pingora-lb >/dev/null 2>&1
+cx getent passwd pingora-lb >/dev/null && die "cannot delete the pingora-lb user the .deb left"
+# Fedora's and RHEL's preset policy: what no preset file enables stays disabled (Debian has no
+# such policy: its units are enabled).
+cx sh -c 'mkdir -p /etc/systemd/system-preset &&
+    echo "disable *" >/etc/systemd/system-preset/99-default-disable.preset'
+rpm_out() { grep -v -E 'should not be used directly|assuming you know what' "$1" | while IFS= read -r l; do info "rpm: $l"; done; }
+t=$(now)
+if CX_TIMEOUT=120 cx rpm -i --nodeps "$RPM_IN" >"$WORK/rpm-i.log" 2>&1; then
+    pass "rpm -i --nodeps $(basename "$RPM_IN") ($(since "$t") s)"
+    rpm_out "$WORK/rpm-i.log"
+else
+    cat "$WORK/rpm-i.log"
+    die "rpm -i failed"
+fi
+q=$(cx rpm -q pingora-lb)
+[ "$q.rpm" = "$(basename "$RPM_IN")" ] && pass "rpm -q pingora-lb: $q" || fail "rpm -q pingora-lb: '$q'"
+cx getent passwd pingora-lb >/dev/null && pass "%pre created the user: $(cx getent passwd pingora-lb)" ||
+    fail "no pingora-lb user after rpm -i"
+enabled=$(cx systemctl is-enabled "$UNIT" 2>&1)
+state=$(is_active)
+[ "$enabled" = disabled ] && [ "$state" = inactive ] &&
+    pass "%post applied the preset policy: is-enabled = $enabled, is-active = $state (as on Fedora/RHEL: the admin enables it)" ||
+    fail "after rpm -i with the policy 'disable *': is-enabled = $enabled, is-active = $state (want disabled, inactive)"
+apply_port_map
+if CX_TIMEOUT=90 cx systemctl enable --now "$UNIT" >/dev/null 2>&1 && [ "$(is_active)" = active ] &&
+    [ "$(cx systemctl is-enabled "$UNIT")" = enabled ]; then
+    pass "systemctl enable --now $UNIT: enabled, active"
+else
+    die "systemctl enable --now $UNIT: is-enabled = $(cx systemctl is-enabled "$UNIT"), is-active = $(is_active)"
+fi
+wait_balanced
+check_privs "$(main_pid)" "MainPID of the RPM's service"
+
+old=$(main_pid)
+inv=$(svc_prop InvocationID)
+cursor=$(journal_cursor)
+start_load rpm-upgrade 180
+sleep 1
+t=$(now)
+if CX_TIMEOUT=180 cx rpm -U --nodeps "$RPM_NEWER_IN" >"$WORK/rpm-U.log" 2>&1; then
+    pass "rpm -U --nodeps $(basename "$RPM_NEWER_IN") ($(since "$t") s)"
+else
+    cat "$WORK/rpm-U.log"
+    fail "rpm -U failed"
+fi
+rpm_out "$WORK/rpm-U.log"
+sleep 2
+stop_load
+q=$(cx rpm -q pingora-lb)
+[ "$q.rpm" = "$(basename "$RPM_NEWER_IN")" ] && pass "rpm -q pingora-lb: $q" || fail "rpm -q pingora-lb: '$q'"
+new=$(main_pid)
+inv2=$(svc_prop InvocationID)
+[ "$(is_active)" = active ] && [ "$new" != "$old" ] && [ "$new" != 0 ] && [ "$inv2" = "$inv" ] &&
+    pass "reloaded, not restarted: MainPID $old -> $new, same InvocationID" ||
+    fail "after rpm -U: is-active = $(is_active), MainPID $old -> $new, InvocationID $inv -> $inv2"
+exe=$(cx readlink "/proc/$new/exe")
+[ "$exe" = /usr/bin/pingora-lb ] && pass "MainPID runs the installed binary: /proc/$new/exe -> $exe" ||
+    fail "MainPID's binary: /proc/$new/exe -> '$exe'"
+msgs=$(cx journalctl --no-pager -o cat --after-cursor="$cursor" _PID=1 UNIT="$UNIT")
+if grep -q -E '^Reload' <<<"$msgs" && ! grep -q -E '^(Stopping|Stopped|Starting|Started|Deactivated)|Scheduled restart' <<<"$msgs"; then
+    pass "journal: rpm -U reloaded $UNIT (no Stopping/Stopped/Starting/Started)"
+else
+    fail "journal: rpm -U did not (only) reload $UNIT: $(tr '\n' '|' <<<"$msgs")"
+fi
+check_privs "$new" "MainPID after rpm -U"
+
+cx sh -c "printf '# edited by the system test\n' >>$CONF"
+t=$(now)
+if CX_TIMEOUT=120 cx rpm -e pingora-lb >"$WORK/rpm-e.log" 2>&1; then
+    pass "rpm -e pingora-lb ($(since "$t") s)"
+else
+    cat "$WORK/rpm-e.log"
+    fail "rpm -e failed"
+fi
+rpm_out "$WORK/rpm-e.log"
+state=$(is_active)
+left=$(cx pgrep -x pingora-lb | xargs)
+links=$(cx find /etc/systemd/system -name "$UNIT" | xargs)
+[ "$state" != active ] && [ -z "$left" ] && [ -z "$links" ] &&
+    pass "%preun stopped and disabled the unit: is-active = $state, no process, no enablement link" ||
+    fail "after rpm -e: is-active = $state, processes '$left', links '$links'"
+if cx grep -q 'edited by the system test' "$CONF.rpmsave" 2>/dev/null && ! cx test -e "$CONF"; then
+    pass "the edited config is kept as $CONF.rpmsave"
+else
+    fail "no edited $CONF.rpmsave (files: $(cx ls /etc/pingora-lb 2>&1 | xargs))"
+fi
+leftovers=
+for p in /usr/bin/pingora-lb /usr/lib/systemd/system/pingora-lb.service /usr/lib/sysusers.d/pingora-lb.conf; do
+    cx test -e "$p" && leftovers+=" $p"
+done
+[ -z "$leftovers" ] && ! cx rpm -q pingora-lb >/dev/null 2>&1 &&
+    pass "rpm -e removed the package's files (binary, unit, sysusers.d)" || fail "left after rpm -e:$leftovers"

@@ -74,7 +74,9 @@ let
 
     mkShell = args: builtins.seq (builtins.length args.packages) (fake "nix-shell" { });
 
-    runCommand = name: env: script: fakeDrv name { inherit script; } { inherit env script; };
+    # Like the real one, `meta` of env becomes the package's meta (lib.getExe reads it).
+    runCommand = name: env: script:
+      fakeDrv name { inherit script; } ({ inherit env script; } // (if env ? meta then { inherit (env) meta; } else { }));
     writeText = name: text: fakeDrv name { inherit text; } { inherit text; };
     writeTextDir = path: text: fake (baseNameOf path) { inherit text; };
     writeShellApplication = { name, text, ... }: fake name {
