@@ -8,15 +8,17 @@
 # count, pinned (taskset) to the same CPU set; the backends and wrk run on the other CPUs.
 # wrk runs in alternating rounds (pingora-lb, HAProxy, nginx, pingora-lb, ...) for
 # keep-alive clients and for a new connection per request, over plain HTTP and over TLS
-# (issue 13: the same throwaway certificate, protocol and cipher for all three). Then it
-# times pingora-lb's reload and how fast a dead backend leaves the rotation.
+# (issue 13: the same throwaway certificate, protocol and cipher for all three). On request
+# (--scenarios idle-memory) it measures the memory each balancer holds per idle keep-alive
+# client connection (benches/idle-clients.py). Then it times pingora-lb's reload and how
+# fast a dead backend leaves the rotation.
 #
 # PINGORA_LB=path selects the pingora-lb binary (default: target/release/pingora-lb).
 # Several, as name=path pairs separated by commas, are all measured in the same rounds:
 #   PINGORA_LB=before=/tmp/old/pingora-lb,after=target/release/pingora-lb benches/run.sh
 #
 # Needs: haproxy, nginx (nginx-light is enough), wrk, taskset (util-linux), ss (iproute2),
-# openssl (for the TLS scenarios).
+# openssl (for the TLS scenarios), python3 (for idle-memory).
 # Installs nothing. Runs as root or as any user (then the processes stay that user).
 set -euo pipefail
 
@@ -39,7 +41,9 @@ BACKEND_WORKERS=2
 OUT="$BENCH_DIR/results/latest.md"
 ONLY="pingora,haproxy,nginx"
 SCENARIOS="keepalive,close,tls-keepalive,tls-handshake"
-ALL_SCENARIOS="keepalive,close,tls-keepalive,tls-handshake,tls-resume"
+ALL_SCENARIOS="keepalive,close,tls-keepalive,tls-handshake,tls-resume,idle-memory"
+IDLE_CONNECTIONS=10000
+IDLE_CONCURRENCY=64
 # TLS scenarios: every balancer and wrk settle on exactly this (see openssl-client.cnf.in).
 TLS_PROTOCOL=TLSv1.3
 TLS_CIPHER=TLS_AES_128_GCM_SHA256
@@ -65,8 +69,12 @@ Usage: benches/run.sh [options]
   --kills K            times a backend is killed to time its removal (default $KILLS; 0 skips)
   --scenarios LIST     from keepalive, close (plain HTTP), tls-keepalive, tls-handshake (a
                        full TLS handshake per request, resumption off), tls-resume (a
-                       resumed one per request); "plain", "tls" and "all" name groups
+                       resumed one per request), idle-memory (memory per idle keep-alive
+                       client connection); "plain", "tls" and "all" name groups
                        (default $SCENARIOS)
+  --idle-connections N idle-memory: idle keep-alive connections held open (default $IDLE_CONNECTIONS;
+                       the open file limit must allow it)
+  --idle-concurrency C idle-memory: connections opened (and requests made) at once (default $IDLE_CONCURRENCY)
   --only LIST          balancers to run: pingora,haproxy,nginx (default all)
   --port-base P        ports P+1.. are used on 127.0.0.1 (default $PORT_BASE)
   --backend-workers W  nginx workers of each backend (default $BACKEND_WORKERS)
@@ -94,6 +102,8 @@ while (($#)); do
         --reloads) RELOADS=${2:?}; shift 2 ;;
         --kills) KILLS=${2:?}; shift 2 ;;
         --scenarios) SCENARIOS=${2:?}; shift 2 ;;
+        --idle-connections) IDLE_CONNECTIONS=${2:?}; shift 2 ;;
+        --idle-concurrency) IDLE_CONCURRENCY=${2:?}; shift 2 ;;
         --only) ONLY=${2:?}; shift 2 ;;
         --port-base) PORT_BASE=${2:?}; shift 2 ;;
         --backend-workers) BACKEND_WORKERS=${2:?}; shift 2 ;;
@@ -104,11 +114,13 @@ while (($#)); do
         *) usage >&2; die "unknown option $1" ;;
     esac
 done
-for v in THREADS ROUNDS DURATION CONNECTIONS WRK_THREADS RELOADS KILLS PORT_BASE BACKEND_WORKERS REDO; do
+for v in THREADS ROUNDS DURATION CONNECTIONS WRK_THREADS RELOADS KILLS PORT_BASE BACKEND_WORKERS REDO \
+    IDLE_CONNECTIONS IDLE_CONCURRENCY; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "--${v,,} must be a whole number"
 done
 ((THREADS >= 1 && ROUNDS >= 1 && DURATION >= 1 && CONNECTIONS >= 1 && WRK_THREADS >= 1)) ||
     die "threads, rounds, duration, connections and wrk threads must be at least 1"
+((IDLE_CONNECTIONS >= 1 && IDLE_CONCURRENCY >= 1)) || die "--idle-connections and --idle-concurrency must be at least 1"
 ((CONNECTIONS >= WRK_THREADS)) || die "--connections must be at least --wrk-threads"
 SCEN_LIST=()
 IFS=',' read -r -a _scens <<<"$SCENARIOS"
@@ -117,7 +129,7 @@ for scen in "${_scens[@]}"; do
         plain) SCEN_LIST+=(keepalive close) ;;
         tls) SCEN_LIST+=(tls-keepalive tls-handshake tls-resume) ;;
         all) IFS=',' read -r -a _all <<<"$ALL_SCENARIOS"; SCEN_LIST+=("${_all[@]}") ;;
-        keepalive|close|tls-keepalive|tls-handshake|tls-resume) SCEN_LIST+=("$scen") ;;
+        keepalive|close|tls-keepalive|tls-handshake|tls-resume|idle-memory) SCEN_LIST+=("$scen") ;;
         *) die "--scenarios: unknown scenario $scen" ;;
     esac
 done
@@ -127,18 +139,36 @@ is_tls() { [[ $1 == tls-* ]]; }                                   # over TLS
 closes() { [[ $1 == close || $1 == tls-handshake || $1 == tls-resume ]]; }  # Connection: close
 ANY_TLS=0
 for scen in "${SCEN_LIST[@]}"; do if is_tls "$scen"; then ANY_TLS=1; fi; done
+# idle-memory is no wrk scenario: it runs after the others, with its own report section.
+IDLE_MEMORY=0
+WRK_SCENS=()
+for scen in "${SCEN_LIST[@]}"; do
+    if [[ $scen == idle-memory ]]; then IDLE_MEMORY=1; else WRK_SCENS+=("$scen"); fi
+done
 
 # ---------------------------------------------------------------- tools
 missing=()
-tools=(haproxy nginx wrk taskset ss timeout getconf)
+tools=(haproxy nginx taskset ss timeout getconf)
+if ((${#WRK_SCENS[@]} || RELOADS > 0 || KILLS > 0)); then tools+=(wrk); fi
 if ((ANY_TLS)); then tools+=(openssl); fi
+if ((IDLE_MEMORY)); then tools+=(python3); fi
 for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then
     echo "run.sh: missing: ${missing[*]}" >&2
-    echo "  on Debian: apt-get install -y haproxy nginx-light wrk util-linux iproute2 coreutils openssl" >&2
+    echo "  on Debian: apt-get install -y haproxy nginx-light wrk util-linux iproute2 coreutils openssl python3" >&2
     exit 1
+fi
+
+# idle-memory: the client and each balancer hold every connection open at once, one file
+# descriptor each (plus the balancer's backend connections and its own files).
+IDLE_NOFILE=$((IDLE_CONNECTIONS + 1024))
+if ((IDLE_MEMORY)); then
+    hard_nofile=$(ulimit -Hn)
+    if [[ $hard_nofile != unlimited ]] && ((hard_nofile < IDLE_NOFILE)); then
+        die "--idle-connections $IDLE_CONNECTIONS needs an open file limit of $IDLE_NOFILE; the hard limit is $hard_nofile (raise it, e.g. in limits.conf or with prlimit, or use fewer connections)"
+    fi
 fi
 
 # pingora-lb binaries: PL_NAMES[i] / PL_BINS[i]
@@ -521,8 +551,10 @@ pingora_listeners() {
 declare -A LB_PID=()
 start_balancer() {
     local i=$1 scen=$2 dir="$TMP/lb$1-$2" pid user_line="" tls="" ossl_conf=""
-    local bind_tls="" listen_tls="" tls_lines="" run_env=()
+    local bind_tls="" listen_tls="" tls_lines="" run_env=() maxconn=8192
     mkdir -p "$dir"
+    # Room for every idle connection (pingora-lb has no connection limit).
+    if [[ $scen == idle-memory ]]; then maxconn=$IDLE_NOFILE; fi
     if is_tls "$scen"; then
         tls=tls
         ossl_conf=$(server_openssl_conf "$scen")
@@ -547,7 +579,8 @@ start_balancer() {
             ;;
         haproxy)
             render "$BENCH_DIR/haproxy.cfg.in" "$dir/haproxy.cfg" \
-                "PORT=${PORT[$i]}" "BIND_TLS=$bind_tls" "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT"
+                "PORT=${PORT[$i]}" "BIND_TLS=$bind_tls" "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT" \
+                "MAXCONN=$maxconn"
             # -db: foreground, one process (its threads); no master-worker.
             "${run_env[@]+"${run_env[@]}"}" \
                 taskset -c "$LB_CPUS" haproxy -db -f "$dir/haproxy.cfg" >"$dir/stdout.log" 2>&1 &
@@ -558,7 +591,8 @@ start_balancer() {
             if [[ $ME == root ]]; then user_line="user root;"; fi
             render "$BENCH_DIR/nginx-lb.conf.in" "$dir/nginx.conf" \
                 "DIR=$dir" "PORT=${PORT[$i]}" "LISTEN_TLS=$listen_tls" "TLS_LINES=$tls_lines" \
-                "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT" "USER_LINE=$user_line"
+                "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT" "USER_LINE=$user_line" \
+                "WORKER_CONNECTIONS=$maxconn"
             "${run_env[@]+"${run_env[@]}"}" \
                 taskset -c "$LB_CPUS" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g 'daemon off;' \
                 >"$dir/stdout.log" 2>&1 &
@@ -673,7 +707,7 @@ declare -A RSS_KB=()    # scenario,i -> peak RSS kB
 declare -A NPROCS=()    # scenario,i -> processes summed
 declare -A CEILING=()   # scenario -> req/s of wrk straight to a backend
 declare -A TLS_SEEN=()  # scenario,i -> what openssl s_client negotiated with the balancer
-for scen in "${SCEN_LIST[@]}"; do
+for scen in "${WRK_SCENS[@]+"${WRK_SCENS[@]}"}"; do
     log "scenario $scen: starting balancers"
     for i in "${!KIND[@]}"; do start_balancer "$i" "$scen"; done
     if is_tls "$scen"; then
@@ -732,6 +766,109 @@ for scen in "${SCEN_LIST[@]}"; do
         stop_balancer "$i"
     done
 done
+
+# ---------------------------------------------------------------- idle keep-alive connections
+# idle-memory: each balancer, started afresh, gets one request on each of IDLE_CONNECTIONS
+# keep-alive connections (IDLE_CONCURRENCY at a time), which then all stay open and idle.
+# The growth of its resident memory from before to then, divided by the connections still
+# open, is its memory per idle connection. Opening them must finish within IDLE_OPEN_LIMIT
+# seconds, well inside every balancer's idle timeout (HAProxy and nginx 60 s, pingora-lb's
+# client.keepalive_timeout 75 s), and the client checks that none was closed meanwhile.
+# IDLE_RAW columns: 1 round 2 i 3 open 4 closed early 5 failed 6 rss0 kB 7 rss1 kB
+# 8 pss0 kB 9 pss1 kB 10 seconds to open 11 processes
+IDLE_RAW="$TMP/idle.tsv"
+printf '' >"$IDLE_RAW"
+IDLE_OPEN_LIMIT=45
+IDLE_SETTLE=2
+IDLE_CLIENT="$TMP/idle-clients.py"   # a copy: its command line names $TMP (cleanup)
+
+# "VmRSS Pss" in kB, each summed over the given pids.
+rss_pss_kb() {
+    local pid r=0 p=0 k
+    for pid in "$@"; do
+        k=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || k=0
+        r=$((r + ${k:-0}))
+        k=$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup" 2>/dev/null) || k=0
+        p=$((p + ${k:-0}))
+    done
+    echo "$r $p"
+}
+
+# wait_line FILE PATTERN PID SECONDS: until FILE has a line matching PATTERN; fails if PID
+# exits or the time is up first.
+wait_line() {
+    local i
+    for ((i = 0; i < $4 * 10; i++)); do
+        if grep -q "$2" "$1" 2>/dev/null; then return 0; fi
+        if ! kill -0 "$3" 2>/dev/null; then grep -q "$2" "$1" 2>/dev/null; return; fi
+        sleep 0.1
+    done
+    return 1
+}
+kv() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p"; }   # kv LINE KEY: KEY's value in "k=v k=v"
+
+# measure_idle I ROUND: appends a line to $IDLE_RAW.
+measure_idle() {
+    local i=$1 round=$2 dir="$TMP/lb$1-idle-memory" pids rss0 pss0 rss1 pss1 cpid out ready status
+    out="$dir/clients-r$round.txt"
+    # Warm-up, not measured: as many connections as are opened at once, one request each, then
+    # closed, so that backend connections are pooled and lazy initialisation is done.
+    if ! timeout -k 5 60 taskset -c "$LOAD_CPUS" python3 "$IDLE_CLIENT" --port "${PORT[$i]}" \
+        --connections "$IDLE_CONCURRENCY" --concurrency "$IDLE_CONCURRENCY" --hold 0 \
+        >"$dir/warmup-r$round.txt" 2>&1; then
+        cat "$dir/warmup-r$round.txt" >&2
+        die "idle-memory: the warm-up against ${NAME[$i]} failed"
+    fi
+    sleep 1
+    pids=$(proc_tree "${LB_PID[$i]}")
+    # shellcheck disable=SC2086
+    read -r rss0 pss0 < <(rss_pss_kb $pids)
+    taskset -c "$LOAD_CPUS" python3 "$IDLE_CLIENT" --port "${PORT[$i]}" --connections "$IDLE_CONNECTIONS" \
+        --concurrency "$IDLE_CONCURRENCY" --open-timeout "$IDLE_OPEN_LIMIT" --hold 120 >"$out" 2>"$out.err" &
+    cpid=$!
+    STARTED_PIDS+=("$cpid")
+    wait_line "$out" '^ready ' "$cpid" $((IDLE_OPEN_LIMIT + 10)) || true
+    ready=$(grep '^ready ' "$out" || true)
+    if [[ -z $ready ]]; then
+        cat "$out" "$out.err" >&2
+        stop_pid "$cpid"
+        die "idle-memory: $IDLE_CONNECTIONS connections to ${NAME[$i]} were not open within $IDLE_OPEN_LIMIT s (try fewer, --idle-connections)"
+    fi
+    sleep "$IDLE_SETTLE"
+    pids=$(proc_tree "${LB_PID[$i]}")
+    # shellcheck disable=SC2086
+    read -r rss1 pss1 < <(rss_pss_kb $pids)
+    kill -USR1 "$cpid" 2>/dev/null || true
+    wait_line "$out" '^status ' "$cpid" 10 || true
+    status=$(grep '^status ' "$out" | tail -n 1 || true)
+    stop_pid "$cpid"
+    [[ -n $status ]] || die "idle-memory: the client reported no status (${NAME[$i]}, $out)"
+    local open closed failed secs
+    open=$(kv "$status" open)
+    closed=$(($(kv "$status" closed) + $(kv "$status" unexpected)))
+    failed=$(kv "$ready" failed)
+    secs=$(kv "$ready" seconds)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$i" "$open" "$closed" "$failed" \
+        "$rss0" "$rss1" "$pss0" "$pss1" "$secs" "$(wc -w <<<"$pids")" >>"$IDLE_RAW"
+    log "  $(printf '%-12s' "${NAME[$i]}") $(awk -v o="$open" -v a="$rss0" -v b="$rss1" -v c="$pss0" -v d="$pss1" \
+        -v cl="$closed" -v f="$failed" -v s="$secs" 'BEGIN {
+        printf "%d idle connections (opened in %.1f s): RSS %.1f -> %.1f MiB, %.2f KiB per connection (PSS %.2f); closed early %d, failed %d",
+            o, s, a / 1024, b / 1024, (o > 0 ? (b - a) / o : 0), (o > 0 ? (d - c) / o : 0), cl, f }')"
+}
+
+if ((IDLE_MEMORY)); then
+    cp "$BENCH_DIR/idle-clients.py" "$IDLE_CLIENT"
+    # The client and each balancer hold one descriptor per connection (checked at the start).
+    if [[ $(ulimit -Sn) != unlimited ]] && (($(ulimit -Sn) < IDLE_NOFILE)); then ulimit -Sn "$IDLE_NOFILE"; fi
+    for ((round = 1; round <= ROUNDS; round++)); do
+        log "scenario idle-memory, round $round/$ROUNDS: $IDLE_CONNECTIONS idle keep-alive connections per balancer"
+        for i in "${!KIND[@]}"; do
+            start_balancer "$i" idle-memory
+            measure_idle "$i" "$round"
+            stop_balancer "$i"
+        done
+    done
+fi
 
 # ---------------------------------------------------------------- reload and dead backend
 # One pingora-lb per binary over backend1, backend2 and a third, dedicated backend: timed
@@ -910,7 +1047,9 @@ REPORT="$TMP/report.md"
     echo "Command: \`$(if [[ -n ${PINGORA_LB:-} ]]; then printf "PINGORA_LB='%s' " "$PINGORA_LB"; fi)benches/run.sh${ORIG_ARGS[*]:+ ${ORIG_ARGS[*]}}\`"
     echo
     echo "- Balancers pinned to CPU(s) $LB_CPUS with $THREADS thread(s)/worker(s) each; backends (2 nginx instances, $BACKEND_WORKERS workers each, \`return 200 \"ok\\n\"\`) and wrk on CPU(s) $LOAD_CPUS."
-    echo "- wrk $(wrk -v 2>&1 | head -n 1 | awk '{print $2}'): \`-t$WRK_THREADS -c$CONNECTIONS -d${DURATION}s\`; $ROUNDS alternating rounds per scenario, figures are medians over the rounds."
+    if ((${#WRK_SCENS[@]})); then
+        echo "- wrk $(wrk -v 2>&1 | head -n 1 | awk '{print $2}'): \`-t$WRK_THREADS -c$CONNECTIONS -d${DURATION}s\`; $ROUNDS alternating rounds per scenario, figures are medians over the rounds."
+    fi
     for j in "${!PL_NAMES[@]}"; do
         [[ ,$ONLY, == *,pingora,* ]] || break
         echo "- ${PL_NAMES[$j]}: \`${PL_BINS[$j]}\` ($("${PL_COPIES[$j]}" --version 2>/dev/null | head -n 1 || true), built ${PL_BUILT[$j]}, sha256 ${PL_SHA[$j]})"
@@ -937,7 +1076,7 @@ REPORT="$TMP/report.md"
     if [[ -s $DISCARDED ]]; then
         echo "- $(wc -l <"$DISCARDED") run(s) disturbed by other processes were repeated (listed at the end, not counted)."
     fi
-    for scen in "${SCEN_LIST[@]}"; do
+    for scen in "${WRK_SCENS[@]+"${WRK_SCENS[@]}"}"; do
         echo
         rate="req/s" per="req"
         case "$scen" in
@@ -1017,6 +1156,47 @@ REPORT="$TMP/report.md"
             done
         fi
     done
+    if ((IDLE_MEMORY)); then
+        echo
+        echo "## Idle keep-alive connections ($IDLE_CONNECTIONS per balancer)"
+        echo
+        echo "Each balancer, started afresh with the configuration of the other scenarios (only its connection limit raised),"
+        echo "gets one GET on each of $IDLE_CONNECTIONS keep-alive connections ($IDLE_CONCURRENCY at a time, \`benches/idle-clients.py\`);"
+        echo "every connection then stays open and idle. Memory per idle connection: the growth of the balancer's resident"
+        echo "memory (VmRSS, and PSS, summed over its processes) from before the connections were opened (after a warm-up"
+        echo "of $IDLE_CONCURRENCY connections, closed again) to ${IDLE_SETTLE} s after the last response, divided by the connections still"
+        echo "open then. Medians over $ROUNDS round(s)."
+        echo
+        echo "| balancer | processes | RSS before MiB | RSS with the idle connections MiB | KiB per idle connection (RSS) | KiB per idle connection (PSS) | still open | seconds to open them |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        idle_med() { awk -F'\t' -v i="$1" '$2 == i { print '"$2"' }' "$IDLE_RAW" | median; }
+        # shellcheck disable=SC2016  # awk expressions
+        for i in "${!KIND[@]}"; do
+            V[idle,$i]=$(idle_med "$i" '($3 > 0 ? ($7 - $6) / $3 : "nan")')
+            echo "| ${NAME[$i]} | $(idle_med "$i" '$11') | $(fmt "$(idle_med "$i" '$6 / 1024')" %.1f) | $(fmt "$(idle_med "$i" '$7 / 1024')" %.1f) | $(fmt "${V[idle,$i]}" %.2f) | $(fmt "$(idle_med "$i" '($3 > 0 ? ($9 - $8) / $3 : "nan")')" %.2f) | $(idle_med "$i" '$3') of $IDLE_CONNECTIONS | $(fmt "$(idle_med "$i" '$10')" %.1f) |"
+        done
+        if ((HAP >= 0 || NGX >= 0)); then
+            echo
+            echo "Ratios of the memory per idle connection (RSS; lower is better)"
+            echo
+            hdr="| balancer |" sep="|---|"
+            if ((HAP >= 0)); then hdr+=" ÷ HAProxy |"; sep+="---:|"; fi
+            if ((NGX >= 0)); then hdr+=" ÷ nginx |"; sep+="---:|"; fi
+            echo "$hdr"
+            echo "$sep"
+            for i in "${!KIND[@]}"; do
+                row="| ${NAME[$i]} |"
+                if ((HAP >= 0)); then row+=" $(ratio "${V[idle,$i]}" "${V[idle,$HAP]}") |"; fi
+                if ((NGX >= 0)); then row+=" $(ratio "${V[idle,$i]}" "${V[idle,$NGX]}") |"; fi
+                echo "$row"
+            done
+        fi
+        early=$(awk -F'\t' '{ c += $4; f += $5 } END { print c + 0, f + 0 }' "$IDLE_RAW")
+        if [[ $early != "0 0" ]]; then
+            echo
+            echo "**Warning**: ${early% *} connection(s) closed by a balancer before the measurement and ${early#* } failed (all rounds; see below)."
+        fi
+    fi
     if ((${#RELOAD_MS[@]} || ${#KILL_MS[@]})); then
         echo
         echo "## pingora-lb lifecycle"
@@ -1075,13 +1255,39 @@ EOF
 - **peak RSS**: VmHWM from \`/proc/PID/status\` at the end of the scenario, summed over the balancer's
   processes (for nginx master + workers; pages they share are counted once per process, so this overstates
   nginx's real footprint).
+EOF
+    if ((IDLE_MEMORY)); then
+        cat <<EOF
+- **idle-memory**: VmRSS (\`/proc/PID/status\`) and Pss (\`/proc/PID/smaps_rollup\`), summed over the balancer's
+  processes, before and with the idle connections; the kernel's socket buffers are in neither. The connection
+  limits are raised to the connections plus 1024 (HAProxy \`maxconn\`, nginx \`worker_connections\`; pingora-lb has
+  none), and so is the open file limit (\`ulimit -n\`). The idle timeouts (HAProxy \`timeout http-keep-alive\` and
+  nginx \`keepalive_timeout\` 60 s, pingora-lb \`client.keepalive_timeout\` 75 s by default) outlast the measurement,
+  which gives up when opening the connections takes more than $IDLE_OPEN_LIMIT s.
+EOF
+    fi
+    cat <<EOF
 - Configurations: \`benches/pingora-lb.yaml.in\`, \`benches/haproxy.cfg.in\`, \`benches/nginx-lb.conf.in\`,
   backends \`benches/backend-nginx.conf.in\`; TLS: \`benches/openssl-client.cnf.in\`, \`benches/openssl-server.cnf.in\`.
 EOF
-    echo
-    echo "## Raw rounds"
-    echo
-    raw_table "$RAW"
+    if [[ -s $RAW ]]; then
+        echo
+        echo "## Raw rounds"
+        echo
+        raw_table "$RAW"
+    fi
+    if ((IDLE_MEMORY)) && [[ -s $IDLE_RAW ]]; then
+        echo
+        echo "Idle connections, each round:"
+        echo
+        echo "| round | balancer | still open | closed early | failed | RSS before kB | RSS after kB | KiB per connection (RSS) | KiB per connection (PSS) | seconds to open |"
+        echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        while IFS=$'\t' read -r r i o c f r0 r1 p0 p1 secs _; do
+            awk -v r="$r" -v n="${NAME[$i]}" -v o="$o" -v c="$c" -v f="$f" -v r0="$r0" -v r1="$r1" -v p0="$p0" -v p1="$p1" -v s="$secs" 'BEGIN {
+                printf "| %s | %s | %d | %d | %d | %d | %d | %.2f | %.2f | %.1f |\n", r, n, o, c, f, r0, r1,
+                    (o > 0 ? (r1 - r0) / o : 0), (o > 0 ? (p1 - p0) / o : 0), s }'
+        done <"$IDLE_RAW"
+    fi
     if [[ -s $DISCARDED ]]; then
         echo
         echo "Repeated because other processes disturbed them (not counted):"

@@ -153,7 +153,11 @@ impl AccessLog {
 
     /// Whether the next request is to be logged (sampling).
     pub fn sample(&self) -> bool {
-        self.every == 1 || self.seen.fetch_add(1, Ordering::Relaxed) % self.every == 0
+        self.every == 1
+            || self
+                .seen
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(self.every)
     }
 
     /// Queues an entry; never blocks.
