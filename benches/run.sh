@@ -551,10 +551,10 @@ pingora_listeners() {
 declare -A LB_PID=()
 start_balancer() {
     local i=$1 scen=$2 dir="$TMP/lb$1-$2" pid user_line="" tls="" ossl_conf=""
-    local bind_tls="" listen_tls="" tls_lines="" run_env=() maxconn=8192
+    local bind_tls="" listen_tls="" tls_lines="" run_env=() maxconn=8192 strict_limits=""
     mkdir -p "$dir"
     # Room for every idle connection (pingora-lb has no connection limit).
-    if [[ $scen == idle-memory ]]; then maxconn=$IDLE_NOFILE; fi
+    if [[ $scen == idle-memory ]]; then maxconn=$IDLE_NOFILE strict_limits="    no strict-limits"; fi
     if is_tls "$scen"; then
         tls=tls
         ossl_conf=$(server_openssl_conf "$scen")
@@ -580,7 +580,7 @@ start_balancer() {
         haproxy)
             render "$BENCH_DIR/haproxy.cfg.in" "$dir/haproxy.cfg" \
                 "PORT=${PORT[$i]}" "BIND_TLS=$bind_tls" "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT" \
-                "MAXCONN=$maxconn"
+                "MAXCONN=$maxconn" "STRICT_LIMITS=$strict_limits"
             # -db: foreground, one process (its threads); no master-worker.
             "${run_env[@]+"${run_env[@]}"}" \
                 taskset -c "$LB_CPUS" haproxy -db -f "$dir/haproxy.cfg" >"$dir/stdout.log" 2>&1 &
@@ -1220,15 +1220,17 @@ REPORT="$TMP/report.md"
         echo "Requests sent to the dead backend until then are retried on another one (counted from the \"cannot connect\""
         echo "warnings). During both, wrk (4 keep-alive connections) keeps requesting; its errors are the client errors."
     fi
-    cat <<EOF
-
-## Method
-
+    echo
+    echo "## Method"
+    echo
+    if ((${#WRK_SCENS[@]})); then
+        cat <<EOF
 - Each scenario starts every balancer afresh, warms it up with 1 s of wrk, then runs the rounds in turn.
 - **req/s, p50, p99** come from wrk (\`--latency\`, via a \`done()\` hook in \`benches/report.lua\`). wrk times a
   request from sending it to the end of the response, so the new-connection scenarios' latencies exclude the TCP
   and TLS handshakes.
 EOF
+    fi
     if ((ANY_TLS)); then
         cat <<EOF
 - **TLS**: each balancer terminates TLS on its listener with the same certificate and key (pingora-lb: a
@@ -1243,7 +1245,8 @@ EOF
   session; the run stops if one differs.
 EOF
     fi
-    cat <<EOF
+    if ((${#WRK_SCENS[@]})); then
+        cat <<EOF
 - **CPU µs/req**: utime+stime (\`/proc/PID/stat\`, all threads) of the balancer's processes (pingora-lb: one
   process; HAProxy: one process, started with \`-db\`; nginx: master + workers) from before to after a run,
   divided by the requests wrk completed. **balancer CPU use** is that CPU time over the run's wall time
@@ -1256,29 +1259,33 @@ EOF
   processes (for nginx master + workers; pages they share are counted once per process, so this overstates
   nginx's real footprint).
 EOF
+    fi
     if ((IDLE_MEMORY)); then
         cat <<EOF
 - **idle-memory**: VmRSS (\`/proc/PID/status\`) and Pss (\`/proc/PID/smaps_rollup\`), summed over the balancer's
   processes, before and with the idle connections; the kernel's socket buffers are in neither. The connection
-  limits are raised to the connections plus 1024 (HAProxy \`maxconn\`, nginx \`worker_connections\`; pingora-lb has
-  none), and so is the open file limit (\`ulimit -n\`). The idle timeouts (HAProxy \`timeout http-keep-alive\` and
-  nginx \`keepalive_timeout\` 60 s, pingora-lb \`client.keepalive_timeout\` 75 s by default) outlast the measurement,
-  which gives up when opening the connections takes more than $IDLE_OPEN_LIMIT s.
+  limits are raised to the connections plus 1024 (HAProxy \`maxconn\`, with \`no strict-limits\` as it reserves two
+  descriptors per connection; nginx \`worker_connections\`; pingora-lb has none), and so is the open file limit
+  (\`ulimit -n\`). The idle timeouts (HAProxy \`timeout http-keep-alive\` and nginx \`keepalive_timeout\` 60 s,
+  pingora-lb \`client.keepalive_timeout\` 75 s by default) outlast the measurement, which gives up when opening
+  the connections takes more than $IDLE_OPEN_LIMIT s.
 EOF
     fi
     cat <<EOF
 - Configurations: \`benches/pingora-lb.yaml.in\`, \`benches/haproxy.cfg.in\`, \`benches/nginx-lb.conf.in\`,
   backends \`benches/backend-nginx.conf.in\`; TLS: \`benches/openssl-client.cnf.in\`, \`benches/openssl-server.cnf.in\`.
 EOF
-    if [[ -s $RAW ]]; then
+    if [[ -s $RAW || (IDLE_MEMORY -eq 1 && -s $IDLE_RAW) ]]; then
         echo
         echo "## Raw rounds"
+    fi
+    if [[ -s $RAW ]]; then
         echo
         raw_table "$RAW"
     fi
     if ((IDLE_MEMORY)) && [[ -s $IDLE_RAW ]]; then
         echo
-        echo "Idle connections, each round:"
+        echo "Idle connections (idle-memory), each round:"
         echo
         echo "| round | balancer | still open | closed early | failed | RSS before kB | RSS after kB | KiB per connection (RSS) | KiB per connection (PSS) | seconds to open |"
         echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
