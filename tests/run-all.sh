@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: lint, unit and integration tests on the real binary
-# (as root: privilege tests need it), the .deb built and linted, the .rpm built, linted and
-# installed into a scratch root, the Nix files checked, a keepalived pair failed over in
-# network namespaces, and the .deb installed and reloaded under load in a real systemd
-# booted in a container.
+# The whole test suite, as CI runs it: lint and the bundled licences, unit and integration
+# tests on the real binary (as root: privilege tests need it), the .deb built and linted, the
+# .rpm built, linted and installed into a scratch root, a signed dnf repository read by dnf,
+# the vendored source tarball built offline (unshare -n) and compared byte for byte with the
+# first build, the Nix files checked, a keepalived pair failed over in network namespaces,
+# and, in a real systemd booted in a container, the package installed by name from a signed
+# apt repository, reloaded and upgraded under load (also across an incompatible handoff
+# protocol), purged, then the RPM's scriptlets run for real.
 #
 # Usage: sudo bash tests/run-all.sh        (installs what a fresh Debian machine lacks)
 # SKIP_SYSTEM=1 leaves out the systemd container test.
