@@ -5,6 +5,7 @@
 {
   version = 1;
   threads = 2;
+  fast_path = true;
 
   pid_file = "/run/pingora-lb/pingora-lb.pid";
   upgrade_sock = "/run/pingora-lb/upgrade.sock";

@@ -140,6 +140,16 @@ let
       description = "Worker threads of the proxy service.";
     };
 
+    fast_path = lib.mkOption {
+      type = lib.types.bool;
+      default = defaults.fast_path;
+      description = ''
+        Forward common HTTP/1.1 requests (one Host, no body or a `Content-Length`,
+        nothing to interpret) as bytes instead of through pingora-proxy, at about half
+        its CPU per request. Anything else takes pingora-proxy either way.
+      '';
+    };
+
     pid_file = lib.mkOption {
       type = lib.types.nullOr lib.types.str;
       default = defaults.pid_file;

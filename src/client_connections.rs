@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::BytesMut;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
@@ -25,13 +26,10 @@ use pingora::proxy::{HttpProxy, ProxyHttp};
 use pingora::server::ShutdownWatch;
 
 use crate::config::{ClientLimits, ProxyProtocolIn};
+use crate::fast_path::{FastPath, Outcome};
+use crate::proxy::{keepalive_seconds, HeaderParsed};
 use crate::proxy_protocol::{self, ProxyHeader};
 use crate::tls::TlsListeners;
-
-/// Put on a connection before each request; pingora hands it to
-/// [ProxyHttp::on_connection_reuse] as soon as the request header is parsed, and the
-/// proxy's implementation sets it, which ends the header deadline.
-pub struct HeaderParsed(pub Arc<AtomicBool>);
 
 /// The proxy's [ServerApp]: HTTP/1 connections here, anything else to pingora's own loop.
 pub struct ClientConnections<P> {
@@ -41,6 +39,8 @@ pub struct ClientConnections<P> {
     keepalive_requests: u32,
     proxy_protocol: Option<ProxyProtocolIn>,
     tls: TlsListeners,
+    /// Serves the common HTTP/1.1 requests, when on.
+    fast_path: Option<FastPath>,
 }
 
 impl<P> ClientConnections<P> {
@@ -49,6 +49,7 @@ impl<P> ClientConnections<P> {
         limits: &ClientLimits,
         proxy_protocol: Option<ProxyProtocolIn>,
         tls: TlsListeners,
+        fast_path: Option<FastPath>,
     ) -> Self {
         ClientConnections {
             proxy: Arc::new(proxy),
@@ -57,6 +58,7 @@ impl<P> ClientConnections<P> {
             keepalive_requests: limits.keepalive_requests,
             proxy_protocol,
             tls,
+            fast_path,
         }
     }
 
@@ -117,9 +119,53 @@ fn addresses(stream: &Stream) -> (Option<SocketAddr>, Option<SocketAddr>) {
     )
 }
 
-/// pingora counts keep-alive in whole seconds, and 0 means "forever": round up.
-pub fn keepalive_seconds(timeout: Duration) -> u64 {
-    timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0)
+impl<P> ClientConnections<P>
+where
+    P: ProxyHttp + Send + Sync + 'static,
+    P::CTX: Send + Sync,
+{
+    /// pingora-proxy's HTTP/1 loop over the connection, from the bytes `read` already and
+    /// with the request header due within `header_deadline`.
+    async fn proxy_http1(
+        &self,
+        stream: Stream,
+        read: Option<BytesMut>,
+        mut header_deadline: Duration,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut session = ServerSession::new_http1(stream);
+        if let Some(read) = read.filter(|read| !read.is_empty()) {
+            session.set_pipelined_prefix(read);
+        }
+        let keepalive = (!*shutdown.borrow()).then(|| keepalive_seconds(self.keepalive_timeout));
+        session.set_keepalive(keepalive);
+        // pingora allows one request more than the number of reuses it is given.
+        session.set_keepalive_reuses_remaining(Some(self.keepalive_requests - 1));
+        loop {
+            let parsed = Arc::new(AtomicBool::new(false));
+            session.set_connection_user_context(Some(Box::new(HeaderParsed(parsed.clone()))));
+            let request = self.proxy.process_new_http(session, shutdown);
+            let header_timeout = async {
+                tokio::time::sleep(header_deadline).await;
+                if parsed.load(Ordering::Acquire) {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let reusable = tokio::select! {
+                reusable = request => reusable?,
+                () = header_timeout => {
+                    log::debug!("closing a client connection: no complete request header in time");
+                    return None;
+                }
+            };
+            let (stream, settings) = reusable.consume();
+            session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            header_deadline = self.keepalive_timeout + self.header_timeout;
+        }
+    }
 }
 
 #[async_trait]
@@ -153,36 +199,25 @@ where
         if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1)) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
-        let mut session = ServerSession::new_http1(stream);
-        let keepalive = (!*shutdown.borrow()).then(|| keepalive_seconds(self.keepalive_timeout));
-        session.set_keepalive(keepalive);
-        // pingora allows one request more than the number of reuses it is given.
-        session.set_keepalive_reuses_remaining(Some(self.keepalive_requests - 1));
-        let mut header_deadline = self.header_timeout;
-        loop {
-            let parsed = Arc::new(AtomicBool::new(false));
-            session.set_connection_user_context(Some(Box::new(HeaderParsed(parsed.clone()))));
-            let request = self.proxy.process_new_http(session, shutdown);
-            let header_timeout = async {
-                tokio::time::sleep(header_deadline).await;
-                if parsed.load(Ordering::Acquire) {
-                    std::future::pending::<()>().await;
+        let (stream, read, header_deadline) = match &self.fast_path {
+            Some(fast_path) => {
+                let (peer, local) = addresses(&stream);
+                match fast_path.serve(stream, peer, local, shutdown).await {
+                    Outcome::Closed => return None,
+                    Outcome::HandOver {
+                        stream,
+                        read,
+                        header_deadline,
+                    } => (
+                        stream,
+                        Some(read),
+                        header_deadline.saturating_duration_since(std::time::Instant::now()),
+                    ),
                 }
-            };
-            let reusable = tokio::select! {
-                reusable = request => reusable?,
-                () = header_timeout => {
-                    log::debug!("closing a client connection: no complete request header in time");
-                    return None;
-                }
-            };
-            let (stream, settings) = reusable.consume();
-            session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
             }
-            header_deadline = self.keepalive_timeout + self.header_timeout;
-        }
+            None => (stream, None, self.header_timeout),
+        };
+        self.proxy_http1(stream, read, header_deadline, shutdown).await
     }
 
     async fn cleanup(&self) {

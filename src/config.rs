@@ -67,6 +67,10 @@ pub struct Config {
     /// no one to steal from and a current-thread runtime is cheaper.
     #[serde(default)]
     pub work_stealing: Option<bool>,
+    /// Whether common HTTP/1.1 requests take the fast path (forwarded as bytes) rather
+    /// than pingora-proxy; see `fast_path.rs`.
+    #[serde(default = "defaults::yes")]
+    pub fast_path: bool,
     /// Run in the background, as `-d` does.
     #[serde(default)]
     pub daemon: bool,

@@ -4,15 +4,16 @@
 
 use std::net::IpAddr;
 
-use pingora::http::RequestHeader;
-use pingora::Result;
+use http::{HeaderName, HeaderValue};
+use pingora::{ErrorType, OrErr, Result};
 
 use crate::config::Forwarding;
+use crate::header_edits::{visible_ascii, EditHeaders};
 
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
-const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
-const X_FORWARDED_HOST: &str = "x-forwarded-host";
-const FORWARDED: &str = "forwarded";
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = http::header::FORWARDED;
 
 impl Forwarding {
     /// Whether any header is to be sent.
@@ -25,47 +26,39 @@ impl Forwarding {
     }
 
     /// Rewrites the forwarding headers of the request going upstream; `tls`: the client
-    /// connection is HTTPS.
+    /// connection is HTTPS; `host`: the host the client asked for.
     pub fn apply(
         &self,
         client: Option<IpAddr>,
         tls: bool,
-        request: &mut RequestHeader,
+        host: Option<&str>,
+        request: &mut impl EditHeaders,
     ) -> Result<()> {
         let proto = if tls { "https" } else { "http" };
         let trusted = self.trusts(client);
-        let host = request
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| request.uri.host())
-            .map(str::to_owned);
         let client_text = client.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
-        // A backend reading the family that is not sent would otherwise see the client's own.
         if !trusted && !self.x_forwarded {
             for name in [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST] {
-                request.remove_header(name);
+                request.remove(&name);
             }
         }
         if !trusted && !self.forwarded {
-            request.remove_header(FORWARDED);
+            request.remove(&FORWARDED);
         }
         if self.x_forwarded {
-            let previous = trusted.then(|| joined(request, X_FORWARDED_FOR)).flatten();
+            let previous = trusted.then(|| joined(request, &X_FORWARDED_FOR)).flatten();
             let chain = match previous {
                 Some(previous) => format!("{previous}, {client_text}"),
                 None => client_text.clone(),
             };
-            request.insert_header(X_FORWARDED_FOR, chain)?;
-            if !(trusted && request.headers.contains_key(X_FORWARDED_PROTO)) {
-                request.insert_header(X_FORWARDED_PROTO, proto)?;
+            request.set(X_FORWARDED_FOR, value(chain)?)?;
+            if !(trusted && request.values(&X_FORWARDED_PROTO).next().is_some()) {
+                request.set(X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;
             }
-            if !(trusted && request.headers.contains_key(X_FORWARDED_HOST)) {
-                match &host {
-                    Some(host) => request.insert_header(X_FORWARDED_HOST, host.as_str())?,
-                    None => {
-                        request.remove_header(X_FORWARDED_HOST);
-                    }
+            if !(trusted && request.values(&X_FORWARDED_HOST).next().is_some()) {
+                match host {
+                    Some(host) => request.set(X_FORWARDED_HOST, value(host.to_string())?)?,
+                    None => request.remove(&X_FORWARDED_HOST),
                 }
             }
         }
@@ -76,34 +69,34 @@ impl Forwarding {
                 None => "unknown".to_string(),
             };
             let mut element = format!("for={node};proto={proto}");
-            if let Some(host) = &host {
+            if let Some(host) = host {
                 element.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
             }
-            let previous = trusted.then(|| joined(request, FORWARDED)).flatten();
-            let value = match previous {
+            let previous = trusted.then(|| joined(request, &FORWARDED)).flatten();
+            let forwarded = match previous {
                 Some(previous) => format!("{previous}, {element}"),
                 None => element,
             };
-            request.insert_header(FORWARDED, value)?;
+            request.set(FORWARDED, value(forwarded)?)?;
         }
         Ok(())
     }
 }
 
-/// All values of a header as one comma-separated list.
-fn joined(request: &RequestHeader, name: &str) -> Option<String> {
-    let values: Vec<&str> = request
-        .headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
+fn value(text: String) -> Result<HeaderValue> {
+    HeaderValue::try_from(text).or_err(ErrorType::InvalidHTTPHeader, "forwarding header value")
+}
+
+/// Every text value of `name`, joined as one list.
+fn joined(request: &impl EditHeaders, name: &HeaderName) -> Option<String> {
+    let values: Vec<&str> = request.values(name).filter_map(visible_ascii).collect();
     (!values.is_empty()).then(|| values.join(", "))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora::http::RequestHeader;
 
     fn forwarding(trusted: &[&str]) -> Forwarding {
         Forwarding {
@@ -122,7 +115,7 @@ mod tests {
         request
     }
 
-    fn header<'a>(request: &'a RequestHeader, name: &str) -> &'a str {
+    fn header(request: &RequestHeader, name: HeaderName) -> &str {
         request.headers.get(name).unwrap().to_str().unwrap()
     }
 
@@ -133,7 +126,7 @@ mod tests {
             ("x-forwarded-proto", "https"),
         ]);
         forwarding(&["10.0.0.0/8"])
-            .apply(Some("192.0.2.9".parse().unwrap()), false, &mut r)
+            .apply(Some("192.0.2.9".parse().unwrap()), false, Some("example.com"), &mut r)
             .unwrap();
         assert_eq!(header(&r, X_FORWARDED_FOR), "192.0.2.9");
         assert_eq!(header(&r, X_FORWARDED_PROTO), "http");
@@ -157,14 +150,14 @@ mod tests {
             forwarded: false,
             ..forwarding(&[])
         };
-        only_x.apply(client, false, &mut r).unwrap();
+        only_x.apply(client, false, Some("example.com"), &mut r).unwrap();
         assert!(r.headers.get(FORWARDED).is_none());
         let mut r = request(&spoofed);
         let only_forwarded = Forwarding {
             x_forwarded: false,
             ..forwarding(&[])
         };
-        only_forwarded.apply(client, false, &mut r).unwrap();
+        only_forwarded.apply(client, false, Some("example.com"), &mut r).unwrap();
         assert!(r.headers.get(X_FORWARDED_FOR).is_none());
         assert!(r.headers.get(X_FORWARDED_HOST).is_none());
         // A trusted proxy's headers stay, whichever family is sent.
@@ -173,7 +166,7 @@ mod tests {
             forwarded: false,
             ..forwarding(&["192.0.2.0/24"])
         }
-        .apply(client, false, &mut r)
+        .apply(client, false, Some("example.com"), &mut r)
         .unwrap();
         assert_eq!(header(&r, FORWARDED), "for=1.2.3.4");
     }
@@ -186,7 +179,7 @@ mod tests {
             ("forwarded", "for=1.2.3.4"),
         ]);
         forwarding(&["10.0.0.0/8"])
-            .apply(Some("10.0.0.5".parse().unwrap()), false, &mut r)
+            .apply(Some("10.0.0.5".parse().unwrap()), false, Some("example.com"), &mut r)
             .unwrap();
         assert_eq!(header(&r, X_FORWARDED_FOR), "1.2.3.4, 5.6.7.8, 10.0.0.5");
         assert_eq!(
@@ -199,7 +192,7 @@ mod tests {
     fn ipv6_clients_are_quoted_in_forwarded() {
         let mut r = request(&[]);
         forwarding(&[])
-            .apply(Some("2001:db8::1".parse().unwrap()), false, &mut r)
+            .apply(Some("2001:db8::1".parse().unwrap()), false, Some("example.com"), &mut r)
             .unwrap();
         assert!(header(&r, FORWARDED).starts_with("for=\"[2001:db8::1]\""));
     }

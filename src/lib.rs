@@ -15,8 +15,12 @@ pub mod client_connections;
 pub mod config;
 /// Exit statuses (sysexits.h).
 pub mod exit_codes;
+/// The fast path: common HTTP/1.1 requests forwarded as bytes.
+pub mod fast_path;
 /// X-Forwarded-* and Forwarded headers.
 pub mod forwarding;
+/// The header operations both request paths share.
+pub mod header_edits;
 /// The process's life after start-up: readiness, signals, handoff, draining.
 pub mod lifecycle;
 /// Binding the listening sockets and handing them to pingora.

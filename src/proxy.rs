@@ -2,8 +2,8 @@
 //! connect errors, applies the route's limits and header rules, feeds passive health, and
 //! closes client connections cleanly while the process drains.
 
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,13 +12,14 @@ use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::protocols::tls::SslDigest;
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 
 use crate::access_log::{AccessLog, Entry, TlsFacts};
-use crate::client_connections::{keepalive_seconds, HeaderParsed};
 use crate::config::{ClientLimits, Forwarding, HashKey};
+use crate::header_edits::EditHeaders;
 use crate::metrics::Metrics;
 use crate::redirect::{self, HttpsRedirect};
 use crate::request_rules;
@@ -63,8 +64,19 @@ pub struct RequestContext {
     _in_flight: InFlight,
 }
 
+/// Put on a connection before each request; pingora hands it to
+/// [ProxyHttp::on_connection_reuse] as soon as the request header is parsed, and the
+/// proxy's implementation sets it, which ends the header deadline.
+pub struct HeaderParsed(pub Arc<AtomicBool>);
+
+/// pingora counts keep-alive in whole seconds, and 0 means "forever": round up.
+pub fn keepalive_seconds(timeout: Duration) -> u64 {
+    timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0)
+}
+
 /// The load balancer's [ProxyHttp] implementation: pingora-proxy calls it for every
 /// request.
+#[derive(Clone)]
 pub struct Balancer {
     pub pools: Arc<Pools>,
     pub router: Arc<Router>,
@@ -89,10 +101,17 @@ fn upstream_failure_status(e: &Error) -> u16 {
     }
 }
 
-/// The bytes consistent hashing hashes for this request.
-fn hash_input<'a>(key: &HashKey, session: &'a Session, client_ip: &'a mut [u8; 16]) -> &'a [u8] {
+/// The bytes consistent hashing hashes for a request from `client` for `path`;
+/// `header` looks up a request header's value.
+pub fn hash_input<'a>(
+    key: &HashKey,
+    client: Option<SocketAddr>,
+    path: &'a [u8],
+    header: impl Fn(&str) -> Option<&'a [u8]>,
+    client_ip: &'a mut [u8; 16],
+) -> &'a [u8] {
     match key {
-        HashKey::ClientIp => match session.client_addr().and_then(PingoraAddr::as_inet) {
+        HashKey::ClientIp => match client {
             Some(SocketAddr::V4(v4)) => {
                 client_ip[..4].copy_from_slice(&v4.ip().octets());
                 &client_ip[..4]
@@ -103,16 +122,61 @@ fn hash_input<'a>(key: &HashKey, session: &'a Session, client_ip: &'a mut [u8; 1
             }
             None => &[],
         },
-        HashKey::Path => session.req_header().uri.path().as_bytes(),
-        HashKey::Header(name) => session
-            .req_header()
-            .headers
-            .get(name.as_str())
-            .map_or(&[][..], |v| v.as_bytes()),
+        HashKey::Path => path,
+        HashKey::Header(name) => header(name.as_str()).unwrap_or(&[]),
     }
 }
 
+/// A request that ended, on either path, for metrics and the access log.
+pub struct Done<'a> {
+    /// 0: the client went away before any response.
+    pub status: u16,
+    pub total: Duration,
+    pub upstream_time: Option<Duration>,
+    pub route: Option<&'a Route>,
+    /// The backend tried last.
+    pub destination: Option<&'a Destination>,
+    /// Its access log line, when it is logged.
+    pub entry: Option<Entry>,
+}
+
 impl Balancer {
+    /// The edits of a request on its way to `destination`, on either path: forwarding
+    /// headers naming `client` (`tls`: it came over HTTPS; `host`: the host it asked
+    /// for), the backend's `Host`, the route's header rules.
+    pub fn edit_upstream_request(
+        &self,
+        client: Option<IpAddr>,
+        tls: bool,
+        host: Option<&str>,
+        destination: &Destination,
+        route: &Route,
+        request: &mut impl EditHeaders,
+    ) -> Result<()> {
+        if self.forwarding.enabled() {
+            self.forwarding.apply(client, tls, host, request)?;
+        }
+        if let Some(host) = &destination.host {
+            request.set(http::header::HOST, host.clone())?;
+        }
+        routing::apply(&route.request_headers, request)
+    }
+
+    /// Counts a request that ended, and logs it.
+    pub fn request_done(&self, done: Done<'_>) {
+        if done.status != 0 {
+            let metrics = done.destination.map(|d| &d.metrics);
+            self.metrics
+                .request_done(metrics, done.status, done.total, done.upstream_time);
+            if let Some(route) = done.route {
+                route.metrics.observe(done.status);
+            }
+        }
+        if let (Some(access_log), Some(entry)) = (&self.access_log, done.entry) {
+            access_log.record(entry);
+        }
+    }
+
     /// The route the request matched.
     fn route(&self, ctx: &RequestContext) -> Option<&Route> {
         ctx.route.map(|id| self.router.get(id))
@@ -327,7 +391,16 @@ impl ProxyHttp for Balancer {
         let pool = self.pools.get(route.pool);
         let mut client_ip = [0u8; 16];
         let key = match pool.hash_key() {
-            Some(key) => hash_input(key, session, &mut client_ip),
+            Some(key) => {
+                let request = session.req_header();
+                hash_input(
+                    key,
+                    session.client_addr().and_then(PingoraAddr::as_inet).copied(),
+                    request.uri.path().as_bytes(),
+                    |name| request.headers.get(name).map(|v| v.as_bytes()),
+                    &mut client_ip,
+                )
+            }
             None => &[],
         };
         let same_again = std::mem::take(&mut ctx.retry_same_backend);
@@ -375,23 +448,30 @@ impl ProxyHttp for Balancer {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestContext,
     ) -> Result<()> {
-        if self.forwarding.enabled() {
-            let client = session
-                .client_addr()
-                .and_then(PingoraAddr::as_inet)
-                .map(|a| a.ip());
-            let tls = session
-                .digest()
-                .is_some_and(|digest| digest.ssl_digest.is_some());
-            self.forwarding.apply(client, tls, upstream_request)?;
-        }
-        if let Some(host) = self.destination(ctx).and_then(|d| d.host.clone()) {
-            upstream_request.insert_header(http::header::HOST, host)?;
-        }
-        match self.route(ctx) {
-            Some(route) => routing::apply(&route.request_headers, upstream_request),
-            None => Ok(()),
-        }
+        let (Some(route), Some(destination)) = (self.route(ctx), self.destination(ctx)) else {
+            return Ok(());
+        };
+        let client = session
+            .client_addr()
+            .and_then(PingoraAddr::as_inet)
+            .map(|a| a.ip());
+        let tls = session
+            .digest()
+            .is_some_and(|digest| digest.ssl_digest.is_some());
+        let host = upstream_request
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| upstream_request.uri.host())
+            .map(str::to_owned);
+        self.edit_upstream_request(
+            client,
+            tls,
+            host.as_deref(),
+            destination,
+            route,
+            upstream_request,
+        )
     }
 
     async fn upstream_response_filter(
@@ -558,64 +638,61 @@ impl ProxyHttp for Balancer {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let total = ctx.started.elapsed();
         let destination = self.destination(ctx);
-        // 0: the client went away before any response.
-        if status != 0 {
-            let metrics = destination.map(|d| &d.metrics);
-            self.metrics
-                .request_done(metrics, status, total, ctx.upstream_time);
-            if let Some(route) = self.route(ctx) {
-                route.metrics.observe(status);
+        let entry = ctx.logged.then(|| {
+            let request = session.req_header();
+            let header = |name: http::header::HeaderName| {
+                request
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from)
+            };
+            Entry {
+                time: SystemTime::now() - total,
+                client: session
+                    .client_addr()
+                    .and_then(PingoraAddr::as_inet)
+                    .copied(),
+                method: request.method.clone(),
+                target: request
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| request.uri.path().to_string(), |p| p.to_string()),
+                version: request.version,
+                status,
+                bytes: session.body_bytes_sent(),
+                referer: header(http::header::REFERER),
+                user_agent: header(http::header::USER_AGENT),
+                upstream: destination.map(|d| d.name().to_string()),
+                total,
+                upstream_time: ctx.upstream_time,
+                retries: ctx.tried.len().saturating_sub(1),
+                tls: session
+                    .digest()
+                    .and_then(|d| d.ssl_digest.as_deref())
+                    .map(tls_facts),
             }
-        }
-        if !ctx.logged {
-            return;
-        }
-        let Some(access_log) = &self.access_log else {
-            return;
-        };
-        let request = session.req_header();
-        let header = |name: http::header::HeaderName| {
-            request
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(String::from)
-        };
-        access_log.record(Entry {
-            time: SystemTime::now() - total,
-            client: session
-                .client_addr()
-                .and_then(PingoraAddr::as_inet)
-                .copied(),
-            method: request.method.clone(),
-            target: request
-                .uri
-                .path_and_query()
-                .map_or_else(|| request.uri.path().to_string(), |p| p.to_string()),
-            version: request.version,
+        });
+        self.request_done(Done {
             status,
-            bytes: session.body_bytes_sent(),
-            referer: header(http::header::REFERER),
-            user_agent: header(http::header::USER_AGENT),
-            upstream: destination.map(|d| d.name().to_string()),
             total,
             upstream_time: ctx.upstream_time,
-            retries: ctx.tried.len().saturating_sub(1),
-            tls: tls_facts(session),
+            route: self.route(ctx),
+            destination,
+            entry,
         });
     }
 }
 
-/// The TLS of the client connection, for the access log.
-fn tls_facts(session: &Session) -> Option<TlsFacts> {
-    let ssl = session.digest()?.ssl_digest.as_ref()?;
+/// The TLS of a client connection, for the access log.
+pub fn tls_facts(ssl: &SslDigest) -> TlsFacts {
     let server_name = ssl
         .extension
         .get::<ServerName>()
         .and_then(|name| name.0.clone());
-    Some(TlsFacts {
+    TlsFacts {
         version: ssl.version.clone(),
         cipher: ssl.cipher.clone(),
         server_name,
-    })
+    }
 }

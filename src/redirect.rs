@@ -10,6 +10,7 @@ use crate::config::{Config, ListenAddress};
 const ACME_CHALLENGES: &str = "/.well-known/acme-challenge/";
 
 /// The listeners that redirect, and the port they redirect to.
+#[derive(Clone)]
 pub struct HttpsRedirect {
     listeners: Vec<ListenAddress>,
     https_port: u16,

@@ -31,26 +31,55 @@ pub fn check(
     header_bytes: usize,
     limits: &ClientLimits,
 ) -> Result<(), Rejection> {
-    if request.raw_path().len() > limits.max_uri_length {
+    let lengths = request.headers.get_all(CONTENT_LENGTH);
+    check_shape(
+        &RequestShape {
+            target_length: request.raw_path().len(),
+            header_bytes,
+            header_count: request.headers.len(),
+            without_host: request.version == Version::HTTP_11
+                && !request.headers.contains_key(HOST),
+            content_lengths: lengths.iter().count(),
+            content_length_list: lengths.iter().any(|v| v.as_bytes().contains(&b',')),
+        },
+        limits,
+    )
+}
+
+/// What the rules look at in a request, however it was parsed.
+pub struct RequestShape {
+    pub target_length: usize,
+    /// The size of the header as received.
+    pub header_bytes: usize,
+    pub header_count: usize,
+    /// An HTTP/1.1 request without `Host`.
+    pub without_host: bool,
+    /// How many `Content-Length` fields it has.
+    pub content_lengths: usize,
+    /// A `Content-Length` holds a list of values.
+    pub content_length_list: bool,
+}
+
+/// [check], for a request the [fast path](crate::fast_path) parsed itself.
+pub fn check_shape(request: &RequestShape, limits: &ClientLimits) -> Result<(), Rejection> {
+    if request.target_length > limits.max_uri_length {
         return reject(
             StatusCode::URI_TOO_LONG,
             "request-target longer than max_uri_length",
         );
     }
-    if header_bytes > limits.max_header_size || request.headers.len() > limits.max_header_count {
+    if request.header_bytes > limits.max_header_size
+        || request.header_count > limits.max_header_count
+    {
         return reject(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "request header larger than max_header_size or max_header_count",
         );
     }
-    if request.version == Version::HTTP_11 && !request.headers.contains_key(HOST) {
+    if request.without_host {
         return reject(StatusCode::BAD_REQUEST, "HTTP/1.1 request without Host");
     }
-    // pingora accepts identical repeated values for framing but would forward every copy,
-    // and a backend may read them differently: a request smuggling risk.
-    let mut lengths = request.headers.get_all(CONTENT_LENGTH).iter();
-    let first = lengths.next();
-    if lengths.next().is_some() || first.is_some_and(|v| v.as_bytes().contains(&b',')) {
+    if request.content_lengths > 1 || request.content_length_list {
         return reject(StatusCode::BAD_REQUEST, "more than one Content-Length");
     }
     Ok(())

@@ -8,9 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
-use pingora::http::{RequestHeader, ResponseHeader};
-
+use crate::header_edits::EditHeaders;
 use crate::config::{Config, HeaderRules, HostPattern, ListenAddress, RouteConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstreams::{PoolId, Pools};
@@ -162,31 +160,6 @@ impl Route {
                     .is_some_and(|local| self.listeners.iter().any(|l| l.accepted(local))))
     }
 }
-
-/// The header operations requests and responses share, for [apply].
-pub trait EditHeaders {
-    fn remove(&mut self, name: &HeaderName);
-    fn set(&mut self, name: HeaderName, value: HeaderValue) -> pingora::Result<()>;
-    fn add(&mut self, name: HeaderName, value: HeaderValue) -> pingora::Result<()>;
-}
-
-macro_rules! edit_headers {
-    ($($message:ty),*) => {$(
-        impl EditHeaders for $message {
-            fn remove(&mut self, name: &HeaderName) {
-                self.remove_header(name);
-            }
-            fn set(&mut self, name: HeaderName, value: HeaderValue) -> pingora::Result<()> {
-                self.insert_header(name, value)
-            }
-            fn add(&mut self, name: HeaderName, value: HeaderValue) -> pingora::Result<()> {
-                self.append_header(name, value).map(drop)
-            }
-        }
-    )*};
-}
-
-edit_headers!(RequestHeader, ResponseHeader);
 
 /// Applies a route's header rules: removals, then replacements, then additions.
 pub fn apply(rules: &HeaderRules, message: &mut impl EditHeaders) -> pingora::Result<()> {

@@ -22,6 +22,7 @@ use pingora::services::ServiceWithDependents;
 use crate::access_log::{AccessLog, Sink};
 use crate::cli::Cli;
 use crate::client_connections::ClientConnections;
+use crate::fast_path::FastPath;
 use crate::config::{Config, ListenAddress};
 use crate::exit_codes;
 use crate::lifecycle::{Announcer, Lifecycle, Signals};
@@ -329,10 +330,11 @@ fn proxy_service(
     let mut proxy = pingora::services::listening::Service::new(
         "proxy".to_string(),
         ClientConnections::new(
-            pingora::proxy::http_proxy(server_conf, balancer),
+            pingora::proxy::http_proxy(server_conf, balancer.clone()),
             &config.client,
             config.proxy_protocol.clone(),
             TlsListeners::new(tls, metrics),
+            config.fast_path.then(|| FastPath::new(balancer)),
         ),
     );
     // Reads go straight into the request's own buffer: pingora's default 64 KiB read

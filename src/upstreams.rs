@@ -200,6 +200,16 @@ impl Pool {
         }
     }
 
+    /// Whether every backend speaks plain HTTP/1 without a PROXY header: what the fast
+    /// path can reach.
+    pub fn plain_http1(&self) -> bool {
+        self.send_proxy_protocol.is_none()
+            && self
+                .destinations
+                .iter()
+                .all(|d| !d.peer.is_tls() && d.peer.options.alpn == ALPN::H1)
+    }
+
     /// What consistent hashing hashes, if it is in use.
     pub fn hash_key(&self) -> Option<&HashKey> {
         self.hash_key.as_ref()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: lint and the bundled licences, unit and integration
-# tests on the real binary (as root: privilege tests need it), the .deb built and linted, the
+# tests on the real binary (as root: privilege tests need it; the integration tests twice,
+# with the fast path on and off), the .deb built and linted, the
 # .rpm built, linted and installed into a scratch root, a signed dnf repository read by dnf,
 # the vendored source tarball built offline (unshare -n) and compared byte for byte with the
 # first build, the Nix files checked, a keepalived pair failed over in network namespaces,
@@ -56,6 +57,9 @@ cargo clippy --all-targets --locked -- -D warnings
 step "cargo test --release (unit and integration tests)"
 # The status page test renders the page in headless Chromium; here it may not skip.
 PINGORA_LB_REQUIRE_CHROMIUM=1 cargo test --release --locked
+
+step "integration tests again, with the fast path off (every request through pingora-proxy)"
+PINGORA_LB_TEST_FAST_PATH=off cargo test --release --locked --test '*'
 
 step "Debian package: dpkg-buildpackage and lintian"
 rm -rf "$CARGO_TARGET_DIR/debian-out"

@@ -1,0 +1,1278 @@
+//! The fast path: the common HTTP/1.1 request, forwarded as bytes.
+//!
+//! pingora-proxy spends most of a request's CPU on machinery a load balancer in front of
+//! HTTP/1 backends does not need (a header map per message, a task and a lock per pooled
+//! backend connection, channels between the two sides). This path serves a client
+//! connection's requests itself when their framing leaves nothing to interpret: HTTP/1.1,
+//! a common method, an origin-form target, one `Host`, no body or one `Content-Length`,
+//! no `Transfer-Encoding`, `Upgrade`, `Expect` or hop-by-hop header beyond
+//! `Connection: keep-alive|close`, text-only header values, within the client limits. It
+//! forwards them over one backend connection kept with the client connection.
+//!
+//! Anything else (and a request whose route, pool or listener needs what only the proxy
+//! path does: no route, a redirect to HTTPS, a body over the route's limit, backends over
+//! TLS, HTTP/2 or with a PROXY header) is handed, with every byte already read, to
+//! pingora-proxy, which serves the connection from then on. Decisions both paths take
+//! (route, backend, forwarding headers, header rules, passive health, metrics, access log)
+//! are made by the same code in [Balancer](crate::proxy::Balancer).
+//!
+//! Response framing is checked as strictly: a backend response with `Transfer-Encoding`
+//! other than a lone `chunked`, both `Transfer-Encoding` and `Content-Length`, or an
+//! invalid or repeated `Content-Length`, is a backend failure (502), never forwarded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Buf, BytesMut};
+use pingora::protocols::tls::SslDigest;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use pingora::upstreams::peer::Peer;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::access_log::Entry;
+use crate::header_edits::{visible_ascii, Fields};
+use crate::proxy::{tls_facts, Balancer, Done, MAX_STALE_RETRIES};
+use crate::request_rules::{self, RequestShape};
+use crate::routing::{self, RequestTarget, Route};
+use crate::upstreams::{BackendId, Destination, Pool, PoolId};
+
+/// Most header fields the fast path parses; a request with more goes to pingora.
+const MAX_FIELDS: usize = 128;
+/// Largest response header accepted from a backend.
+const MAX_RESPONSE_HEADER: usize = 64 * 1024;
+/// Read size for headers and bodies.
+const READ_SIZE: usize = 8 * 1024;
+
+/// Methods served here; others (CONNECT above all) take the proxy path.
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"];
+
+/// How a client connection the fast path served ended.
+pub enum Outcome {
+    Closed,
+    /// A request the fast path does not serve: pingora-proxy continues the connection,
+    /// parsing `read` first, with the request header due by `header_deadline`.
+    HandOver {
+        stream: Stream,
+        read: BytesMut,
+        header_deadline: Instant,
+    },
+}
+
+/// The fast path of one balancer.
+pub struct FastPath {
+    balancer: Balancer,
+}
+
+/// Where a header field of the request is, in the bytes read.
+#[derive(Clone, Copy)]
+struct FieldAt {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// A request header the fast path serves, parsed.
+struct Head {
+    /// Its size in bytes, request line included.
+    len: usize,
+    method: (usize, usize),
+    target: (usize, usize),
+    fields: Vec<FieldAt>,
+    /// Index in `fields` of `Host`.
+    host: usize,
+    content_length: u64,
+    /// The client asked to close the connection after this request.
+    close: bool,
+    head: bool,
+}
+
+enum Parse {
+    Partial,
+    /// Complete, and for the fast path.
+    Fast(Head),
+    /// Anything else, for pingora-proxy.
+    Other,
+}
+
+/// The bytes of `range` in `buf`.
+fn at(buf: &[u8], (start, end): (usize, usize)) -> &[u8] {
+    &buf[start..end]
+}
+
+fn offsets(buf: &[u8], part: &[u8]) -> (usize, usize) {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    (start, start + part.len())
+}
+
+/// A request-target the fast path forwards as received: origin-form, only characters
+/// RFC 3986 allows in a path and query.
+fn plain_target(target: &[u8]) -> bool {
+    target.first() == Some(&b'/')
+        && target.iter().all(|&b| {
+            b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+        })
+}
+
+/// Whether every comma-separated token of a `Connection` value is `keep-alive` or
+/// `close`; the second: whether one is `close`.
+fn connection_tokens(value: &[u8]) -> Option<bool> {
+    let mut close = false;
+    for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if token.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+            return None;
+        }
+    }
+    Some(close)
+}
+
+/// A `Content-Length` value: digits only, no sign, no list, no overflow.
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Header fields the fast path does not forward: hop-by-hop, as pingora-proxy strips them.
+const HOP_BY_HOP: [&[u8]; 5] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+];
+
+/// Header fields that send a request to the proxy path.
+const OTHER_PATH: [&[u8]; 6] = [
+    b"transfer-encoding",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"http2-settings",
+    b"expect",
+];
+
+/// Parses a request header and tells whether the fast path serves it.
+fn parse_request(buf: &[u8], balancer: &Balancer, fields: Vec<FieldAt>) -> Parse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut request = httparse::Request::new(&mut headers);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parse::Partial,
+        Err(_) => return Parse::Other,
+    };
+    let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version)
+    else {
+        return Parse::Other;
+    };
+    if !METHODS.contains(&method) || !plain_target(target.as_bytes()) {
+        return Parse::Other;
+    }
+    let mut head = Head {
+        len,
+        method: offsets(buf, method.as_bytes()),
+        target: offsets(buf, target.as_bytes()),
+        fields,
+        host: usize::MAX,
+        content_length: 0,
+        close: false,
+        head: method == "HEAD",
+    };
+    head.fields.clear();
+    let mut lengths = 0;
+    for field in request.headers.iter() {
+        let name = field.name.as_bytes();
+        if visible_ascii(field.value).is_none()
+            || OTHER_PATH.iter().any(|n| name.eq_ignore_ascii_case(n))
+        {
+            return Parse::Other;
+        }
+        if name.eq_ignore_ascii_case(b"host") {
+            if head.host != usize::MAX || field.value.is_empty() {
+                return Parse::Other;
+            }
+            head.host = head.fields.len();
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            lengths += 1;
+            match content_length(field.value) {
+                Some(length) => head.content_length = length,
+                None => return Parse::Other,
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            match connection_tokens(field.value) {
+                Some(close) => head.close |= close,
+                None => return Parse::Other,
+            }
+        }
+        head.fields.push(FieldAt {
+            name: offsets(buf, name),
+            value: offsets(buf, field.value),
+        });
+    }
+    let shape = RequestShape {
+        target_length: target.len(),
+        header_bytes: len,
+        header_count: head.fields.len(),
+        without_host: head.host == usize::MAX,
+        content_lengths: lengths,
+        content_length_list: false,
+    };
+    match request_rules::check_shape(&shape, &balancer.client) {
+        Ok(()) => Parse::Fast(head),
+        Err(_) => Parse::Other,
+    }
+}
+
+/// A backend connection kept with the client connection.
+struct Upstream {
+    pool: PoolId,
+    backend: BackendId,
+    stream: TcpStream,
+    read: BytesMut,
+}
+
+/// One client connection on the fast path.
+struct Connection {
+    client: Stream,
+    /// Read from the client and not yet forwarded.
+    read: BytesMut,
+    upstream: Option<Upstream>,
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+    tls: Option<Arc<SslDigest>>,
+    /// Fields of the request being served (kept for their allocation).
+    fields: Vec<FieldAt>,
+}
+
+/// How a request on the fast path ended, for the connection.
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// A response's body framing.
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// A failure talking to the backend, and whether the response to the client had begun.
+struct BackendFailure {
+    status: u16,
+    responded: bool,
+}
+
+/// Reads from `stream` into `buf` within `limit`; `Ok(0)` at end of stream.
+async fn read_some(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    limit: Option<Duration>,
+) -> std::io::Result<usize> {
+    buf.reserve(READ_SIZE);
+    match limit {
+        Some(limit) => pingora_timeout::fast_timeout::fast_timeout(limit, stream.read_buf(buf))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        None => stream.read_buf(buf).await,
+    }
+}
+
+async fn write_all(
+    stream: &mut (impl AsyncWrite + Unpin),
+    bytes: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    pingora_timeout::fast_timeout::fast_timeout(limit, async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    })
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// 504 for a backend that timed out, else 502.
+fn failure_status(e: &std::io::Error) -> u16 {
+    match e.kind() {
+        std::io::ErrorKind::TimedOut => 504,
+        _ => 502,
+    }
+}
+
+impl FastPath {
+    pub fn new(balancer: Balancer) -> FastPath {
+        FastPath { balancer }
+    }
+
+    /// Serves the connection's requests from its first, handing it to pingora-proxy at
+    /// the first request the fast path does not serve.
+    pub async fn serve(
+        &self,
+        client: Stream,
+        peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+        shutdown: &ShutdownWatch,
+    ) -> Outcome {
+        let limits = &self.balancer.client;
+        let tls = client.get_ssl_digest();
+        let mut conn = Connection {
+            client,
+            read: BytesMut::new(),
+            upstream: None,
+            peer,
+            local,
+            tls,
+            fields: Vec::new(),
+        };
+        let mut header_deadline = Instant::now() + limits.header_timeout.0;
+        // Between requests, the next one must start within the keep-alive timeout.
+        let mut idle_deadline = header_deadline;
+        let mut served = 0u32;
+        loop {
+            let head = loop {
+                if !conn.read.is_empty() {
+                    let fields = std::mem::take(&mut conn.fields);
+                    match parse_request(&conn.read, &self.balancer, fields) {
+                        Parse::Fast(head) => break head,
+                        Parse::Other => return conn.hand_over(header_deadline),
+                        Parse::Partial if conn.read.len() > limits.max_header_size => {
+                            return conn.hand_over(header_deadline)
+                        }
+                        Parse::Partial => {}
+                    }
+                }
+                let deadline = match conn.read.is_empty() {
+                    true => idle_deadline.min(header_deadline),
+                    false => header_deadline,
+                };
+                let left = deadline.saturating_duration_since(Instant::now());
+                match read_some(&mut conn.client, &mut conn.read, Some(left)).await {
+                    Ok(0) => return Outcome::Closed,
+                    Ok(_) => {}
+                    Err(e) => {
+                        log::debug!("closing a client connection: {e}");
+                        return Outcome::Closed;
+                    }
+                }
+            };
+            served += 1;
+            let last = head.close
+                || served >= limits.keepalive_requests
+                || *shutdown.borrow()
+                || self.balancer.traffic.draining();
+            let next = match self.route(&conn, &head) {
+                Some((route, pool)) => self.forward(&mut conn, &head, route, pool, last).await,
+                None => {
+                    conn.fields = head.fields;
+                    return conn.hand_over(header_deadline);
+                }
+            };
+            conn.fields = head.fields;
+            match next {
+                Next::KeepAlive => {}
+                Next::Close => return Outcome::Closed,
+            }
+            idle_deadline = Instant::now() + limits.keepalive_timeout.0;
+            header_deadline = idle_deadline + limits.header_timeout.0;
+        }
+    }
+
+    /// The route and pool of a request, if the fast path serves it.
+    fn route(&self, conn: &Connection, head: &Head) -> Option<(&Route, &Pool)> {
+        let buf = &conn.read[..];
+        let target = at(buf, head.target);
+        let path = target.split(|&b| b == b'?').next().unwrap_or(target);
+        let path = std::str::from_utf8(path).ok()?;
+        let balancer = &self.balancer;
+        if let Some(redirect) = &balancer.https_redirect {
+            if redirect.applies(conn.local, path) {
+                return None;
+            }
+        }
+        let host = routing::request_host(Some(at(buf, head.fields[head.host].value)), None);
+        let id = balancer.router.route(&RequestTarget {
+            host: host.as_deref(),
+            path,
+            local: conn.local,
+        })?;
+        let route = balancer.router.get(id);
+        let pool = balancer.pools.get(route.pool);
+        let too_large = route.max_body_size.is_some_and(|max| head.content_length > max);
+        (!too_large && pool.plain_http1()).then_some((route, pool))
+    }
+
+    /// The request line and header sent to `destination`.
+    fn upstream_header(
+        &self,
+        conn: &Connection,
+        head: &Head,
+        route: &Route,
+        destination: &Destination,
+    ) -> pingora::Result<Vec<u8>> {
+        let buf = &conn.read[..];
+        let mut fields = Fields::with_capacity(head.fields.len() + 4);
+        for field in &head.fields {
+            let name = at(buf, field.name);
+            if !HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n)) {
+                fields.push(name, at(buf, field.value));
+            }
+        }
+        let host = visible_ascii(at(buf, head.fields[head.host].value));
+        self.balancer.edit_upstream_request(
+            conn.peer.map(|p| p.ip()),
+            conn.tls.is_some(),
+            host,
+            destination,
+            route,
+            &mut fields,
+        )?;
+        let mut out = Vec::with_capacity(head.len + 256);
+        out.extend_from_slice(at(buf, head.method));
+        out.push(b' ');
+        out.extend_from_slice(at(buf, head.target));
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        fields.write_to(&mut out);
+        out.extend_from_slice(b"\r\n");
+        Ok(out)
+    }
+
+    /// Forwards one request and its response.
+    async fn forward(
+        &self,
+        conn: &mut Connection,
+        head: &Head,
+        route: &Route,
+        pool: &Pool,
+        last: bool,
+    ) -> Next {
+        let balancer = &self.balancer;
+        let started = Instant::now();
+        let _in_flight = crate::traffic::InFlight::new(&balancer.traffic);
+        // Taken before the request is consumed from the buffer.
+        let logged = balancer.access_log.as_ref().is_some_and(|log| log.sample());
+        let request = logged.then(|| LoggedRequest::of(&conn.read, head));
+        let key = hash_key(pool, conn, head);
+        let mut tries = Tries::default();
+        let outcome = self
+            .try_backends(conn, head, route, pool, &key, last, &mut tries)
+            .await;
+        let (status, next) = match outcome {
+            Ok(status) => (status, if last { Next::Close } else { Next::KeepAlive }),
+            Err(failure) => (self.answer_failure(conn, &failure).await, Next::Close),
+        };
+        let destination = tries.tried.last().map(|&id| pool.destination(id));
+        let total = started.elapsed();
+        let entry = request.map(|request| Entry {
+            time: SystemTime::now() - total,
+            client: conn.peer,
+            method: request.method,
+            target: request.target,
+            version: http::Version::HTTP_11,
+            status,
+            bytes: tries.bytes_sent,
+            referer: request.referer,
+            user_agent: request.user_agent,
+            upstream: destination.map(|d| d.name().to_string()),
+            total,
+            upstream_time: tries.upstream_time,
+            retries: tries.tried.len().saturating_sub(1),
+            tls: conn.tls.as_deref().map(tls_facts),
+        });
+        balancer.request_done(Done {
+            status,
+            total,
+            upstream_time: tries.upstream_time,
+            route: Some(route),
+            destination,
+            entry,
+        });
+        next
+    }
+
+    /// Sends the request to the pool's backends in turn (another one after a connect
+    /// failure, within the pool's `retries`) until one answers.
+    #[allow(clippy::too_many_arguments)]
+    async fn try_backends(
+        &self,
+        conn: &mut Connection,
+        head: &Head,
+        route: &Route,
+        pool: &Pool,
+        key: &[u8],
+        last: bool,
+        tries: &mut Tries,
+    ) -> Result<u16, BackendFailure> {
+        let mut failure = 502;
+        loop {
+            let Some(id) = pool.select(key, &tries.tried) else {
+                // As the proxy path: 503 when no backend is in rotation.
+                let status = if tries.tried.is_empty() { 503 } else { failure };
+                return Err(BackendFailure::before_response(status));
+            };
+            tries.tried.push(id);
+            let destination = pool.destination(id);
+            let _load = destination.state.start_request();
+            let upstream_started = Instant::now();
+            let out = self
+                .upstream_header(conn, head, route, destination)
+                .map_err(|e| {
+                    log::info!("client request failed: {e}");
+                    BackendFailure::before_response(400)
+                })?;
+            let to = Backend { route, pool, id };
+            match self.exchange(conn, head, &to, &out, last, tries).await {
+                Exchange::Done(status) => {
+                    tries.upstream_time = Some(upstream_started.elapsed());
+                    return Ok(status);
+                }
+                Exchange::ConnectFailed(e) => {
+                    destination.metrics.connect_failed();
+                    pool.request_failed(id);
+                    failure = failure_status(&e);
+                    if tries.tried.len() > pool.retries {
+                        log::error!("cannot connect to backend {}: {e}", destination.name());
+                        return Err(BackendFailure::before_response(failure));
+                    }
+                    log::warn!(
+                        "cannot connect to backend {}: {e}; trying another backend",
+                        destination.name()
+                    );
+                    self.balancer.metrics.retried();
+                }
+                Exchange::Failed(failed) => {
+                    if failed.status >= 500 {
+                        pool.request_failed(id);
+                    }
+                    return Err(failed);
+                }
+            }
+        }
+    }
+
+    /// Tells the client a request failed, if no response had begun; the status logged.
+    async fn answer_failure(&self, conn: &mut Connection, failure: &BackendFailure) -> u16 {
+        if failure.responded || failure.status == 0 {
+            return 0;
+        }
+        let response = error_response(failure.status);
+        let sent = write_all(&mut conn.client, &response, self.balancer.client.send_timeout.0);
+        if sent.await.is_err() {
+            log::info!("cannot send the error response to the client");
+        }
+        failure.status
+    }
+
+    /// Connects to backend `id`, unless the connection kept from the previous request
+    /// goes there; whether it was kept.
+    async fn upstream_for(
+        &self,
+        conn: &mut Connection,
+        to: &Backend<'_>,
+    ) -> Result<bool, std::io::Error> {
+        let pool_id = to.route.pool;
+        let kept = conn
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.pool == pool_id && u.backend == to.id);
+        if kept {
+            return Ok(true);
+        }
+        conn.upstream = None;
+        let peer = &to.pool.destination(to.id).peer;
+        let connect_timeout = to
+            .route
+            .connect_timeout
+            .or(peer.options.connection_timeout)
+            .unwrap_or(Duration::from_secs(60));
+        let address = peer
+            .address()
+            .as_inet()
+            .copied()
+            .ok_or(std::io::ErrorKind::Unsupported)?;
+        let stream = pingora_timeout::fast_timeout::fast_timeout(
+            connect_timeout,
+            TcpStream::connect(address),
+        )
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
+        stream.set_nodelay(true)?;
+        conn.upstream = Some(Upstream {
+            pool: pool_id,
+            backend: to.id,
+            stream,
+            read: BytesMut::new(),
+        });
+        Ok(false)
+    }
+
+    /// Sends the request to a backend and its response to the client. A kept-alive
+    /// connection the backend had closed (it fails before any byte of response) gets the
+    /// request again over a new one, if the whole request was read before it was sent.
+    async fn exchange(
+        &self,
+        conn: &mut Connection,
+        head: &Head,
+        to: &Backend<'_>,
+        out: &[u8],
+        last: bool,
+        tries: &mut Tries,
+    ) -> Exchange {
+        let destination = to.pool.destination(to.id);
+        let read_timeout = to.route.read_timeout.or(destination.peer.options.read_timeout);
+        let body_buffered = (conn.read.len() - head.len) as u64 >= head.content_length;
+        let mut stale_retries = 0;
+        loop {
+            let kept = match self.upstream_for(conn, to).await {
+                Ok(kept) => kept,
+                Err(e) => return Exchange::ConnectFailed(e),
+            };
+            let can_retry = |e: &std::io::Error| {
+                kept && body_buffered
+                    && stale_retries < MAX_STALE_RETRIES
+                    && e.kind() != std::io::ErrorKind::TimedOut
+            };
+            let response = match self.send(conn, head, out, read_timeout).await {
+                Ok(response) => response,
+                Err(SendError::Stale(e)) if can_retry(&e) => {
+                    log::info!(
+                        "backend {} had closed a kept-alive connection; sending the request again",
+                        destination.name()
+                    );
+                    stale_retries += 1;
+                    conn.upstream = None;
+                    continue;
+                }
+                Err(SendError::Stale(e)) | Err(SendError::Backend(e)) => {
+                    log::error!("backend {} failed: {e}", destination.name());
+                    conn.upstream = None;
+                    return Exchange::Failed(BackendFailure::before_response(failure_status(&e)));
+                }
+                Err(SendError::Client(failure)) => {
+                    conn.upstream = None;
+                    return Exchange::Failed(failure);
+                }
+            };
+            if body_buffered {
+                conn.read.advance(head.len + head.content_length as usize);
+            }
+            return self
+                .respond(conn, head, to, response, last, read_timeout, tries)
+                .await;
+        }
+    }
+
+    /// Writes the request (header, and body as it is read) to the kept backend
+    /// connection, and reads the response header.
+    async fn send(
+        &self,
+        conn: &mut Connection,
+        head: &Head,
+        out: &[u8],
+        read_timeout: Option<Duration>,
+    ) -> Result<ResponseHead, SendError> {
+        let body_now = (conn.read.len() - head.len).min(head.content_length as usize);
+        let upstream = conn.upstream.as_mut().expect("connected");
+        let body = &conn.read[head.len..head.len + body_now];
+        send_request(upstream, out, body, read_timeout)
+            .await
+            .map_err(SendError::Stale)?;
+        let rest = head.content_length - body_now as u64;
+        if rest > 0 {
+            // The rest of the body comes from the client, forwarded as it arrives.
+            conn.read.advance(head.len + body_now);
+            self.forward_body(conn, rest).await.map_err(SendError::Client)?;
+        }
+        let upstream = conn.upstream.as_mut().expect("connected");
+        match read_response_head(upstream, read_timeout).await {
+            Ok(response) => Ok(response),
+            Err(e) if upstream.read.is_empty() => Err(SendError::Stale(e)),
+            Err(e) => Err(SendError::Backend(e)),
+        }
+    }
+
+    /// Copies `rest` bytes of request body from the client to the backend.
+    async fn forward_body(&self, conn: &mut Connection, mut rest: u64) -> Result<(), BackendFailure> {
+        let limits = &self.balancer.client;
+        let upstream = conn.upstream.as_mut().expect("connected");
+        while rest > 0 {
+            conn.read.clear();
+            match read_some(&mut conn.client, &mut conn.read, Some(limits.body_timeout.0)).await {
+                Ok(0) => {
+                    return Err(BackendFailure {
+                        status: 0,
+                        responded: false,
+                    })
+                }
+                Err(e) => {
+                    // A client too slow to send its body: 408, as the proxy path says.
+                    let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
+                    return Err(BackendFailure {
+                        status: if timed_out { 408 } else { 0 },
+                        responded: false,
+                    });
+                }
+                Ok(_) => {}
+            }
+            let take = (conn.read.len() as u64).min(rest) as usize;
+            if let Err(e) = write_all(&mut upstream.stream, &conn.read[..take], limits.body_timeout.0).await {
+                return Err(BackendFailure {
+                    status: failure_status(&e),
+                    responded: false,
+                });
+            }
+            conn.read.advance(take);
+            rest -= take as u64;
+        }
+        Ok(())
+    }
+}
+
+/// A backend of a route's pool.
+struct Backend<'a> {
+    route: &'a Route,
+    pool: &'a Pool,
+    id: BackendId,
+}
+
+/// The backends a request went to, and what it got.
+#[derive(Default)]
+struct Tries {
+    tried: Vec<BackendId>,
+    upstream_time: Option<Duration>,
+    /// Response body bytes sent to the client.
+    bytes_sent: usize,
+}
+
+/// What the access log says of a request, taken from its header before it is forwarded.
+struct LoggedRequest {
+    method: http::Method,
+    target: String,
+    referer: Option<String>,
+    user_agent: Option<String>,
+}
+
+impl LoggedRequest {
+    fn of(buf: &[u8], head: &Head) -> LoggedRequest {
+        let field = |name: &[u8]| {
+            head.fields
+                .iter()
+                .find(|f| at(buf, f.name).eq_ignore_ascii_case(name))
+                .and_then(|f| visible_ascii(at(buf, f.value)))
+                .map(String::from)
+        };
+        LoggedRequest {
+            method: http::Method::from_bytes(at(buf, head.method)).unwrap_or(http::Method::GET),
+            target: String::from_utf8_lossy(at(buf, head.target)).into_owned(),
+            referer: field(b"referer"),
+            user_agent: field(b"user-agent"),
+        }
+    }
+}
+
+/// What consistent hashing hashes for this request, if the pool uses it.
+fn hash_key(pool: &Pool, conn: &Connection, head: &Head) -> Vec<u8> {
+    let Some(key) = pool.hash_key() else {
+        return Vec::new();
+    };
+    let buf = &conn.read[..];
+    let target = at(buf, head.target);
+    let path = target.split(|&b| b == b'?').next().unwrap_or(target);
+    let header = |name: &str| {
+        head.fields
+            .iter()
+            .find(|f| at(buf, f.name).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|f| at(buf, f.value))
+    };
+    let mut client_ip = [0u8; 16];
+    crate::proxy::hash_input(key, conn.peer, path, header, &mut client_ip).to_vec()
+}
+
+/// Why sending a request failed.
+enum SendError {
+    /// Before any byte of response: the connection may have been a stale kept-alive one.
+    Stale(std::io::Error),
+    Backend(std::io::Error),
+    /// Reading the body from the client failed.
+    Client(BackendFailure),
+}
+
+impl BackendFailure {
+    fn before_response(status: u16) -> BackendFailure {
+        BackendFailure {
+            status,
+            responded: false,
+        }
+    }
+}
+
+enum Exchange {
+    /// The response was forwarded; its status.
+    Done(u16),
+    ConnectFailed(std::io::Error),
+    Failed(BackendFailure),
+}
+
+impl Connection {
+    fn hand_over(self, header_deadline: Instant) -> Outcome {
+        Outcome::HandOver {
+            stream: self.client,
+            read: self.read,
+            header_deadline,
+        }
+    }
+}
+
+/// An error answer, as pingora-proxy words it, closing the connection.
+fn error_response(status: u16) -> Vec<u8> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let date = pingora::protocols::http::date::get_cached_date();
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nServer: Pingora\r\nDate: {}\r\nContent-Length: 0\r\n\
+         Cache-Control: private, no-store\r\nConnection: close\r\n\r\n",
+        date.to_str().unwrap_or_default()
+    )
+    .into_bytes();
+    out.shrink_to_fit();
+    out
+}
+
+/// Writes the request header, and the part of the body already read, to the backend.
+async fn send_request(
+    upstream: &mut Upstream,
+    header: &[u8],
+    body: &[u8],
+    limit: Option<Duration>,
+) -> std::io::Result<()> {
+    let limit = limit.unwrap_or(Duration::from_secs(60));
+    if body.is_empty() {
+        write_all(&mut upstream.stream, header, limit).await
+    } else {
+        let mut both = Vec::with_capacity(header.len() + body.len());
+        both.extend_from_slice(header);
+        both.extend_from_slice(body);
+        write_all(&mut upstream.stream, &both, limit).await
+    }
+}
+
+/// A backend's response header, parsed; offsets are into the upstream's read buffer.
+struct ResponseHead {
+    len: usize,
+    status: u16,
+    reason: (usize, usize),
+    fields: Vec<FieldAt>,
+    /// HTTP/1.1 and no `Connection: close`: the backend connection can carry another
+    /// request.
+    reusable: bool,
+}
+
+enum ResponseParse {
+    Partial,
+    Complete(ResponseHead),
+    Invalid(&'static str),
+}
+
+fn parse_response(buf: &[u8]) -> ResponseParse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return ResponseParse::Partial,
+        Err(_) => return ResponseParse::Invalid("an invalid response header"),
+    };
+    let (Some(version), Some(status)) = (response.version, response.code) else {
+        return ResponseParse::Invalid("an invalid status line");
+    };
+    let mut reusable = version == 1;
+    let mut fields = Vec::with_capacity(response.headers.len());
+    for field in response.headers.iter() {
+        if field.name.eq_ignore_ascii_case("connection")
+            && field
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        {
+            reusable = false;
+        }
+        fields.push(FieldAt {
+            name: offsets(buf, field.name.as_bytes()),
+            value: offsets(buf, field.value),
+        });
+    }
+    ResponseParse::Complete(ResponseHead {
+        len,
+        status,
+        reason: offsets(buf, response.reason.unwrap_or("").as_bytes()),
+        fields,
+        reusable,
+    })
+}
+
+/// Reads a response header from the backend.
+async fn read_response_head(
+    upstream: &mut Upstream,
+    limit: Option<Duration>,
+) -> std::io::Result<ResponseHead> {
+    loop {
+        if !upstream.read.is_empty() {
+            match parse_response(&upstream.read) {
+                ResponseParse::Complete(head) => return Ok(head),
+                ResponseParse::Invalid(what) => {
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, what))
+                }
+                ResponseParse::Partial if upstream.read.len() > MAX_RESPONSE_HEADER => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "a response header over 64 KiB",
+                    ))
+                }
+                ResponseParse::Partial => {}
+            }
+        }
+        if read_some(&mut upstream.stream, &mut upstream.read, limit).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the backend closed the connection before a complete response header",
+            ));
+        }
+    }
+}
+
+/// The body framing of a response to `head_request`, strictly: anything ambiguous is
+/// an error.
+fn response_framing(
+    buf: &[u8],
+    response: &ResponseHead,
+    head_request: bool,
+) -> Result<Framing, &'static str> {
+    let mut chunked = 0;
+    let mut length = None;
+    for field in &response.fields {
+        let name = at(buf, field.name);
+        let value = at(buf, field.value);
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if !value.eq_ignore_ascii_case(b"chunked") {
+                return Err("a Transfer-Encoding other than chunked");
+            }
+            chunked += 1;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            if length.is_some() {
+                return Err("more than one Content-Length");
+            }
+            length = Some(content_length(value).ok_or("an invalid Content-Length")?);
+        }
+    }
+    if chunked > 1 || (chunked == 1 && length.is_some()) {
+        return Err("ambiguous body framing");
+    }
+    Ok(
+        if head_request || matches!(response.status, 204 | 304) || response.status < 200 {
+            Framing::None
+        } else if chunked == 1 {
+            Framing::Chunked
+        } else {
+            length.map_or(Framing::UntilClose, Framing::Length)
+        },
+    )
+}
+
+/// Where a chunked body is, as [Chunks::advance] consumes it.
+#[derive(Debug, PartialEq, Eq)]
+enum Chunks {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailer,
+    Done,
+}
+
+/// Longest chunk-size line (with extensions) or trailer field accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
+impl Chunks {
+    /// Consumes what can be of `buf`; returns how many bytes are valid chunked framing.
+    fn advance(&mut self, buf: &[u8]) -> Result<usize, &'static str> {
+        let mut at = 0;
+        loop {
+            let rest = &buf[at..];
+            match self {
+                Chunks::Done => return Ok(at),
+                Chunks::Data(left) => {
+                    if rest.is_empty() {
+                        return Ok(at);
+                    }
+                    let take = (*left).min(rest.len() as u64) as usize;
+                    at += take;
+                    *left -= take as u64;
+                    if *left == 0 {
+                        *self = Chunks::DataEnd;
+                    }
+                }
+                Chunks::DataEnd => {
+                    if rest.len() < 2 {
+                        return Ok(at);
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err("chunk data not followed by CRLF");
+                    }
+                    at += 2;
+                    *self = Chunks::Size;
+                }
+                Chunks::Size | Chunks::Trailer => {
+                    let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+                        if rest.len() > MAX_CHUNK_LINE {
+                            return Err("a chunk line too long");
+                        }
+                        return Ok(at);
+                    };
+                    if end == 0 || rest[end - 1] != b'\r' {
+                        return Err("a bare LF in chunked framing");
+                    }
+                    let line = &rest[..end - 1];
+                    if line.iter().any(|&b| b == b'\r' || b == 0) {
+                        return Err("a control character in chunked framing");
+                    }
+                    at += end + 1;
+                    *self = match self {
+                        Chunks::Size => {
+                            let digits = line.split(|&b| b == b';').next().unwrap_or(line);
+                            if digits.is_empty()
+                                || digits.len() > 15
+                                || !digits.iter().all(u8::is_ascii_hexdigit)
+                            {
+                                return Err("an invalid chunk size");
+                            }
+                            let text = std::str::from_utf8(digits).map_err(|_| "chunk size")?;
+                            match u64::from_str_radix(text, 16).map_err(|_| "chunk size")? {
+                                0 => Chunks::Trailer,
+                                size => Chunks::Data(size),
+                            }
+                        }
+                        _ if line.is_empty() => Chunks::Done,
+                        _ => Chunks::Trailer,
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl FastPath {
+    /// Forwards the backend's response (its header parsed) to the client.
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(
+        &self,
+        conn: &mut Connection,
+        head: &Head,
+        to: &Backend<'_>,
+        response: ResponseHead,
+        last: bool,
+        read_timeout: Option<Duration>,
+        tries: &mut Tries,
+    ) -> Exchange {
+        let send_timeout = self.balancer.client.send_timeout.0;
+        let destination = to.pool.destination(to.id);
+        let response = match self.informational(conn, response, read_timeout).await {
+            Ok(response) => response,
+            Err(failure) => {
+                conn.upstream = None;
+                return Exchange::Failed(failure);
+            }
+        };
+        let upstream = conn.upstream.as_mut().expect("connected");
+        let framing = response_framing(&upstream.read, &response, head.head);
+        let header = framing.and_then(|framing| {
+            let header = self.response_header(&upstream.read, &response, to.route, &framing, last);
+            Ok((framing, header.map_err(|_| "a header the route's rules cannot edit")?))
+        });
+        let (framing, mut out) = match header {
+            Ok(framing_and_header) => framing_and_header,
+            Err(what) => {
+                log::error!("backend {} sent {what}", destination.name());
+                conn.upstream = None;
+                return Exchange::Failed(BackendFailure::before_response(502));
+            }
+        };
+        to.pool.response_received(to.id, response.status);
+        upstream.read.advance(response.len);
+        let reusable = response.reusable && framing != Framing::UntilClose;
+        let copied = copy_body(
+            &mut conn.client,
+            upstream,
+            &mut out,
+            framing,
+            (read_timeout, send_timeout),
+            &mut tries.bytes_sent,
+        )
+        .await;
+        // Bytes after the response: the backend cannot be trusted with another request.
+        if copied.is_err() || !reusable || !upstream.read.is_empty() {
+            conn.upstream = None;
+        }
+        match copied {
+            Ok(()) => return Exchange::Done(response.status),
+            Err(BodyError::Backend(e)) => {
+                log::error!("backend {} failed during the response body: {e}", destination.name());
+                to.pool.request_failed(to.id);
+            }
+            Err(BodyError::Client(e)) => log::info!("client went away during the response: {e}"),
+        }
+        Exchange::Failed(BackendFailure {
+            status: 0,
+            responded: true,
+        })
+    }
+
+    /// Passes informational (1xx) responses through to the client; the final response.
+    async fn informational(
+        &self,
+        conn: &mut Connection,
+        mut response: ResponseHead,
+        read_timeout: Option<Duration>,
+    ) -> Result<ResponseHead, BackendFailure> {
+        let upstream = conn.upstream.as_mut().expect("connected");
+        while response.status < 200 {
+            if response.status == 101 {
+                // Never asked for: the fast path sends no Upgrade.
+                return Err(BackendFailure::before_response(502));
+            }
+            let informational = upstream.read.split_to(response.len);
+            let send_timeout = self.balancer.client.send_timeout.0;
+            if write_all(&mut conn.client, &informational, send_timeout).await.is_err() {
+                return Err(BackendFailure {
+                    status: 0,
+                    responded: true,
+                });
+            }
+            response = read_response_head(upstream, read_timeout)
+                .await
+                .map_err(|e| BackendFailure::before_response(failure_status(&e)))?;
+        }
+        Ok(response)
+    }
+
+    /// The response header for the client: the backend's, without its hop-by-hop fields
+    /// and `Date`, with the route's rules, and this balancer's `Date` and `Connection`.
+    fn response_header(
+        &self,
+        buf: &[u8],
+        response: &ResponseHead,
+        route: &Route,
+        framing: &Framing,
+        last: bool,
+    ) -> pingora::Result<Vec<u8>> {
+        let mut fields = Fields::with_capacity(response.fields.len() + 3);
+        for field in &response.fields {
+            let name = at(buf, field.name);
+            if !(name.eq_ignore_ascii_case(b"connection")
+                || name.eq_ignore_ascii_case(b"keep-alive")
+                || name.eq_ignore_ascii_case(b"date"))
+            {
+                fields.push(name, at(buf, field.value));
+            }
+        }
+        if *framing == Framing::UntilClose {
+            fields.push(b"Transfer-Encoding", b"chunked");
+        }
+        routing::apply(&route.response_headers, &mut fields)?;
+        let mut out = Vec::with_capacity(response.len + 128);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(response.status.to_string().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(at(buf, response.reason));
+        out.extend_from_slice(b"\r\n");
+        fields.write_to(&mut out);
+        out.extend_from_slice(b"Date: ");
+        out.extend_from_slice(pingora::protocols::http::date::get_cached_date().as_bytes());
+        out.extend_from_slice(if last {
+            &b"\r\nConnection: close\r\n\r\n"[..]
+        } else {
+            &b"\r\nConnection: keep-alive\r\n\r\n"[..]
+        });
+        Ok(out)
+    }
+}
+
+enum BodyError {
+    Backend(std::io::Error),
+    Client(std::io::Error),
+}
+
+/// Copies a response body from the backend to the client, after the header in `out`.
+async fn copy_body(
+    client: &mut Stream,
+    upstream: &mut Upstream,
+    out: &mut Vec<u8>,
+    framing: Framing,
+    (read_timeout, send_timeout): (Option<Duration>, Duration),
+    bytes_sent: &mut usize,
+) -> Result<(), BodyError> {
+    let invalid = |what: &'static str| {
+        BodyError::Backend(std::io::Error::new(std::io::ErrorKind::InvalidData, what))
+    };
+    let mut left = match framing {
+        Framing::Length(length) => length,
+        _ => 0,
+    };
+    let mut chunks = Chunks::Size;
+    loop {
+        // What of the bytes read belongs to the body.
+        let take = match framing {
+            Framing::None => 0,
+            Framing::Length(_) => (upstream.read.len() as u64).min(left) as usize,
+            Framing::Chunked => chunks.advance(&upstream.read).map_err(invalid)?,
+            Framing::UntilClose => upstream.read.len(),
+        };
+        if take > 0 {
+            if framing == Framing::UntilClose {
+                out.extend_from_slice(format!("{take:x}\r\n").as_bytes());
+                out.extend_from_slice(&upstream.read[..take]);
+                out.extend_from_slice(b"\r\n");
+            } else {
+                out.extend_from_slice(&upstream.read[..take]);
+            }
+            upstream.read.advance(take);
+            *bytes_sent += take;
+            left -= take.min(left as usize) as u64;
+        }
+        let done = match framing {
+            Framing::None => true,
+            Framing::Length(_) => left == 0,
+            Framing::Chunked => chunks == Chunks::Done,
+            Framing::UntilClose => false,
+        };
+        if !out.is_empty() && (done || out.len() >= READ_SIZE || upstream.read.is_empty()) {
+            write_all(client, out, send_timeout)
+                .await
+                .map_err(BodyError::Client)?;
+            out.clear();
+        }
+        if done {
+            return Ok(());
+        }
+        match read_some(&mut upstream.stream, &mut upstream.read, read_timeout).await {
+            Ok(0) if framing == Framing::UntilClose => {
+                write_all(client, b"0\r\n\r\n", send_timeout)
+                    .await
+                    .map_err(BodyError::Client)?;
+                return Ok(());
+            }
+            Ok(0) => {
+                return Err(invalid("the backend closed the connection before the end of the body"))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(BodyError::Backend(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
