@@ -217,7 +217,8 @@ where
             }
             None => (stream, None, self.header_timeout),
         };
-        self.proxy_http1(stream, read, header_deadline, shutdown).await
+        self.proxy_http1(stream, read, header_deadline, shutdown)
+            .await
     }
 
     async fn cleanup(&self) {

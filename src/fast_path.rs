@@ -110,9 +110,9 @@ fn offsets(buf: &[u8], part: &[u8]) -> (usize, usize) {
 /// RFC 3986 allows in a path and query.
 fn plain_target(target: &[u8]) -> bool {
     target.first() == Some(&b'/')
-        && target.iter().all(|&b| {
-            b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
-        })
+        && target
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b))
 }
 
 /// Whether every comma-separated token of a `Connection` value is `keep-alive` or
@@ -284,6 +284,29 @@ async fn read_some(
     }
 }
 
+/// Bytes read before the connection's read buffer is allocated: an idle connection
+/// waits with this much, not a whole buffer.
+const FIRST_READ: usize = 512;
+
+/// Reads the start of a request (or more of it) within `limit`. With nothing read yet,
+/// waits with a small buffer on the stack, so that an idle connection holds no buffer.
+async fn read_start(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    limit: Duration,
+) -> std::io::Result<usize> {
+    if !buf.is_empty() {
+        return read_some(stream, buf, Some(limit)).await;
+    }
+    let mut first = [0u8; FIRST_READ];
+    let n = pingora_timeout::fast_timeout::fast_timeout(limit, stream.read(&mut first))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
+    buf.reserve(READ_SIZE);
+    buf.extend_from_slice(&first[..n]);
+    Ok(n)
+}
+
 async fn write_all(
     stream: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
@@ -334,32 +357,20 @@ impl FastPath {
         // Between requests, the next one must start within the keep-alive timeout.
         let mut idle_deadline = header_deadline;
         let mut served = 0u32;
+        let mut shutdown = shutdown.clone();
         loop {
-            let head = loop {
-                if !conn.read.is_empty() {
-                    let fields = std::mem::take(&mut conn.fields);
-                    match parse_request(&conn.read, &self.balancer, fields) {
-                        Parse::Fast(head) => break head,
-                        Parse::Other => return conn.hand_over(header_deadline),
-                        Parse::Partial if conn.read.len() > limits.max_header_size => {
-                            return conn.hand_over(header_deadline)
-                        }
-                        Parse::Partial => {}
-                    }
-                }
-                let deadline = match conn.read.is_empty() {
-                    true => idle_deadline.min(header_deadline),
-                    false => header_deadline,
-                };
-                let left = deadline.saturating_duration_since(Instant::now());
-                match read_some(&mut conn.client, &mut conn.read, Some(left)).await {
-                    Ok(0) => return Outcome::Closed,
-                    Ok(_) => {}
-                    Err(e) => {
-                        log::debug!("closing a client connection: {e}");
-                        return Outcome::Closed;
-                    }
-                }
+            let head = match self
+                .next_head(
+                    &mut conn,
+                    (idle_deadline, header_deadline),
+                    served > 0,
+                    &mut shutdown,
+                )
+                .await
+            {
+                NextHead::Fast(head) => head,
+                NextHead::HandOver => return conn.hand_over(header_deadline),
+                NextHead::Closed => return Outcome::Closed,
             };
             served += 1;
             let last = head.close
@@ -375,11 +386,57 @@ impl FastPath {
             };
             conn.fields = head.fields;
             match next {
-                Next::KeepAlive => {}
+                Next::KeepAlive => conn.release_buffers(),
                 Next::Close => return Outcome::Closed,
             }
             idle_deadline = Instant::now() + limits.keepalive_timeout.0;
             header_deadline = idle_deadline + limits.header_timeout.0;
+        }
+    }
+
+    /// Reads until a whole request header is there. A kept-alive connection waiting for
+    /// its next request (`kept_alive`) is closed when the process shuts down, as
+    /// pingora-proxy closes its own.
+    async fn next_head(
+        &self,
+        conn: &mut Connection,
+        (idle_deadline, header_deadline): (Instant, Instant),
+        kept_alive: bool,
+        shutdown: &mut ShutdownWatch,
+    ) -> NextHead {
+        let limits = &self.balancer.client;
+        loop {
+            if !conn.read.is_empty() {
+                let fields = std::mem::take(&mut conn.fields);
+                match parse_request(&conn.read, &self.balancer, fields) {
+                    Parse::Fast(head) => return NextHead::Fast(head),
+                    Parse::Partial if conn.read.len() <= limits.max_header_size => {}
+                    Parse::Partial | Parse::Other => return NextHead::HandOver,
+                }
+            }
+            let idle = conn.read.is_empty();
+            let deadline = match idle && kept_alive {
+                true => idle_deadline.min(header_deadline),
+                false => header_deadline,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let read = read_start(&mut conn.client, &mut conn.read, left);
+            let read = match idle && kept_alive {
+                true if *shutdown.borrow() => return NextHead::Closed,
+                true => tokio::select! {
+                    read = read => read,
+                    _ = shutdown.changed() => return NextHead::Closed,
+                },
+                false => read.await,
+            };
+            match read {
+                Ok(0) => return NextHead::Closed,
+                Ok(_) => {}
+                Err(e) => {
+                    log::debug!("closing a client connection: {e}");
+                    return NextHead::Closed;
+                }
+            }
         }
     }
 
@@ -403,7 +460,9 @@ impl FastPath {
         })?;
         let route = balancer.router.get(id);
         let pool = balancer.pools.get(route.pool);
-        let too_large = route.max_body_size.is_some_and(|max| head.content_length > max);
+        let too_large = route
+            .max_body_size
+            .is_some_and(|max| head.content_length > max);
         (!too_large && pool.plain_http1()).then_some((route, pool))
     }
 
@@ -561,7 +620,11 @@ impl FastPath {
             return 0;
         }
         let response = error_response(failure.status);
-        let sent = write_all(&mut conn.client, &response, self.balancer.client.send_timeout.0);
+        let sent = write_all(
+            &mut conn.client,
+            &response,
+            self.balancer.client.send_timeout.0,
+        );
         if sent.await.is_err() {
             log::info!("cannot send the error response to the client");
         }
@@ -624,7 +687,10 @@ impl FastPath {
         tries: &mut Tries,
     ) -> Exchange {
         let destination = to.pool.destination(to.id);
-        let read_timeout = to.route.read_timeout.or(destination.peer.options.read_timeout);
+        let read_timeout = to
+            .route
+            .read_timeout
+            .or(destination.peer.options.read_timeout);
         let body_buffered = (conn.read.len() - head.len) as u64 >= head.content_length;
         let mut stale_retries = 0;
         loop {
@@ -686,10 +752,26 @@ impl FastPath {
         if rest > 0 {
             // The rest of the body comes from the client, forwarded as it arrives.
             conn.read.advance(head.len + body_now);
-            self.forward_body(conn, rest).await.map_err(SendError::Client)?;
+            self.forward_body(conn, rest)
+                .await
+                .map_err(SendError::Client)?;
         }
         let upstream = conn.upstream.as_mut().expect("connected");
-        match read_response_head(upstream, read_timeout).await {
+        // The client is watched meanwhile: one that goes away abandons the request, as
+        // on the proxy path (and with nginx and HAProxy). Bytes it pipelines are kept.
+        let response = loop {
+            let watch_client = conn.read.len() < self.balancer.client.max_header_size;
+            tokio::select! {
+                response = read_response_head(upstream, read_timeout) => break response,
+                read = read_some(&mut conn.client, &mut conn.read, None), if watch_client => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        log::info!("client request failed: the client closed the connection before the response");
+                        return Err(SendError::Client(BackendFailure::before_response(0)));
+                    }
+                }
+            }
+        };
+        match response {
             Ok(response) => Ok(response),
             Err(e) if upstream.read.is_empty() => Err(SendError::Stale(e)),
             Err(e) => Err(SendError::Backend(e)),
@@ -697,12 +779,22 @@ impl FastPath {
     }
 
     /// Copies `rest` bytes of request body from the client to the backend.
-    async fn forward_body(&self, conn: &mut Connection, mut rest: u64) -> Result<(), BackendFailure> {
+    async fn forward_body(
+        &self,
+        conn: &mut Connection,
+        mut rest: u64,
+    ) -> Result<(), BackendFailure> {
         let limits = &self.balancer.client;
         let upstream = conn.upstream.as_mut().expect("connected");
         while rest > 0 {
             conn.read.clear();
-            match read_some(&mut conn.client, &mut conn.read, Some(limits.body_timeout.0)).await {
+            match read_some(
+                &mut conn.client,
+                &mut conn.read,
+                Some(limits.body_timeout.0),
+            )
+            .await
+            {
                 Ok(0) => {
                     return Err(BackendFailure {
                         status: 0,
@@ -720,7 +812,13 @@ impl FastPath {
                 Ok(_) => {}
             }
             let take = (conn.read.len() as u64).min(rest) as usize;
-            if let Err(e) = write_all(&mut upstream.stream, &conn.read[..take], limits.body_timeout.0).await {
+            if let Err(e) = write_all(
+                &mut upstream.stream,
+                &conn.read[..take],
+                limits.body_timeout.0,
+            )
+            .await
+            {
                 return Err(BackendFailure {
                     status: failure_status(&e),
                     responded: false,
@@ -731,6 +829,13 @@ impl FastPath {
         }
         Ok(())
     }
+}
+
+/// What came next on a client connection.
+enum NextHead {
+    Fast(Head),
+    HandOver,
+    Closed,
 }
 
 /// A backend of a route's pool.
@@ -819,6 +924,17 @@ enum Exchange {
 }
 
 impl Connection {
+    /// Frees the read buffers that hold nothing, so that an idle kept-alive connection
+    /// costs little memory.
+    fn release_buffers(&mut self) {
+        if self.read.is_empty() {
+            self.read = BytesMut::new();
+        }
+        if let Some(upstream) = self.upstream.as_mut().filter(|u| u.read.is_empty()) {
+            upstream.read = BytesMut::new();
+        }
+    }
+
     fn hand_over(self, header_deadline: Instant) -> Outcome {
         Outcome::HandOver {
             stream: self.client,
@@ -1091,7 +1207,10 @@ impl FastPath {
         let framing = response_framing(&upstream.read, &response, head.head);
         let header = framing.and_then(|framing| {
             let header = self.response_header(&upstream.read, &response, to.route, &framing, last);
-            Ok((framing, header.map_err(|_| "a header the route's rules cannot edit")?))
+            Ok((
+                framing,
+                header.map_err(|_| "a header the route's rules cannot edit")?,
+            ))
         });
         let (framing, mut out) = match header {
             Ok(framing_and_header) => framing_and_header,
@@ -1120,10 +1239,15 @@ impl FastPath {
         match copied {
             Ok(()) => return Exchange::Done(response.status),
             Err(BodyError::Backend(e)) => {
-                log::error!("backend {} failed during the response body: {e}", destination.name());
+                log::error!(
+                    "backend {} failed during the response body: {e}",
+                    destination.name()
+                );
                 to.pool.request_failed(to.id);
             }
-            Err(BodyError::Client(e)) => log::info!("client went away during the response: {e}"),
+            Err(BodyError::Client(e)) => {
+                log::info!("client request failed: {e}, during the response")
+            }
         }
         Exchange::Failed(BackendFailure {
             status: 0,
@@ -1146,7 +1270,10 @@ impl FastPath {
             }
             let informational = upstream.read.split_to(response.len);
             let send_timeout = self.balancer.client.send_timeout.0;
-            if write_all(&mut conn.client, &informational, send_timeout).await.is_err() {
+            if write_all(&mut conn.client, &informational, send_timeout)
+                .await
+                .is_err()
+            {
                 return Err(BackendFailure {
                     status: 0,
                     responded: true,
@@ -1266,7 +1393,9 @@ async fn copy_body(
                 return Ok(());
             }
             Ok(0) => {
-                return Err(invalid("the backend closed the connection before the end of the body"))
+                return Err(invalid(
+                    "the backend closed the connection before the end of the body",
+                ))
             }
             Ok(_) => {}
             Err(e) => return Err(BodyError::Backend(e)),

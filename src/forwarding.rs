@@ -126,7 +126,12 @@ mod tests {
             ("x-forwarded-proto", "https"),
         ]);
         forwarding(&["10.0.0.0/8"])
-            .apply(Some("192.0.2.9".parse().unwrap()), false, Some("example.com"), &mut r)
+            .apply(
+                Some("192.0.2.9".parse().unwrap()),
+                false,
+                Some("example.com"),
+                &mut r,
+            )
             .unwrap();
         assert_eq!(header(&r, X_FORWARDED_FOR), "192.0.2.9");
         assert_eq!(header(&r, X_FORWARDED_PROTO), "http");
@@ -150,14 +155,18 @@ mod tests {
             forwarded: false,
             ..forwarding(&[])
         };
-        only_x.apply(client, false, Some("example.com"), &mut r).unwrap();
+        only_x
+            .apply(client, false, Some("example.com"), &mut r)
+            .unwrap();
         assert!(r.headers.get(FORWARDED).is_none());
         let mut r = request(&spoofed);
         let only_forwarded = Forwarding {
             x_forwarded: false,
             ..forwarding(&[])
         };
-        only_forwarded.apply(client, false, Some("example.com"), &mut r).unwrap();
+        only_forwarded
+            .apply(client, false, Some("example.com"), &mut r)
+            .unwrap();
         assert!(r.headers.get(X_FORWARDED_FOR).is_none());
         assert!(r.headers.get(X_FORWARDED_HOST).is_none());
         // A trusted proxy's headers stay, whichever family is sent.
@@ -179,7 +188,12 @@ mod tests {
             ("forwarded", "for=1.2.3.4"),
         ]);
         forwarding(&["10.0.0.0/8"])
-            .apply(Some("10.0.0.5".parse().unwrap()), false, Some("example.com"), &mut r)
+            .apply(
+                Some("10.0.0.5".parse().unwrap()),
+                false,
+                Some("example.com"),
+                &mut r,
+            )
             .unwrap();
         assert_eq!(header(&r, X_FORWARDED_FOR), "1.2.3.4, 5.6.7.8, 10.0.0.5");
         assert_eq!(
@@ -192,7 +206,12 @@ mod tests {
     fn ipv6_clients_are_quoted_in_forwarded() {
         let mut r = request(&[]);
         forwarding(&[])
-            .apply(Some("2001:db8::1".parse().unwrap()), false, Some("example.com"), &mut r)
+            .apply(
+                Some("2001:db8::1".parse().unwrap()),
+                false,
+                Some("example.com"),
+                &mut r,
+            )
             .unwrap();
         assert!(header(&r, FORWARDED).starts_with("for=\"[2001:db8::1]\""));
     }

@@ -52,8 +52,11 @@ pub fn visible_ascii(value: &[u8]) -> Option<&str> {
 /// them: the fast path's header, written out again without building a header map.
 #[derive(Default)]
 pub struct Fields<'a> {
-    fields: Vec<(Cow<'a, [u8]>, Cow<'a, [u8]>)>,
+    fields: Vec<Field<'a>>,
 }
+
+/// A field's name and value.
+type Field<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
 
 impl<'a> Fields<'a> {
     pub fn with_capacity(capacity: usize) -> Self {
@@ -64,7 +67,8 @@ impl<'a> Fields<'a> {
 
     /// Adds a field as received.
     pub fn push(&mut self, name: &'a [u8], value: &'a [u8]) {
-        self.fields.push((Cow::Borrowed(name), Cow::Borrowed(value)));
+        self.fields
+            .push((Cow::Borrowed(name), Cow::Borrowed(value)));
     }
 
     /// Removes every field named `name` (any case).
@@ -122,7 +126,9 @@ mod tests {
         fields.push(b"x-a", b"2");
         let name = HeaderName::from_static("x-a");
         assert_eq!(fields.values(&name).collect::<Vec<_>>(), [b"1", b"2"]);
-        fields.set(name.clone(), HeaderValue::from_static("3")).unwrap();
+        fields
+            .set(name.clone(), HeaderValue::from_static("3"))
+            .unwrap();
         fields.add(name, HeaderValue::from_static("4")).unwrap();
         fields.remove(&HeaderName::from_static("host"));
         let mut out = Vec::new();

@@ -395,7 +395,10 @@ impl ProxyHttp for Balancer {
                 let request = session.req_header();
                 hash_input(
                     key,
-                    session.client_addr().and_then(PingoraAddr::as_inet).copied(),
+                    session
+                        .client_addr()
+                        .and_then(PingoraAddr::as_inet)
+                        .copied(),
                     request.uri.path().as_bytes(),
                     |name| request.headers.get(name).map(|v| v.as_bytes()),
                     &mut client_ip,

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::header_edits::EditHeaders;
 use crate::config::{Config, HeaderRules, HostPattern, ListenAddress, RouteConfig};
+use crate::header_edits::EditHeaders;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstreams::{PoolId, Pools};
 

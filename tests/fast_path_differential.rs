@@ -71,7 +71,11 @@ fn line_end(buf: &[u8], from: usize) -> Option<usize> {
 }
 
 /// Decodes a chunked body starting at `at`; returns the body and where it ends.
-fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>, mut at: usize) -> Option<(Vec<u8>, usize)> {
+fn read_chunked(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    mut at: usize,
+) -> Option<(Vec<u8>, usize)> {
     let mut body = Vec::new();
     loop {
         let end = loop {
@@ -114,7 +118,9 @@ fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>, mut at: usize) -> Opt
 }
 
 fn serve_recorded(mut stream: TcpStream, log: &Mutex<Vec<Received>>) {
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut buf = Vec::new();
     loop {
         let (head_len, line, fields, length, chunked) = loop {
@@ -296,7 +302,10 @@ fn responses(bytes: &[u8], methods: &[String]) -> (Vec<Answer>, Vec<u8>) {
                     return (answers, bytes[at..].to_vec());
                 };
                 let size = usize::from_str_radix(
-                    String::from_utf8_lossy(&bytes[p..e]).split(';').next().unwrap_or(""),
+                    String::from_utf8_lossy(&bytes[p..e])
+                        .split(';')
+                        .next()
+                        .unwrap_or(""),
                     16,
                 )
                 .unwrap_or(0);
@@ -330,12 +339,11 @@ fn responses(bytes: &[u8], methods: &[String]) -> (Vec<Answer>, Vec<u8>) {
 
 /// Runs `request` through both balancers and compares.
 fn compare(fast: &Side, proxy: &Side, request: &[u8], methods: &[String]) -> Result<(), String> {
-    let ((fast_answer, fast_received), (proxy_answer, proxy_received)) =
-        std::thread::scope(|s| {
-            let fast = s.spawn(|| fast.exchange(request));
-            let proxy = proxy.exchange(request);
-            (fast.join().unwrap(), proxy)
-        });
+    let ((fast_answer, fast_received), (proxy_answer, proxy_received)) = std::thread::scope(|s| {
+        let fast = s.spawn(|| fast.exchange(request));
+        let proxy = proxy.exchange(request);
+        (fast.join().unwrap(), proxy)
+    });
     let text = String::from_utf8_lossy(request);
     if fast_received != proxy_received {
         return Err(format!(
@@ -469,16 +477,50 @@ fn field() -> impl Strategy<Value = String> {
 
 /// A request: method, target, version, fields, line ends and body, all generated.
 fn request() -> impl Strategy<Value = (String, String)> {
-    let method = prop::sample::select(vec!["GET", "GET", "POST", "HEAD", "PUT", "DELETE", "get", "CONNECT", "FOO"]);
-    let target = prop::sample::select(vec![
-        "/cl", "/chunked", "/close", "/nocontent", "/early", "/cl?x=1&y=%41", "//cl", "/cl#f",
-        "*", "http://a.test/cl", "/c{l}", "/cl\"",
+    let method = prop::sample::select(vec![
+        "GET", "GET", "POST", "HEAD", "PUT", "DELETE", "get", "CONNECT", "FOO",
     ]);
-    let version = prop::sample::select(vec!["HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.10"]);
+    let target = prop::sample::select(vec![
+        "/cl",
+        "/chunked",
+        "/close",
+        "/nocontent",
+        "/early",
+        "/cl?x=1&y=%41",
+        "//cl",
+        "/cl#f",
+        "*",
+        "http://a.test/cl",
+        "/c{l}",
+        "/cl\"",
+    ]);
+    let version = prop::sample::select(vec![
+        "HTTP/1.1",
+        "HTTP/1.1",
+        "HTTP/1.1",
+        "HTTP/1.0",
+        "HTTP/2.0",
+        "HTTP/1.10",
+    ]);
     let eol = prop::sample::select(vec!["\r\n", "\r\n", "\r\n", "\n"]);
-    let body = prop::sample::select(vec!["", "", "abc", "hello", "3\r\nabc\r\n0\r\n\r\n", "5\r\nab\r\n0\r\n\r\n", "0\r\n\r\n"]);
-    (method, target, version, prop::collection::vec(field(), 0..6), eol, body).prop_map(
-        |(method, target, version, fields, eol, body)| {
+    let body = prop::sample::select(vec![
+        "",
+        "",
+        "abc",
+        "hello",
+        "3\r\nabc\r\n0\r\n\r\n",
+        "5\r\nab\r\n0\r\n\r\n",
+        "0\r\n\r\n",
+    ]);
+    (
+        method,
+        target,
+        version,
+        prop::collection::vec(field(), 0..6),
+        eol,
+        body,
+    )
+        .prop_map(|(method, target, version, fields, eol, body)| {
             let mut text = format!("{method} {target} {version}{eol}");
             for field in &fields {
                 text.push_str(field);
@@ -487,8 +529,7 @@ fn request() -> impl Strategy<Value = (String, String)> {
             text.push_str(eol);
             text.push_str(body);
             (text, method.to_string())
-        },
-    )
+        })
 }
 
 /// One or two requests on a connection (the second pipelined), generated.

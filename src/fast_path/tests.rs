@@ -10,7 +10,13 @@ fn chunked_framing_is_validated_as_it_arrives() {
         assert_eq!(first + second, body.len(), "split at {split}");
         assert_eq!(chunks, Chunks::Done);
     }
-    for bad in [&b"5\nhello\r\n"[..], b"g\r\n", b"5\r\nhelloXX", b"-1\r\n", b"\r\n"] {
+    for bad in [
+        &b"5\nhello\r\n"[..],
+        b"g\r\n",
+        b"5\r\nhelloXX",
+        b"-1\r\n",
+        b"\r\n",
+    ] {
         assert!(Chunks::Size.advance(bad).is_err(), "{bad:?}");
     }
 }
