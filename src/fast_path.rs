@@ -43,6 +43,8 @@ use crate::upstreams::{BackendId, Destination, Pool, PoolId};
 const MAX_FIELDS: usize = 128;
 /// Largest response header accepted from a backend.
 const MAX_RESPONSE_HEADER: usize = 64 * 1024;
+/// Backend connections a client connection keeps besides the one in use.
+const MAX_PARKED: usize = 7;
 /// Read size for headers and bodies.
 const READ_SIZE: usize = 8 * 1024;
 
@@ -241,6 +243,9 @@ struct Connection {
     /// Read from the client and not yet forwarded.
     read: BytesMut,
     upstream: Option<Upstream>,
+    /// Connections to the other backends the connection's requests went to, kept for
+    /// their next requests (round robin sends consecutive requests to different ones).
+    parked: Vec<Upstream>,
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
     tls: Option<Arc<SslDigest>>,
@@ -348,6 +353,7 @@ impl FastPath {
             client,
             read: BytesMut::new(),
             upstream: None,
+            parked: Vec::new(),
             peer,
             local,
             tls,
@@ -639,14 +645,20 @@ impl FastPath {
         to: &Backend<'_>,
     ) -> Result<bool, std::io::Error> {
         let pool_id = to.route.pool;
-        let kept = conn
-            .upstream
-            .as_ref()
-            .is_some_and(|u| u.pool == pool_id && u.backend == to.id);
-        if kept {
+        let goes_to = |u: &Upstream| u.pool == pool_id && u.backend == to.id;
+        if conn.upstream.as_ref().is_some_and(goes_to) {
             return Ok(true);
         }
-        conn.upstream = None;
+        if let Some(previous) = conn.upstream.take() {
+            if conn.parked.len() == MAX_PARKED {
+                conn.parked.remove(0);
+            }
+            conn.parked.push(previous);
+        }
+        if let Some(at) = conn.parked.iter().position(goes_to) {
+            conn.upstream = Some(conn.parked.swap_remove(at));
+            return Ok(true);
+        }
         let peer = &to.pool.destination(to.id).peer;
         let connect_timeout = to
             .route
