@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::access_log::Entry;
+use crate::config::ClientLimits;
 use crate::header_edits::{visible_ascii, Fields};
 use crate::proxy::{tls_facts, Balancer, Done, MAX_STALE_RETRIES};
 use crate::request_rules::{self, RequestShape};
@@ -43,6 +44,8 @@ use crate::upstreams::{BackendId, Destination, Pool, PoolId};
 const MAX_FIELDS: usize = 128;
 /// Largest response header accepted from a backend.
 const MAX_RESPONSE_HEADER: usize = 64 * 1024;
+/// How long an idle backend connection is kept when its pool sets no `timeouts.idle`.
+const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 /// Backend connections a client connection keeps besides the one in use.
 const MAX_PARKED: usize = 7;
 /// Read size for headers and bodies.
@@ -159,7 +162,7 @@ const OTHER_PATH: [&[u8]; 6] = [
 ];
 
 /// Parses a request header and tells whether the fast path serves it.
-fn parse_request(buf: &[u8], balancer: &Balancer, fields: Vec<FieldAt>) -> Parse {
+fn parse_request(buf: &[u8], limits: &ClientLimits, fields: Vec<FieldAt>) -> Parse {
     let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut request = httparse::Request::new(&mut headers);
     let len = match request.parse(buf) {
@@ -223,7 +226,7 @@ fn parse_request(buf: &[u8], balancer: &Balancer, fields: Vec<FieldAt>) -> Parse
         content_lengths: lengths,
         content_length_list: false,
     };
-    match request_rules::check_shape(&shape, &balancer.client) {
+    match request_rules::check_shape(&shape, limits) {
         Ok(()) => Parse::Fast(head),
         Err(_) => Parse::Other,
     }
@@ -235,6 +238,9 @@ struct Upstream {
     backend: BackendId,
     stream: TcpStream,
     read: BytesMut,
+    /// Between exchanges: no request sent without its whole response read. Only such a
+    /// connection may carry another client's request.
+    between_exchanges: bool,
 }
 
 /// One client connection on the fast path.
@@ -242,10 +248,7 @@ struct Connection {
     client: Stream,
     /// Read from the client and not yet forwarded.
     read: BytesMut,
-    upstream: Option<Upstream>,
-    /// Connections to the other backends the connection's requests went to, kept for
-    /// their next requests (round robin sends consecutive requests to different ones).
-    parked: Vec<Upstream>,
+    backends: Backends,
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
     tls: Option<Arc<SslDigest>>,
@@ -352,8 +355,7 @@ impl FastPath {
         let mut conn = Connection {
             client,
             read: BytesMut::new(),
-            upstream: None,
-            parked: Vec::new(),
+            backends: Backends::default(),
             peer,
             local,
             tls,
@@ -414,7 +416,7 @@ impl FastPath {
         loop {
             if !conn.read.is_empty() {
                 let fields = std::mem::take(&mut conn.fields);
-                match parse_request(&conn.read, &self.balancer, fields) {
+                match parse_request(&conn.read, limits, fields) {
                     Parse::Fast(head) => return NextHead::Fast(head),
                     Parse::Partial if conn.read.len() <= limits.max_header_size => {}
                     Parse::Partial | Parse::Other => return NextHead::HandOver,
@@ -646,20 +648,31 @@ impl FastPath {
     ) -> Result<bool, std::io::Error> {
         let pool_id = to.route.pool;
         let goes_to = |u: &Upstream| u.pool == pool_id && u.backend == to.id;
-        if conn.upstream.as_ref().is_some_and(goes_to) {
+        if conn.backends.upstream.as_ref().is_some_and(goes_to) {
             return Ok(true);
         }
-        if let Some(previous) = conn.upstream.take() {
-            if conn.parked.len() == MAX_PARKED {
-                conn.parked.remove(0);
+        if let Some(previous) = conn.backends.upstream.take() {
+            if conn.backends.parked.len() == MAX_PARKED {
+                conn.backends.parked.remove(0);
             }
-            conn.parked.push(previous);
+            conn.backends.parked.push(previous);
         }
-        if let Some(at) = conn.parked.iter().position(goes_to) {
-            conn.upstream = Some(conn.parked.swap_remove(at));
+        if let Some(at) = conn.backends.parked.iter().position(goes_to) {
+            conn.backends.upstream = Some(conn.backends.parked.swap_remove(at));
             return Ok(true);
         }
         let peer = &to.pool.destination(to.id).peer;
+        let max_idle = peer.options.idle_timeout.unwrap_or(DEFAULT_IDLE);
+        if let Some(stream) = idle_backends::take(pool_id, to.id, max_idle) {
+            conn.backends.upstream = Some(Upstream {
+                pool: pool_id,
+                backend: to.id,
+                stream,
+                read: BytesMut::new(),
+                between_exchanges: true,
+            });
+            return Ok(true);
+        }
         let connect_timeout = to
             .route
             .connect_timeout
@@ -677,11 +690,12 @@ impl FastPath {
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
         stream.set_nodelay(true)?;
-        conn.upstream = Some(Upstream {
+        conn.backends.upstream = Some(Upstream {
             pool: pool_id,
             backend: to.id,
             stream,
             read: BytesMut::new(),
+            between_exchanges: true,
         });
         Ok(false)
     }
@@ -723,16 +737,16 @@ impl FastPath {
                         destination.name()
                     );
                     stale_retries += 1;
-                    conn.upstream = None;
+                    conn.backends.upstream = None;
                     continue;
                 }
                 Err(SendError::Stale(e)) | Err(SendError::Backend(e)) => {
                     log::error!("backend {} failed: {e}", destination.name());
-                    conn.upstream = None;
+                    conn.backends.upstream = None;
                     return Exchange::Failed(BackendFailure::before_response(failure_status(&e)));
                 }
                 Err(SendError::Client(failure)) => {
-                    conn.upstream = None;
+                    conn.backends.upstream = None;
                     return Exchange::Failed(failure);
                 }
             };
@@ -755,8 +769,9 @@ impl FastPath {
         read_timeout: Option<Duration>,
     ) -> Result<ResponseHead, SendError> {
         let body_now = (conn.read.len() - head.len).min(head.content_length as usize);
-        let upstream = conn.upstream.as_mut().expect("connected");
+        let upstream = conn.backends.upstream.as_mut().expect("connected");
         let body = &conn.read[head.len..head.len + body_now];
+        upstream.between_exchanges = false;
         send_request(upstream, out, body, read_timeout)
             .await
             .map_err(SendError::Stale)?;
@@ -768,7 +783,7 @@ impl FastPath {
                 .await
                 .map_err(SendError::Client)?;
         }
-        let upstream = conn.upstream.as_mut().expect("connected");
+        let upstream = conn.backends.upstream.as_mut().expect("connected");
         // The client is watched meanwhile: one that goes away abandons the request, as
         // on the proxy path (and with nginx and HAProxy). Bytes it pipelines are kept.
         let response = loop {
@@ -797,7 +812,7 @@ impl FastPath {
         mut rest: u64,
     ) -> Result<(), BackendFailure> {
         let limits = &self.balancer.client;
-        let upstream = conn.upstream.as_mut().expect("connected");
+        let upstream = conn.backends.upstream.as_mut().expect("connected");
         while rest > 0 {
             conn.read.clear();
             match read_some(
@@ -935,6 +950,33 @@ enum Exchange {
     Failed(BackendFailure),
 }
 
+/// The backend connections of a client connection.
+#[derive(Default)]
+struct Backends {
+    /// The one the current request uses.
+    upstream: Option<Upstream>,
+    /// Connections to the other backends the connection's requests went to, kept for
+    /// their next requests (round robin sends consecutive requests to different ones).
+    parked: Vec<Upstream>,
+}
+
+/// At the end of the client connection, its backend connections between exchanges go
+/// to the thread's idle ones.
+impl Drop for Backends {
+    fn drop(&mut self) {
+        let upstreams = self
+            .upstream
+            .take()
+            .into_iter()
+            .chain(self.parked.drain(..));
+        for upstream in upstreams {
+            if upstream.between_exchanges && upstream.read.is_empty() {
+                idle_backends::put(upstream.pool, upstream.backend, upstream.stream);
+            }
+        }
+    }
+}
+
 impl Connection {
     /// Frees the read buffers that hold nothing, so that an idle kept-alive connection
     /// costs little memory.
@@ -942,7 +984,12 @@ impl Connection {
         if self.read.is_empty() {
             self.read = BytesMut::new();
         }
-        if let Some(upstream) = self.upstream.as_mut().filter(|u| u.read.is_empty()) {
+        if let Some(upstream) = self
+            .backends
+            .upstream
+            .as_mut()
+            .filter(|u| u.read.is_empty())
+        {
             upstream.read = BytesMut::new();
         }
     }
@@ -1211,11 +1258,11 @@ impl FastPath {
         let response = match self.informational(conn, response, read_timeout).await {
             Ok(response) => response,
             Err(failure) => {
-                conn.upstream = None;
+                conn.backends.upstream = None;
                 return Exchange::Failed(failure);
             }
         };
-        let upstream = conn.upstream.as_mut().expect("connected");
+        let upstream = conn.backends.upstream.as_mut().expect("connected");
         let framing = response_framing(&upstream.read, &response, head.head);
         let header = framing.and_then(|framing| {
             let header = self.response_header(&upstream.read, &response, to.route, &framing, last);
@@ -1228,7 +1275,7 @@ impl FastPath {
             Ok(framing_and_header) => framing_and_header,
             Err(what) => {
                 log::error!("backend {} sent {what}", destination.name());
-                conn.upstream = None;
+                conn.backends.upstream = None;
                 return Exchange::Failed(BackendFailure::before_response(502));
             }
         };
@@ -1245,26 +1292,11 @@ impl FastPath {
         )
         .await;
         // Bytes after the response: the backend cannot be trusted with another request.
-        if copied.is_err() || !reusable || !upstream.read.is_empty() {
-            conn.upstream = None;
-        }
         match copied {
-            Ok(()) => return Exchange::Done(response.status),
-            Err(BodyError::Backend(e)) => {
-                log::error!(
-                    "backend {} failed during the response body: {e}",
-                    destination.name()
-                );
-                to.pool.request_failed(to.id);
-            }
-            Err(BodyError::Client(e)) => {
-                log::info!("client request failed: {e}, during the response")
-            }
+            Ok(()) if reusable && upstream.read.is_empty() => upstream.between_exchanges = true,
+            _ => conn.backends.upstream = None,
         }
-        Exchange::Failed(BackendFailure {
-            status: 0,
-            responded: true,
-        })
+        body_outcome(copied, response.status, to)
     }
 
     /// Passes informational (1xx) responses through to the client; the final response.
@@ -1274,7 +1306,7 @@ impl FastPath {
         mut response: ResponseHead,
         read_timeout: Option<Duration>,
     ) -> Result<ResponseHead, BackendFailure> {
-        let upstream = conn.upstream.as_mut().expect("connected");
+        let upstream = conn.backends.upstream.as_mut().expect("connected");
         while response.status < 200 {
             if response.status == 101 {
                 // Never asked for: the fast path sends no Upgrade.
@@ -1338,6 +1370,23 @@ impl FastPath {
         });
         Ok(out)
     }
+}
+
+/// How a response whose header went to the client ended.
+fn body_outcome(copied: Result<(), BodyError>, status: u16, to: &Backend<'_>) -> Exchange {
+    match copied {
+        Ok(()) => return Exchange::Done(status),
+        Err(BodyError::Backend(e)) => {
+            let name = to.pool.destination(to.id).name();
+            log::error!("backend {name} failed during the response body: {e}");
+            to.pool.request_failed(to.id);
+        }
+        Err(BodyError::Client(e)) => log::info!("client request failed: {e}, during the response"),
+    }
+    Exchange::Failed(BackendFailure {
+        status: 0,
+        responded: true,
+    })
 }
 
 enum BodyError {
@@ -1415,5 +1464,6 @@ async fn copy_body(
     }
 }
 
+mod idle_backends;
 #[cfg(test)]
 mod tests;

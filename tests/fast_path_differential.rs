@@ -70,6 +70,19 @@ fn line_end(buf: &[u8], from: usize) -> Option<usize> {
         .map(|p| from + p)
 }
 
+/// Reads until a line starting at `at` is complete; where its CRLF is.
+fn read_line(stream: &mut TcpStream, buf: &mut Vec<u8>, at: usize) -> Option<usize> {
+    loop {
+        if let Some(end) = line_end(buf, at) {
+            return Some(end);
+        }
+        let have = buf.len();
+        if !fill(stream, buf, have + 1) {
+            return None;
+        }
+    }
+}
+
 /// Decodes a chunked body starting at `at`; returns the body and where it ends.
 fn read_chunked(
     stream: &mut TcpStream,
@@ -78,30 +91,14 @@ fn read_chunked(
 ) -> Option<(Vec<u8>, usize)> {
     let mut body = Vec::new();
     loop {
-        let end = loop {
-            if let Some(end) = line_end(buf, at) {
-                break end;
-            }
-            let have = buf.len();
-            if !fill(stream, buf, have + 1) {
-                return None;
-            }
-        };
+        let end = read_line(stream, buf, at)?;
         let size_text = String::from_utf8_lossy(&buf[at..end]).to_string();
         let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
         at = end + 2;
         if size == 0 {
             // Trailer fields, up to the empty line.
             loop {
-                let end = loop {
-                    if let Some(end) = line_end(buf, at) {
-                        break end;
-                    }
-                    let have = buf.len();
-                    if !fill(stream, buf, have + 1) {
-                        return None;
-                    }
-                };
+                let end = read_line(stream, buf, at)?;
                 let empty = end == at;
                 at = end + 2;
                 if empty {

@@ -1,0 +1,57 @@
+//! Idle backend connections shared between client connections.
+//!
+//! A client connection keeps the backend connections its requests used; when it closes,
+//! they come here for the next client connection, as HAProxy's `http-reuse` and
+//! pingora's pool do: a client opening a connection per request would otherwise cost a
+//! backend connection per request too. They are kept per worker thread: a socket stays
+//! with the runtime that registered it (pingora runs one runtime per thread when work
+//! stealing is off), and no lock is taken.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use tokio::net::TcpStream;
+
+use crate::upstreams::{BackendId, PoolId};
+
+/// Idle connections kept per backend and thread; more are closed.
+const PER_BACKEND: usize = 128;
+
+type Idle = HashMap<(PoolId, BackendId), Vec<(TcpStream, Instant)>>;
+
+thread_local! {
+    static IDLE: RefCell<Idle> = RefCell::new(HashMap::new());
+}
+
+/// Keeps a connection that carried complete exchanges and holds no unread byte.
+pub fn put(pool: PoolId, backend: BackendId, stream: TcpStream) {
+    IDLE.with_borrow_mut(|idle| {
+        let kept = idle.entry((pool, backend)).or_default();
+        if kept.len() < PER_BACKEND {
+            kept.push((stream, Instant::now()));
+        }
+    });
+}
+
+/// The most recently used idle connection to the backend that is still open and was
+/// idle less than `max_idle`.
+pub fn take(pool: PoolId, backend: BackendId, max_idle: Duration) -> Option<TcpStream> {
+    IDLE.with_borrow_mut(|idle| {
+        let kept = idle.get_mut(&(pool, backend))?;
+        while let Some((stream, since)) = kept.pop() {
+            if since.elapsed() < max_idle && still_open(&stream) {
+                return Some(stream);
+            }
+        }
+        None
+    })
+}
+
+/// Whether an idle connection is still open: no end of stream, no error and no stray
+/// byte waiting on it. A socket with nothing to read costs no system call here.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    stream.peek(&mut byte).now_or_never().is_none()
+}
