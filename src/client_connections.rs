@@ -217,8 +217,8 @@ where
             }
             None => (stream, None, self.header_timeout),
         };
-        self.proxy_http1(stream, read, header_deadline, shutdown)
-            .await
+        // Boxed: the fast path's connections do not carry this state in their future.
+        Box::pin(self.proxy_http1(stream, read, header_deadline, shutdown)).await
     }
 
     async fn cleanup(&self) {

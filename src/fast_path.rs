@@ -7,7 +7,8 @@
 //! a common method, an origin-form target, one `Host`, no body or one `Content-Length`,
 //! no `Transfer-Encoding`, `Upgrade`, `Expect` or hop-by-hop header beyond
 //! `Connection: keep-alive|close`, text-only header values, within the client limits. It
-//! forwards them over one backend connection kept with the client connection.
+//! forwards each over a backend connection of its own for the exchange, taken from the
+//! worker thread's idle ones (`idle_backends`) and put back there after it.
 //!
 //! Anything else (and a request whose route, pool or listener needs what only the proxy
 //! path does: no route, a redirect to HTTPS, a body over the route's limit, backends over
@@ -46,8 +47,6 @@ const MAX_FIELDS: usize = 128;
 const MAX_RESPONSE_HEADER: usize = 64 * 1024;
 /// How long an idle backend connection is kept when its pool sets no `timeouts.idle`.
 const DEFAULT_IDLE: Duration = Duration::from_secs(60);
-/// Backend connections a client connection keeps besides the one in use.
-const MAX_PARKED: usize = 7;
 /// Read size for headers and bodies.
 const READ_SIZE: usize = 8 * 1024;
 
@@ -232,15 +231,12 @@ fn parse_request(buf: &[u8], limits: &ClientLimits, fields: Vec<FieldAt>) -> Par
     }
 }
 
-/// A backend connection kept with the client connection.
+/// A backend connection, for one exchange.
 struct Upstream {
     pool: PoolId,
     backend: BackendId,
     stream: TcpStream,
     read: BytesMut,
-    /// Between exchanges: no request sent without its whole response read. Only such a
-    /// connection may carry another client's request.
-    between_exchanges: bool,
 }
 
 /// One client connection on the fast path.
@@ -248,7 +244,9 @@ struct Connection {
     client: Stream,
     /// Read from the client and not yet forwarded.
     read: BytesMut,
-    backends: Backends,
+    /// The backend connection of the request being served; between requests it waits
+    /// with the worker thread's idle ones, for any client connection.
+    upstream: Option<Upstream>,
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
     tls: Option<Arc<SslDigest>>,
@@ -355,7 +353,7 @@ impl FastPath {
         let mut conn = Connection {
             client,
             read: BytesMut::new(),
-            backends: Backends::default(),
+            upstream: None,
             peer,
             local,
             tls,
@@ -386,7 +384,11 @@ impl FastPath {
                 || *shutdown.borrow()
                 || self.balancer.traffic.draining();
             let next = match self.route(&conn, &head) {
-                Some((route, pool)) => self.forward(&mut conn, &head, route, pool, last).await,
+                // Boxed: an idle connection's future then holds only what waiting for the
+                // next request needs, not the deepest state of an exchange.
+                Some((route, pool)) => {
+                    Box::pin(self.forward(&mut conn, &head, route, pool, last)).await
+                }
                 None => {
                     conn.fields = head.fields;
                     return conn.hand_over(header_deadline);
@@ -529,6 +531,8 @@ impl FastPath {
         let outcome = self
             .try_backends(conn, head, route, pool, &key, last, &mut tries)
             .await;
+        // A backend connection left in the middle of an exchange carries nothing more.
+        conn.upstream = None;
         let (status, next) = match outcome {
             Ok(status) => (status, if last { Next::Close } else { Next::KeepAlive }),
             Err(failure) => (self.answer_failure(conn, &failure).await, Next::Close),
@@ -639,37 +643,22 @@ impl FastPath {
         failure.status
     }
 
-    /// Connects to backend `id`, unless the connection kept from the previous request
-    /// goes there; whether it was kept.
+    /// An idle connection to the backend, or a new one; whether it was idle (then the
+    /// backend may have closed it meanwhile).
     async fn upstream_for(
         &self,
         conn: &mut Connection,
         to: &Backend<'_>,
     ) -> Result<bool, std::io::Error> {
         let pool_id = to.route.pool;
-        let goes_to = |u: &Upstream| u.pool == pool_id && u.backend == to.id;
-        if conn.backends.upstream.as_ref().is_some_and(goes_to) {
-            return Ok(true);
-        }
-        if let Some(previous) = conn.backends.upstream.take() {
-            if conn.backends.parked.len() == MAX_PARKED {
-                conn.backends.parked.remove(0);
-            }
-            conn.backends.parked.push(previous);
-        }
-        if let Some(at) = conn.backends.parked.iter().position(goes_to) {
-            conn.backends.upstream = Some(conn.backends.parked.swap_remove(at));
-            return Ok(true);
-        }
         let peer = &to.pool.destination(to.id).peer;
         let max_idle = peer.options.idle_timeout.unwrap_or(DEFAULT_IDLE);
         if let Some(stream) = idle_backends::take(pool_id, to.id, max_idle) {
-            conn.backends.upstream = Some(Upstream {
+            conn.upstream = Some(Upstream {
                 pool: pool_id,
                 backend: to.id,
                 stream,
                 read: BytesMut::new(),
-                between_exchanges: true,
             });
             return Ok(true);
         }
@@ -690,12 +679,11 @@ impl FastPath {
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
         stream.set_nodelay(true)?;
-        conn.backends.upstream = Some(Upstream {
+        conn.upstream = Some(Upstream {
             pool: pool_id,
             backend: to.id,
             stream,
             read: BytesMut::new(),
-            between_exchanges: true,
         });
         Ok(false)
     }
@@ -737,16 +725,16 @@ impl FastPath {
                         destination.name()
                     );
                     stale_retries += 1;
-                    conn.backends.upstream = None;
+                    conn.upstream = None;
                     continue;
                 }
                 Err(SendError::Stale(e)) | Err(SendError::Backend(e)) => {
                     log::error!("backend {} failed: {e}", destination.name());
-                    conn.backends.upstream = None;
+                    conn.upstream = None;
                     return Exchange::Failed(BackendFailure::before_response(failure_status(&e)));
                 }
                 Err(SendError::Client(failure)) => {
-                    conn.backends.upstream = None;
+                    conn.upstream = None;
                     return Exchange::Failed(failure);
                 }
             };
@@ -769,9 +757,8 @@ impl FastPath {
         read_timeout: Option<Duration>,
     ) -> Result<ResponseHead, SendError> {
         let body_now = (conn.read.len() - head.len).min(head.content_length as usize);
-        let upstream = conn.backends.upstream.as_mut().expect("connected");
+        let upstream = conn.upstream.as_mut().expect("connected");
         let body = &conn.read[head.len..head.len + body_now];
-        upstream.between_exchanges = false;
         send_request(upstream, out, body, read_timeout)
             .await
             .map_err(SendError::Stale)?;
@@ -783,7 +770,7 @@ impl FastPath {
                 .await
                 .map_err(SendError::Client)?;
         }
-        let upstream = conn.backends.upstream.as_mut().expect("connected");
+        let upstream = conn.upstream.as_mut().expect("connected");
         // The client is watched meanwhile: one that goes away abandons the request, as
         // on the proxy path (and with nginx and HAProxy). Bytes it pipelines are kept.
         let response = loop {
@@ -812,7 +799,7 @@ impl FastPath {
         mut rest: u64,
     ) -> Result<(), BackendFailure> {
         let limits = &self.balancer.client;
-        let upstream = conn.backends.upstream.as_mut().expect("connected");
+        let upstream = conn.upstream.as_mut().expect("connected");
         while rest > 0 {
             conn.read.clear();
             match read_some(
@@ -950,47 +937,12 @@ enum Exchange {
     Failed(BackendFailure),
 }
 
-/// The backend connections of a client connection.
-#[derive(Default)]
-struct Backends {
-    /// The one the current request uses.
-    upstream: Option<Upstream>,
-    /// Connections to the other backends the connection's requests went to, kept for
-    /// their next requests (round robin sends consecutive requests to different ones).
-    parked: Vec<Upstream>,
-}
-
-/// At the end of the client connection, its backend connections between exchanges go
-/// to the thread's idle ones.
-impl Drop for Backends {
-    fn drop(&mut self) {
-        let upstreams = self
-            .upstream
-            .take()
-            .into_iter()
-            .chain(self.parked.drain(..));
-        for upstream in upstreams {
-            if upstream.between_exchanges && upstream.read.is_empty() {
-                idle_backends::put(upstream.pool, upstream.backend, upstream.stream);
-            }
-        }
-    }
-}
-
 impl Connection {
-    /// Frees the read buffers that hold nothing, so that an idle kept-alive connection
+    /// Frees the read buffer if it holds nothing, so that an idle kept-alive connection
     /// costs little memory.
     fn release_buffers(&mut self) {
         if self.read.is_empty() {
             self.read = BytesMut::new();
-        }
-        if let Some(upstream) = self
-            .backends
-            .upstream
-            .as_mut()
-            .filter(|u| u.read.is_empty())
-        {
-            upstream.read = BytesMut::new();
         }
     }
 
@@ -1258,11 +1210,11 @@ impl FastPath {
         let response = match self.informational(conn, response, read_timeout).await {
             Ok(response) => response,
             Err(failure) => {
-                conn.backends.upstream = None;
+                conn.upstream = None;
                 return Exchange::Failed(failure);
             }
         };
-        let upstream = conn.backends.upstream.as_mut().expect("connected");
+        let upstream = conn.upstream.as_mut().expect("connected");
         let framing = response_framing(&upstream.read, &response, head.head);
         let header = framing.and_then(|framing| {
             let header = self.response_header(&upstream.read, &response, to.route, &framing, last);
@@ -1275,7 +1227,7 @@ impl FastPath {
             Ok(framing_and_header) => framing_and_header,
             Err(what) => {
                 log::error!("backend {} sent {what}", destination.name());
-                conn.backends.upstream = None;
+                conn.upstream = None;
                 return Exchange::Failed(BackendFailure::before_response(502));
             }
         };
@@ -1291,10 +1243,12 @@ impl FastPath {
             &mut tries.bytes_sent,
         )
         .await;
-        // Bytes after the response: the backend cannot be trusted with another request.
-        match copied {
-            Ok(()) if reusable && upstream.read.is_empty() => upstream.between_exchanges = true,
-            _ => conn.backends.upstream = None,
+        // Only a connection between exchanges (its whole response read, nothing after it)
+        // may carry another request, of any client.
+        if let Some(upstream) = conn.upstream.take() {
+            if copied.is_ok() && reusable && upstream.read.is_empty() {
+                idle_backends::put(upstream.pool, upstream.backend, upstream.stream);
+            }
         }
         body_outcome(copied, response.status, to)
     }
@@ -1306,7 +1260,7 @@ impl FastPath {
         mut response: ResponseHead,
         read_timeout: Option<Duration>,
     ) -> Result<ResponseHead, BackendFailure> {
-        let upstream = conn.backends.upstream.as_mut().expect("connected");
+        let upstream = conn.upstream.as_mut().expect("connected");
         while response.status < 200 {
             if response.status == 101 {
                 // Never asked for: the fast path sends no Upgrade.

@@ -338,13 +338,15 @@ fn proxy_service(
         ),
     );
     // Reads go straight into the request's own buffer: pingora's default 64 KiB read
-    // buffer per connection would be most of what an idle kept-alive client costs.
-    let unbuffered_reads = L4BufferSettings {
+    // buffer per connection would be most of what an idle kept-alive client costs. No
+    // write buffer either (1.5 KiB per connection): the fast path writes a response's
+    // header and body in one call; only pingora-proxy's responses take two.
+    let unbuffered = L4BufferSettings {
         read: Some(0),
-        write: None,
+        write: Some(0),
     };
     for address in sockets.addresses() {
-        proxy.add_listener(ListenerConfig::tcp(address).l4_buffer(unbuffered_reads));
+        proxy.add_listener(ListenerConfig::tcp(address).l4_buffer(unbuffered));
     }
     sockets.attach(Box::new(proxy))
 }

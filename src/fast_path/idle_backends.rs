@@ -1,11 +1,11 @@
 //! Idle backend connections shared between client connections.
 //!
-//! A client connection keeps the backend connections its requests used; when it closes,
-//! they come here for the next client connection, as HAProxy's `http-reuse` and
-//! pingora's pool do: a client opening a connection per request would otherwise cost a
-//! backend connection per request too. They are kept per worker thread: a socket stays
-//! with the runtime that registered it (pingora runs one runtime per thread when work
-//! stealing is off), and no lock is taken.
+//! A backend connection is used for one exchange at a time and, between exchanges, waits
+//! here for the next request of any client connection, as with HAProxy's `http-reuse` and
+//! pingora's pool: neither a client opening a connection per request nor an idle
+//! kept-alive client holds a backend connection of its own. They are kept per worker
+//! thread: a socket stays with the runtime that registered it (pingora runs one runtime
+//! per thread when work stealing is off), and no lock is taken.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
