@@ -643,17 +643,21 @@ impl FastPath {
         failure.status
     }
 
-    /// An idle connection to the backend, or a new one; whether it was idle (then the
-    /// backend may have closed it meanwhile).
+    /// An idle connection to the backend (if `idle_allowed`), or a new one; whether it
+    /// was idle (then the backend may have closed it meanwhile).
     async fn upstream_for(
         &self,
         conn: &mut Connection,
         to: &Backend<'_>,
+        idle_allowed: bool,
     ) -> Result<bool, std::io::Error> {
         let pool_id = to.route.pool;
         let peer = &to.pool.destination(to.id).peer;
         let max_idle = peer.options.idle_timeout.unwrap_or(DEFAULT_IDLE);
-        if let Some(stream) = idle_backends::take(pool_id, to.id, max_idle) {
+        let idle = idle_allowed
+            .then(|| idle_backends::take(pool_id, to.id, max_idle))
+            .flatten();
+        if let Some(stream) = idle {
             conn.upstream = Some(Upstream {
                 pool: pool_id,
                 backend: to.id,
@@ -708,7 +712,9 @@ impl FastPath {
         let body_buffered = (conn.read.len() - head.len) as u64 >= head.content_length;
         let mut stale_retries = 0;
         loop {
-            let kept = match self.upstream_for(conn, to).await {
+            // After a stale one, a new connection: the other idle ones to this backend
+            // may be just as closed (a restarted backend closes them all).
+            let kept = match self.upstream_for(conn, to, stale_retries == 0).await {
                 Ok(kept) => kept,
                 Err(e) => return Exchange::ConnectFailed(e),
             };
