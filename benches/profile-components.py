@@ -13,6 +13,7 @@ import sys
 # (component, test on "dso symbol"), first match wins.
 COMPONENTS = [
     ("kernel (TCP loopback, wakeups, epoll)", lambda d, s: d.startswith("[kernel")),
+    ("clock reads (vdso: timers, timeouts)", lambda d, s: d == "[vdso]"),
     ("allocation (mimalloc)", lambda d, s: "mi_" in s or "mimalloc" in s or "malloc" in s or "free" == s),
     ("pingora-lb fast path (parse, forward)", lambda d, s: "fast_path" in s or "header_edits" in s),
     ("httparse", lambda d, s: "httparse" in s),
@@ -22,7 +23,7 @@ COMPONENTS = [
     ("pingora l4 Stream, digests, timeouts", lambda d, s: "pingora_core" in s or "pingora_timeout" in s),
     ("header maps, serialization (http, bytes)", lambda d, s: re.search(r"\bhttp::|bytes::|HeaderMap|pingora_http", s)),
     ("tokio scheduling, channels, timers", lambda d, s: "tokio" in s),
-    ("pingora-lb's other code", lambda d, s: "pingora_lb" in s),
+    ("pingora-lb's other code, async glue", lambda d, s: "pingora_lb" in s or "Future>::poll" in s),
     ("libc (memcpy, syscalls)", lambda d, s: "libc" in d),
     ("other", lambda d, s: True),
 ]
