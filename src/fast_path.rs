@@ -534,7 +534,8 @@ impl FastPath {
         // A backend connection left in the middle of an exchange carries nothing more.
         conn.upstream = None;
         let (status, next) = match outcome {
-            Ok(status) => (status, if last { Next::Close } else { Next::KeepAlive }),
+            Ok(status) if tries.closed => (status, Next::Close),
+            Ok(status) => (status, Next::KeepAlive),
             Err(failure) => (self.answer_failure(conn, &failure).await, Next::Close),
         };
         let destination = tries.tried.last().map(|&id| pool.destination(id));
@@ -872,6 +873,8 @@ struct Tries {
     upstream_time: Option<Duration>,
     /// Response body bytes sent to the client.
     bytes_sent: usize,
+    /// The response told the client the connection closes.
+    closed: bool,
 }
 
 /// What the access log says of a request, taken from its header before it is forwarded.
@@ -1221,6 +1224,10 @@ impl FastPath {
             }
         };
         let upstream = conn.upstream.as_mut().expect("connected");
+        // Decided when the response goes out, not when the request came: a process that
+        // started draining meanwhile must close the connection with it (LIFECYCLE.md).
+        let last = last || self.balancer.traffic.draining();
+        tries.closed = last;
         let framing = response_framing(&upstream.read, &response, head.head);
         let header = framing.and_then(|framing| {
             let header = self.response_header(&upstream.read, &response, to.route, &framing, last);
