@@ -11,6 +11,7 @@
 //! one: it is read here, before any HTTP, and the client it names becomes the connection's
 //! client address (for forwarding headers, hashing and logs).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -132,7 +133,7 @@ where
         read: Option<BytesMut>,
         mut header_deadline: Duration,
         shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
+    ) {
         let mut session = ServerSession::new_http1(stream);
         if let Some(read) = read.filter(|read| !read.is_empty()) {
             session.set_pipelined_prefix(read);
@@ -152,10 +153,13 @@ where
                 }
             };
             let reusable = tokio::select! {
-                reusable = request => reusable?,
+                reusable = request => match reusable {
+                    Some(reusable) => reusable,
+                    None => return,
+                },
                 () = header_timeout => {
                     log::debug!("closing a client connection: no complete request header in time");
-                    return None;
+                    return;
                 }
             };
             let (stream, settings) = reusable.consume();
@@ -166,6 +170,73 @@ where
             header_deadline = self.keepalive_timeout + self.header_timeout;
         }
     }
+
+    /// Serves one client connection from its accept to its close.
+    ///
+    /// Not an `async fn`, for the reason given at [`FastPath::serve`]: the arguments
+    /// would stay in the connection task's state beside what they are moved into.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments in the task"
+    )]
+    fn serve(
+        self: Arc<Self>,
+        stream: Stream,
+        shutdown: ShutdownWatch,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            // Boxed, as the later stages: a connection's task then holds only the state of
+            // the stage it is in (an idle kept-alive connection: the wait for its next
+            // request).
+            let stream = match &self.proxy_protocol {
+                Some(_) => match Box::pin(self.take_proxy_header(stream)).await {
+                    Some(stream) => stream,
+                    None => return,
+                },
+                None => stream,
+            };
+            // After the PROXY header, which comes before the TLS handshake.
+            let local = match self.tls.is_empty() {
+                true => None,
+                false => addresses(&stream).1,
+            };
+            let stream = match local {
+                Some(local) => {
+                    let terminated = self.tls.terminate(stream, local, self.header_timeout);
+                    match Box::pin(terminated).await {
+                        Some(stream) => stream,
+                        None => return,
+                    }
+                }
+                None => stream,
+            };
+            if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1)) {
+                // HTTP/2: pingora's loop serves every request of the connection, which it
+                // never hands back.
+                Box::pin(ServerApp::process_new(&self.proxy, stream, &shutdown)).await;
+                return;
+            }
+            let (stream, read, header_deadline) = match &self.fast_path {
+                Some(fast_path) => {
+                    let (peer, local) = addresses(&stream);
+                    match fast_path.serve(stream, peer, local, &shutdown).await {
+                        Outcome::Closed => return,
+                        Outcome::HandOver {
+                            stream,
+                            read,
+                            header_deadline,
+                        } => (
+                            stream,
+                            Some(read),
+                            header_deadline.saturating_duration_since(std::time::Instant::now()),
+                        ),
+                    }
+                }
+                None => (stream, None, self.header_timeout),
+            };
+            Box::pin(self.proxy_http1(stream, read, header_deadline, &shutdown)).await;
+        }
+    }
 }
 
 #[async_trait]
@@ -174,51 +245,20 @@ where
     P: ProxyHttp + Send + Sync + 'static,
     P::CTX: Send + Sync,
 {
+    /// Serves the connection in a task of its own, and hands pingora nothing back.
+    ///
+    /// pingora's task for the connection (its accept handshake, with a 60 s timer, and a
+    /// loop over this call) is then done: it would hold about 3 KiB for the connection's
+    /// whole life, more than everything else an idle kept-alive connection holds. Nothing
+    /// waits for that task: shutting down, pingora stops accepting and then drops the
+    /// runtime, which ends this task as it would have ended pingora's.
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let stream = match &self.proxy_protocol {
-            Some(_) => self.take_proxy_header(stream).await?,
-            None => stream,
-        };
-        // After the PROXY header, which comes before the TLS handshake.
-        let local = match self.tls.is_empty() {
-            true => None,
-            false => addresses(&stream).1,
-        };
-        let stream = match local {
-            Some(local) => {
-                self.tls
-                    .terminate(stream, local, self.header_timeout)
-                    .await?
-            }
-            None => stream,
-        };
-        if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1)) {
-            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
-        }
-        let (stream, read, header_deadline) = match &self.fast_path {
-            Some(fast_path) => {
-                let (peer, local) = addresses(&stream);
-                match fast_path.serve(stream, peer, local, shutdown).await {
-                    Outcome::Closed => return None,
-                    Outcome::HandOver {
-                        stream,
-                        read,
-                        header_deadline,
-                    } => (
-                        stream,
-                        Some(read),
-                        header_deadline.saturating_duration_since(std::time::Instant::now()),
-                    ),
-                }
-            }
-            None => (stream, None, self.header_timeout),
-        };
-        // Boxed: the fast path's connections do not carry this state in their future.
-        Box::pin(self.proxy_http1(stream, read, header_deadline, shutdown)).await
+        tokio::spawn(self.clone().serve(stream, shutdown.clone()));
+        None
     }
 
     async fn cleanup(&self) {

@@ -21,6 +21,7 @@
 //! other than a lone `chunked`, both `Transfer-Encoding` and `Content-Length`, or an
 //! invalid or repeated `Content-Length`, is a backend failure (502), never forwarded.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -250,7 +251,8 @@ struct Connection {
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
     tls: Option<Arc<SslDigest>>,
-    /// Fields of the request being served (kept for their allocation).
+    /// Fields of the request being served (kept for their allocation while requests
+    /// follow each other without a wait).
     fields: Vec<FieldAt>,
 }
 
@@ -290,12 +292,13 @@ async fn read_some(
     }
 }
 
-/// Bytes read before the connection's read buffer is allocated: an idle connection
-/// waits with this much, not a whole buffer.
-const FIRST_READ: usize = 512;
-
-/// Reads the start of a request (or more of it) within `limit`. With nothing read yet,
-/// waits with a small buffer on the stack, so that an idle connection holds no buffer.
+/// Reads the start of a request (or more of it) within `limit`.
+///
+/// With nothing read yet, the connection may be an idle kept-alive one, so the wait holds
+/// neither a buffer nor a heap-allocated timer: each poll reads into a buffer on the stack,
+/// and only bytes that arrived are copied into `buf`. A read that is not ready yet leaves
+/// that buffer untouched, so nothing is lost between polls. The timer is tokio's, kept
+/// inside the future, where pingora's fast timeout would allocate two objects of its own.
 async fn read_start(
     stream: &mut Stream,
     buf: &mut BytesMut,
@@ -304,13 +307,17 @@ async fn read_start(
     if !buf.is_empty() {
         return read_some(stream, buf, Some(limit)).await;
     }
-    let mut first = [0u8; FIRST_READ];
-    let n = pingora_timeout::fast_timeout::fast_timeout(limit, stream.read(&mut first))
+    let first_read = std::future::poll_fn(|cx| {
+        let mut first = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
+        let mut first = tokio::io::ReadBuf::uninit(&mut first);
+        std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut first))?;
+        buf.reserve(READ_SIZE);
+        buf.extend_from_slice(first.filled());
+        std::task::Poll::Ready(Ok(first.filled().len()))
+    });
+    tokio::time::timeout(limit, first_read)
         .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
-    buf.reserve(READ_SIZE);
-    buf.extend_from_slice(&first[..n]);
-    Ok(n)
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 async fn write_all(
@@ -341,13 +348,17 @@ impl FastPath {
 
     /// Serves the connection's requests from its first, handing it to pingora-proxy at
     /// the first request the fast path does not serve.
-    pub async fn serve(
-        &self,
+    ///
+    /// Not an `async fn`: one would keep its arguments in its state beside the
+    /// `Connection` they are moved into, and an idle connection's task holds that state
+    /// for as long as the connection lives.
+    pub fn serve<'a>(
+        &'a self,
         client: Stream,
         peer: Option<SocketAddr>,
         local: Option<SocketAddr>,
         shutdown: &ShutdownWatch,
-    ) -> Outcome {
+    ) -> impl Future<Output = Outcome> + Send + 'a {
         let limits = &self.balancer.client;
         let tls = client.get_ssl_digest();
         let mut conn = Connection {
@@ -359,48 +370,44 @@ impl FastPath {
             tls,
             fields: Vec::new(),
         };
-        let mut header_deadline = Instant::now() + limits.header_timeout.0;
-        // Between requests, the next one must start within the keep-alive timeout.
-        let mut idle_deadline = header_deadline;
-        let mut served = 0u32;
         let mut shutdown = shutdown.clone();
-        loop {
-            let head = match self
-                .next_head(
-                    &mut conn,
-                    (idle_deadline, header_deadline),
-                    served > 0,
-                    &mut shutdown,
-                )
-                .await
-            {
-                NextHead::Fast(head) => head,
-                NextHead::HandOver => return conn.hand_over(header_deadline),
-                NextHead::Closed => return Outcome::Closed,
-            };
-            served += 1;
-            let last = head.close
-                || served >= limits.keepalive_requests
-                || *shutdown.borrow()
-                || self.balancer.traffic.draining();
-            let next = match self.route(&conn, &head) {
-                // Boxed: an idle connection's future then holds only what waiting for the
-                // next request needs, not the deepest state of an exchange.
-                Some((route, pool)) => {
-                    Box::pin(self.forward(&mut conn, &head, route, pool, last)).await
+        async move {
+            let mut header_deadline = Instant::now() + limits.header_timeout.0;
+            // Between requests, the next one must start within the keep-alive timeout.
+            let mut idle_deadline = header_deadline;
+            let mut served = 0u32;
+            loop {
+                let deadlines = (idle_deadline, header_deadline);
+                let next_head = self.next_head(&mut conn, deadlines, served > 0, &mut shutdown);
+                let head = match next_head.await {
+                    NextHead::Fast(head) => head,
+                    NextHead::HandOver => return conn.hand_over(header_deadline),
+                    NextHead::Closed => return Outcome::Closed,
+                };
+                served += 1;
+                let last = head.close
+                    || served >= limits.keepalive_requests
+                    || *shutdown.borrow()
+                    || self.balancer.traffic.draining();
+                let next = match self.route(&conn, &head) {
+                    // Boxed: an idle connection's future then holds only what waiting for
+                    // the next request needs, not the deepest state of an exchange.
+                    Some((route, pool)) => {
+                        Box::pin(self.forward(&mut conn, &head, route, pool, last)).await
+                    }
+                    None => {
+                        conn.fields = head.fields;
+                        return conn.hand_over(header_deadline);
+                    }
+                };
+                conn.fields = head.fields;
+                match next {
+                    Next::KeepAlive => conn.release_buffers(),
+                    Next::Close => return Outcome::Closed,
                 }
-                None => {
-                    conn.fields = head.fields;
-                    return conn.hand_over(header_deadline);
-                }
-            };
-            conn.fields = head.fields;
-            match next {
-                Next::KeepAlive => conn.release_buffers(),
-                Next::Close => return Outcome::Closed,
+                idle_deadline = Instant::now() + limits.keepalive_timeout.0;
+                header_deadline = idle_deadline + limits.header_timeout.0;
             }
-            idle_deadline = Instant::now() + limits.keepalive_timeout.0;
-            header_deadline = idle_deadline + limits.header_timeout.0;
         }
     }
 
@@ -430,14 +437,17 @@ impl FastPath {
                 false => header_deadline,
             };
             let left = deadline.saturating_duration_since(Instant::now());
-            let read = read_start(&mut conn.client, &mut conn.read, left);
-            let read = match idle && kept_alive {
-                true if *shutdown.borrow() => return NextHead::Closed,
-                true => tokio::select! {
-                    read = read => read,
-                    _ = shutdown.changed() => return NextHead::Closed,
-                },
-                false => read.await,
+            let watch_shutdown = idle && kept_alive;
+            if watch_shutdown && *shutdown.borrow() {
+                return NextHead::Closed;
+            }
+            // One select for both cases: a read future built in several places takes a
+            // slot of its own in this future's state for each, and an idle connection
+            // holds this state for as long as it is idle.
+            let read = tokio::select! {
+                biased;
+                read = read_start(&mut conn.client, &mut conn.read, left) => read,
+                _ = shutdown.changed(), if watch_shutdown => return NextHead::Closed,
             };
             match read {
                 Ok(0) => return NextHead::Closed,
@@ -947,11 +957,12 @@ enum Exchange {
 }
 
 impl Connection {
-    /// Frees the read buffer if it holds nothing, so that an idle kept-alive connection
-    /// costs little memory.
+    /// Frees the read buffer if it holds nothing, and the request's fields, so that an
+    /// idle kept-alive connection costs little memory.
     fn release_buffers(&mut self) {
         if self.read.is_empty() {
             self.read = BytesMut::new();
+            self.fields = Vec::new();
         }
     }
 
