@@ -126,12 +126,14 @@ where
     P::CTX: Send + Sync,
 {
     /// pingora-proxy's HTTP/1 loop over the connection, from the bytes `read` already and
-    /// with the request header due within `header_deadline`.
+    /// with the request header due within `header_deadline`, after `served` requests of
+    /// the connection served by the fast path.
     async fn proxy_http1(
         &self,
         stream: Stream,
         read: Option<BytesMut>,
         mut header_deadline: Duration,
+        served: u32,
         shutdown: &ShutdownWatch,
     ) {
         let mut session = ServerSession::new_http1(stream);
@@ -140,8 +142,10 @@ where
         }
         let keepalive = (!*shutdown.borrow()).then(|| keepalive_seconds(self.keepalive_timeout));
         session.set_keepalive(keepalive);
-        // pingora allows one request more than the number of reuses it is given.
-        session.set_keepalive_reuses_remaining(Some(self.keepalive_requests - 1));
+        // pingora allows one request more than the number of reuses it is given. The fast
+        // path hands a connection over only before its last request.
+        let reuses = self.keepalive_requests.saturating_sub(served + 1);
+        session.set_keepalive_reuses_remaining(Some(reuses));
         loop {
             let parsed = Arc::new(AtomicBool::new(false));
             session.set_connection_user_context(Some(Box::new(HeaderParsed(parsed.clone()))));
@@ -216,7 +220,7 @@ where
                 Box::pin(ServerApp::process_new(&self.proxy, stream, &shutdown)).await;
                 return;
             }
-            let (stream, read, header_deadline) = match &self.fast_path {
+            let (stream, read, header_deadline, served) = match &self.fast_path {
                 Some(fast_path) => {
                     let (peer, local) = addresses(&stream);
                     match fast_path.serve(stream, peer, local, &shutdown).await {
@@ -225,16 +229,19 @@ where
                             stream,
                             read,
                             header_deadline,
+                            served,
                         } => (
                             stream,
                             Some(read),
                             header_deadline.saturating_duration_since(std::time::Instant::now()),
+                            served,
                         ),
                     }
                 }
-                None => (stream, None, self.header_timeout),
+                None => (stream, None, self.header_timeout, 0),
             };
-            Box::pin(self.proxy_http1(stream, read, header_deadline, &shutdown)).await;
+            let http1 = self.proxy_http1(stream, read, header_deadline, served, &shutdown);
+            Box::pin(http1).await;
         }
     }
 }

@@ -58,11 +58,13 @@ const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "
 pub enum Outcome {
     Closed,
     /// A request the fast path does not serve: pingora-proxy continues the connection,
-    /// parsing `read` first, with the request header due by `header_deadline`.
+    /// parsing `read` first, with the request header due by `header_deadline`, and
+    /// `served` requests of the connection's `client.keepalive_requests` already served.
     HandOver {
         stream: Stream,
         read: BytesMut,
         header_deadline: Instant,
+        served: u32,
     },
 }
 
@@ -91,6 +93,16 @@ struct Head {
     /// The client asked to close the connection after this request.
     close: bool,
     head: bool,
+}
+
+impl Head {
+    /// The value of the first field named `name`.
+    fn field<'b>(&self, buf: &'b [u8], name: &[u8]) -> Option<&'b [u8]> {
+        self.fields
+            .iter()
+            .find(|f| at(buf, f.name).eq_ignore_ascii_case(name))
+            .map(|f| at(buf, f.value))
+    }
 }
 
 enum Parse {
@@ -381,12 +393,11 @@ impl FastPath {
                 let next_head = self.next_head(&mut conn, deadlines, served > 0, &mut shutdown);
                 let head = match next_head.await {
                     NextHead::Fast(head) => head,
-                    NextHead::HandOver => return conn.hand_over(header_deadline),
+                    NextHead::HandOver => return conn.hand_over(header_deadline, served),
                     NextHead::Closed => return Outcome::Closed,
                 };
-                served += 1;
                 let last = head.close
-                    || served >= limits.keepalive_requests
+                    || served + 1 >= limits.keepalive_requests
                     || *shutdown.borrow()
                     || self.balancer.traffic.draining();
                 let next = match self.route(&conn, &head) {
@@ -397,9 +408,10 @@ impl FastPath {
                     }
                     None => {
                         conn.fields = head.fields;
-                        return conn.hand_over(header_deadline);
+                        return conn.hand_over(header_deadline, served);
                     }
                 };
+                served += 1;
                 conn.fields = head.fields;
                 match next {
                     Next::KeepAlive => conn.release_buffers(),
@@ -898,10 +910,8 @@ struct LoggedRequest {
 impl LoggedRequest {
     fn of(buf: &[u8], head: &Head) -> LoggedRequest {
         let field = |name: &[u8]| {
-            head.fields
-                .iter()
-                .find(|f| at(buf, f.name).eq_ignore_ascii_case(name))
-                .and_then(|f| visible_ascii(at(buf, f.value)))
+            head.field(buf, name)
+                .and_then(visible_ascii)
                 .map(String::from)
         };
         LoggedRequest {
@@ -921,12 +931,7 @@ fn hash_key(pool: &Pool, conn: &Connection, head: &Head) -> Vec<u8> {
     let buf = &conn.read[..];
     let target = at(buf, head.target);
     let path = target.split(|&b| b == b'?').next().unwrap_or(target);
-    let header = |name: &str| {
-        head.fields
-            .iter()
-            .find(|f| at(buf, f.name).eq_ignore_ascii_case(name.as_bytes()))
-            .map(|f| at(buf, f.value))
-    };
+    let header = |name: &str| head.field(buf, name.as_bytes());
     let mut client_ip = [0u8; 16];
     crate::proxy::hash_input(key, conn.peer, path, header, &mut client_ip).to_vec()
 }
@@ -966,11 +971,12 @@ impl Connection {
         }
     }
 
-    fn hand_over(self, header_deadline: Instant) -> Outcome {
+    fn hand_over(self, header_deadline: Instant, served: u32) -> Outcome {
         Outcome::HandOver {
             stream: self.client,
             read: self.read,
             header_deadline,
+            served,
         }
     }
 }
@@ -1061,6 +1067,12 @@ fn parse_response(buf: &[u8]) -> ResponseParse {
         fields,
         reusable,
     })
+}
+
+/// A status code's three digits (httparse reads exactly three).
+fn status_digits(status: u16) -> [u8; 3] {
+    let digit = |n: u16| b'0' + (n % 10) as u8;
+    [digit(status / 100), digit(status / 10), digit(status)]
 }
 
 /// Reads a response header from the backend.
@@ -1334,7 +1346,7 @@ impl FastPath {
         routing::apply(&route.response_headers, &mut fields)?;
         let mut out = Vec::with_capacity(response.len + 128);
         out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(response.status.to_string().as_bytes());
+        out.extend_from_slice(&status_digits(response.status));
         out.push(b' ');
         out.extend_from_slice(at(buf, response.reason));
         out.extend_from_slice(b"\r\n");

@@ -154,6 +154,26 @@ fn slow_and_idle_clients_are_closed_without_starving_others() {
     );
 }
 
+/// `client.keepalive_requests` counts every request of a connection, whichever path serves
+/// it: a request that takes pingora-proxy's path after some served by the fast path
+/// continues the count instead of starting another.
+#[test]
+fn keepalive_requests_counts_the_requests_of_both_paths() {
+    let (_backend, lb) = balancer_with_one_backend("client:\n  keepalive_requests: 3\n");
+    let mut client = Client::connect(lb.listen).unwrap();
+    assert_eq!(client.request("/1", &[], false).unwrap().status, 200);
+    // `TE` sends a request to pingora-proxy's path.
+    let second = client.request("/2", &[("TE", "trailers")], false).unwrap();
+    assert_eq!(second.status, 200);
+    assert!(!client.closed_by_server, "closed after 2 requests of 3");
+    assert_eq!(client.request("/3", &[], false).unwrap().status, 200);
+    assert!(
+        client.closed_by_server,
+        "the third request of 3 did not close"
+    );
+    assert!(client.request("/4", &[], false).is_err());
+}
+
 #[test]
 fn a_thousand_idle_connections_do_not_stop_new_ones() {
     let (_backend, lb) = balancer_with_one_backend("");

@@ -197,7 +197,8 @@ fn daemon_mode_returns_once_serving() {
 }
 
 /// Bounded continuous load: keep-alive clients, a new connection per request, and slow
-/// requests. Returns (successes, failures).
+/// requests, on new connections and on kept-alive ones (a response that goes out after
+/// its process started draining must close its connection). Returns (successes, failures).
 struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicUsize>,
@@ -220,6 +221,8 @@ impl Load {
             "new",
             "slow",
             "slow",
+            "slow-keepalive",
+            "slow-keepalive",
         ] {
             let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
             threads.push(std::thread::spawn(move || {
@@ -228,12 +231,18 @@ impl Load {
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && sent < 200_000 {
                     sent += 1;
                     let result = match kind {
-                        "keepalive" => {
+                        "keepalive" | "slow-keepalive" => {
                             if client.as_ref().is_none_or(|c| c.closed_by_server) {
                                 client = Client::connect(addr).ok();
                             }
+                            // Slower than the drain's first second (`stop_accepting_after`),
+                            // after which a draining process closes idle connections.
+                            let path = match kind {
+                                "keepalive" => "/",
+                                _ => "/slow/1500",
+                            };
                             match client.as_mut() {
-                                Some(c) => c.request("/", &[], false),
+                                Some(c) => c.request(path, &[], false),
                                 None => Err(std::io::Error::other("connect failed")),
                             }
                         }

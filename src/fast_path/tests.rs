@@ -22,6 +22,17 @@ fn chunked_framing_is_validated_as_it_arrives() {
 }
 
 #[test]
+fn every_status_code_is_written_as_its_digits() {
+    for status in 100..=999u16 {
+        assert_eq!(
+            status_digits(status),
+            status.to_string().as_bytes(),
+            "{status}"
+        );
+    }
+}
+
+#[test]
 fn connection_tokens_and_lengths() {
     assert_eq!(connection_tokens(b"keep-alive"), Some(false));
     assert_eq!(connection_tokens(b"Keep-Alive, close"), Some(true));
