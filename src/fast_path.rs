@@ -1239,7 +1239,10 @@ impl FastPath {
     ) -> Exchange {
         let send_timeout = self.balancer.client.send_timeout.0;
         let destination = to.pool.destination(to.id);
-        let response = match self.informational(conn, response, read_timeout).await {
+        let response = match self
+            .informational(conn, response, to.route, read_timeout)
+            .await
+        {
             Ok(response) => response,
             Err(failure) => {
                 conn.upstream = None;
@@ -1289,11 +1292,13 @@ impl FastPath {
         body_outcome(copied, response.status, to)
     }
 
-    /// Passes informational (1xx) responses through to the client; the final response.
+    /// Passes informational (1xx) responses through to the client, with the route's rules
+    /// as pingora-proxy applies them to every response; the final response.
     async fn informational(
         &self,
         conn: &mut Connection,
         mut response: ResponseHead,
+        route: &Route,
         read_timeout: Option<Duration>,
     ) -> Result<ResponseHead, BackendFailure> {
         let upstream = conn.upstream.as_mut().expect("connected");
@@ -1302,7 +1307,13 @@ impl FastPath {
                 // Never asked for: the fast path sends no Upgrade.
                 return Err(BackendFailure::before_response(502));
             }
-            let informational = upstream.read.split_to(response.len);
+            let Ok(mut informational) =
+                header_lines(&upstream.read, &response, route, |_| true, None)
+            else {
+                return Err(BackendFailure::before_response(502));
+            };
+            informational.extend_from_slice(b"\r\n");
+            upstream.read.advance(response.len);
             let send_timeout = self.balancer.client.send_timeout.0;
             if write_all(&mut conn.client, &informational, send_timeout)
                 .await
@@ -1330,27 +1341,14 @@ impl FastPath {
         framing: &Framing,
         last: bool,
     ) -> pingora::Result<Vec<u8>> {
-        let mut fields = Fields::with_capacity(response.fields.len() + 3);
-        for field in &response.fields {
-            let name = at(buf, field.name);
-            if !(name.eq_ignore_ascii_case(b"connection")
+        let hop_by_hop = |name: &[u8]| {
+            name.eq_ignore_ascii_case(b"connection")
                 || name.eq_ignore_ascii_case(b"keep-alive")
-                || name.eq_ignore_ascii_case(b"date"))
-            {
-                fields.push(name, at(buf, field.value));
-            }
-        }
-        if *framing == Framing::UntilClose {
-            fields.push(b"Transfer-Encoding", b"chunked");
-        }
-        routing::apply(&route.response_headers, &mut fields)?;
-        let mut out = Vec::with_capacity(response.len + 128);
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(&status_digits(response.status));
-        out.push(b' ');
-        out.extend_from_slice(at(buf, response.reason));
-        out.extend_from_slice(b"\r\n");
-        fields.write_to(&mut out);
+                || name.eq_ignore_ascii_case(b"date")
+        };
+        // A body the backend ends by closing goes to a client that keeps its connection.
+        let chunked = (*framing == Framing::UntilClose).then_some(CHUNKED);
+        let mut out = header_lines(buf, response, route, |name| !hop_by_hop(name), chunked)?;
         out.extend_from_slice(b"Date: ");
         out.extend_from_slice(pingora::protocols::http::date::get_cached_date().as_bytes());
         out.extend_from_slice(if last {
@@ -1360,6 +1358,39 @@ impl FastPath {
         });
         Ok(out)
     }
+}
+
+/// `Transfer-Encoding: chunked`.
+const CHUNKED: (&[u8], &[u8]) = (b"Transfer-Encoding", b"chunked");
+
+/// A response's status line and fields for the client, each line ended: the backend's
+/// fields that `keep` accepts, then `extra`, then the route's rules.
+fn header_lines(
+    buf: &[u8],
+    response: &ResponseHead,
+    route: &Route,
+    keep: impl Fn(&[u8]) -> bool,
+    extra: Option<(&'static [u8], &'static [u8])>,
+) -> pingora::Result<Vec<u8>> {
+    let mut fields = Fields::with_capacity(response.fields.len() + 3);
+    for field in &response.fields {
+        let name = at(buf, field.name);
+        if keep(name) {
+            fields.push(name, at(buf, field.value));
+        }
+    }
+    if let Some((name, value)) = extra {
+        fields.push(name, value);
+    }
+    routing::apply(&route.response_headers, &mut fields)?;
+    let mut out = Vec::with_capacity(response.len + 128);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&status_digits(response.status));
+    out.push(b' ');
+    out.extend_from_slice(at(buf, response.reason));
+    out.extend_from_slice(b"\r\n");
+    fields.write_to(&mut out);
+    Ok(out)
 }
 
 /// How a response whose header went to the client ended.

@@ -499,7 +499,8 @@ impl ProxyHttp for Balancer {
         if let Some(route) = self.route(ctx) {
             routing::apply(&route.response_headers, upstream_response)?;
         }
-        if self.traffic.draining() {
+        // An informational response neither keeps nor closes the connection: the final one does.
+        if self.traffic.draining() && !upstream_response.status.is_informational() {
             session.set_keepalive(None);
             upstream_response.insert_header(http::header::CONNECTION, "close")?;
         }

@@ -379,6 +379,7 @@ fn known_hostile_requests(fast: &Side, proxy: &Side) {
         "GET /close HTTP/1.1\r\nHost: a.test\r\n\r\n",
         "GET /nocontent HTTP/1.1\r\nHost: a.test\r\n\r\n",
         "GET /early HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        "GET /early HTTP/1.1\r\nHost: b.test\r\n\r\n",
         "HEAD /cl HTTP/1.1\r\nHost: a.test\r\n\r\n",
         "POST /cl HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello",
         "POST /cl HTTP/1.1\r\nHost: b.test\r\nContent-Length: 9\r\n\r\nnine byte",
