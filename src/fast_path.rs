@@ -308,7 +308,8 @@ async fn read_some(
 ///
 /// With nothing read yet, the connection may be an idle kept-alive one, so the wait holds
 /// neither a buffer nor a heap-allocated timer: each poll reads into a buffer on the stack,
-/// and only bytes that arrived are copied into `buf`. A read that is not ready yet leaves
+/// and only bytes that arrived are copied into `buf`, which grows to fit them rather than
+/// to a whole read's size (a request usually arrives whole). A read that is not ready leaves
 /// that buffer untouched, so nothing is lost between polls. The timer is tokio's, kept
 /// inside the future, where pingora's fast timeout would allocate two objects of its own.
 async fn read_start(
@@ -323,7 +324,6 @@ async fn read_start(
         let mut first = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
         let mut first = tokio::io::ReadBuf::uninit(&mut first);
         std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut first))?;
-        buf.reserve(READ_SIZE);
         buf.extend_from_slice(first.filled());
         std::task::Poll::Ready(Ok(first.filled().len()))
     });
