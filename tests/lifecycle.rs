@@ -3,8 +3,10 @@
 
 mod support;
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -333,6 +335,73 @@ fn twenty_reloads_under_load_fail_no_request() {
         .iter()
         .all(|p| !alive(*p))));
     assert!(alive(lb.pid));
+}
+
+/// A backend that answers each request with `103 Early Hints` and then `200`, the 103
+/// only once `go` says so: it tells `received` when a request has arrived, so a test can
+/// change the balancer's state while the request is in flight.
+fn early_hints_backend(received: Sender<()>, go: Receiver<()>) -> SocketAddr {
+    let listener = held_port();
+    let addr = listener.local_addr().unwrap();
+    let go = Arc::new(Mutex::new(go));
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let (received, go) = (received.clone(), go.clone());
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    // Health checks connect and close without a request.
+                    if stream.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = received.send(());
+                let _ = go.lock().unwrap().recv_timeout(Duration::from_secs(10));
+                let _ = stream.write_all(
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n\
+                      HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+                );
+                std::thread::sleep(Duration::from_secs(2));
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_draining_process_closes_on_the_final_response_not_on_an_early_hint() {
+    let (received, backend_received) = channel();
+    let (go, backend_go) = channel();
+    let backend = early_hints_backend(received, backend_go);
+    let mut lb = Lb::start(listen_address(), &upstreams(&[backend]));
+    let mut client = TcpStream::connect(lb.listen).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client
+        .write_all(b"GET /page HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .unwrap();
+    backend_received
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the request reached the backend");
+    let outcome = lb.reload(&[]);
+    assert_eq!(outcome.code, 0, "{outcome:?}\n{}", lb.error_log());
+    go.send(()).unwrap();
+
+    let mut answer = Vec::new();
+    let end = client.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    // The draining process closed the connection after the final response.
+    assert!(end.is_ok(), "{end:?}: {answer}");
+    let (hint, last) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(hint.starts_with("http/1.1 103"), "{answer}");
+    assert!(hint.contains("link: </style.css>"), "{answer}");
+    assert!(!hint.contains("connection"), "{answer}");
+    assert!(last.starts_with("http/1.1 200"), "{answer}");
+    assert!(last.contains("connection: close\r\n"), "{answer}");
+    assert!(last.ends_with("\r\n\r\nfinal"), "{answer}");
 }
 
 /// Starts a balancer, rewrites its configuration with `change`, reloads, and checks the
