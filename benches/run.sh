@@ -28,7 +28,8 @@ ORIG_ARGS=("$@")
 
 # ---------------------------------------------------------------- options
 THREADS=1
-ROUNDS=3
+# On a VM whose rounds swing by ±20%, three rounds' medians moved ~10% between runs.
+ROUNDS=7
 DURATION=10
 CONNECTIONS=64
 WRK_THREADS=1
