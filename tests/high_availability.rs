@@ -108,13 +108,10 @@ fn status_answers_whether_this_balancer_can_take_traffic() {
     let stopping = format!("not serving: process {} is stopping", lb.pid);
     signal(lb.pid, Signal::SIGTERM);
     let mut answer = status(&lb.config);
-    for _ in 0..40 {
-        if answer.stderr.contains(&stopping) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
+    eventually(Duration::from_secs(1), || {
         answer = status(&lb.config);
-    }
+        answer.stderr.contains(&stopping)
+    });
     assert_failed(&answer, 69, &stopping);
 
     stop(&mut lb);
