@@ -270,7 +270,10 @@ struct Connection {
 
 /// How a request on the fast path ended, for the connection.
 enum Next {
-    KeepAlive,
+    /// The keep-alive timeout counts from `finished`, when the response ended.
+    KeepAlive {
+        finished: Instant,
+    },
     Close,
 }
 
@@ -289,6 +292,27 @@ struct BackendFailure {
     responded: bool,
 }
 
+/// Runs `io` within `limit`, which counts from when it first has to wait: `TimedOut`
+/// past it.
+///
+/// Most reads and writes of a kept-alive exchange finish at their first poll, and then
+/// this reads no clock and arms no timer. pingora's fast timeout reads the clock on
+/// every call and, for a wait, allocates a timer and takes a lock; a tokio timer sits
+/// inside this future and costs one clock read when armed.
+async fn within<T>(
+    limit: Duration,
+    io: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    let mut io = std::pin::pin!(io);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(io.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(done) = first {
+        return done;
+    }
+    tokio::time::timeout(limit, io)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 /// Reads from `stream` into `buf` within `limit`; `Ok(0)` at end of stream.
 async fn read_some(
     stream: &mut (impl AsyncRead + Unpin),
@@ -297,39 +321,39 @@ async fn read_some(
 ) -> std::io::Result<usize> {
     buf.reserve(READ_SIZE);
     match limit {
-        Some(limit) => pingora_timeout::fast_timeout::fast_timeout(limit, stream.read_buf(buf))
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        Some(limit) => within(limit, stream.read_buf(buf)).await,
         None => stream.read_buf(buf).await,
     }
 }
 
-/// Reads the start of a request (or more of it) within `limit`.
+/// Reads the start of a request (or more of it) by `deadline`.
 ///
 /// With nothing read yet, the connection may be an idle kept-alive one, so the wait holds
 /// neither a buffer nor a heap-allocated timer: each poll reads into a buffer on the stack,
 /// and only bytes that arrived are copied into `buf`, which grows to fit them rather than
 /// to a whole read's size (a request usually arrives whole). A read that is not ready leaves
 /// that buffer untouched, so nothing is lost between polls. The timer is tokio's, kept
-/// inside the future, where pingora's fast timeout would allocate two objects of its own.
+/// inside the future, and its deadline is the connection's own, so waiting reads no clock.
 async fn read_start(
     stream: &mut Stream,
     buf: &mut BytesMut,
-    limit: Duration,
+    deadline: Instant,
 ) -> std::io::Result<usize> {
-    if !buf.is_empty() {
-        return read_some(stream, buf, Some(limit)).await;
-    }
-    let first_read = std::future::poll_fn(|cx| {
-        let mut first = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
-        let mut first = tokio::io::ReadBuf::uninit(&mut first);
-        std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut first))?;
-        buf.extend_from_slice(first.filled());
-        std::task::Poll::Ready(Ok(first.filled().len()))
-    });
-    tokio::time::timeout(limit, first_read)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let read = if buf.is_empty() {
+        let first_read = std::future::poll_fn(|cx| {
+            let mut first = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
+            let mut first = tokio::io::ReadBuf::uninit(&mut first);
+            std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut first))?;
+            buf.extend_from_slice(first.filled());
+            std::task::Poll::Ready(Ok(first.filled().len()))
+        });
+        tokio::time::timeout_at(deadline, first_read).await
+    } else {
+        buf.reserve(READ_SIZE);
+        tokio::time::timeout_at(deadline, stream.read_buf(buf)).await
+    };
+    read.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 async fn write_all(
@@ -337,12 +361,11 @@ async fn write_all(
     bytes: &[u8],
     limit: Duration,
 ) -> std::io::Result<()> {
-    pingora_timeout::fast_timeout::fast_timeout(limit, async {
+    within(limit, async {
         stream.write_all(bytes).await?;
         stream.flush().await
     })
     .await
-    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// 504 for a backend that timed out, else 502.
@@ -413,11 +436,12 @@ impl FastPath {
                 };
                 served += 1;
                 conn.fields = head.fields;
-                match next {
-                    Next::KeepAlive => conn.release_buffers(),
+                let finished = match next {
+                    Next::KeepAlive { finished } => finished,
                     Next::Close => return Outcome::Closed,
-                }
-                idle_deadline = Instant::now() + limits.keepalive_timeout.0;
+                };
+                conn.release_buffers();
+                idle_deadline = finished + limits.keepalive_timeout.0;
                 header_deadline = idle_deadline + limits.header_timeout.0;
             }
         }
@@ -448,7 +472,6 @@ impl FastPath {
                 true => idle_deadline.min(header_deadline),
                 false => header_deadline,
             };
-            let left = deadline.saturating_duration_since(Instant::now());
             let watch_shutdown = idle && kept_alive;
             if watch_shutdown && *shutdown.borrow() {
                 return NextHead::Closed;
@@ -458,7 +481,7 @@ impl FastPath {
             // holds this state for as long as it is idle.
             let read = tokio::select! {
                 biased;
-                read = read_start(&mut conn.client, &mut conn.read, left) => read,
+                read = read_start(&mut conn.client, &mut conn.read, deadline) => read,
                 _ = shutdown.changed(), if watch_shutdown => return NextHead::Closed,
             };
             match read {
@@ -555,13 +578,14 @@ impl FastPath {
             .await;
         // A backend connection left in the middle of an exchange carries nothing more.
         conn.upstream = None;
-        let (status, next) = match outcome {
-            Ok(status) if tries.closed => (status, Next::Close),
-            Ok(status) => (status, Next::KeepAlive),
-            Err(failure) => (self.answer_failure(conn, &failure).await, Next::Close),
+        let (status, keep_alive) = match outcome {
+            Ok(status) => (status, !tries.closed),
+            Err(failure) => (self.answer_failure(conn, &failure).await, false),
         };
+        let finished = Instant::now();
         let destination = tries.tried.last().map(|&id| pool.destination(id));
-        let total = started.elapsed();
+        let total = finished - started;
+        let upstream_time = tries.answered_from.map(|from| finished - from);
         let entry = request.map(|request| Entry {
             time: SystemTime::now() - total,
             client: conn.peer,
@@ -574,19 +598,22 @@ impl FastPath {
             user_agent: request.user_agent,
             upstream: destination.map(|d| d.name().to_string()),
             total,
-            upstream_time: tries.upstream_time,
+            upstream_time,
             retries: tries.tried.len().saturating_sub(1),
             tls: conn.tls.as_deref().map(tls_facts),
         });
         balancer.request_done(Done {
             status,
             total,
-            upstream_time: tries.upstream_time,
+            upstream_time,
             route: Some(route),
             destination,
             entry,
         });
-        next
+        match keep_alive {
+            true => Next::KeepAlive { finished },
+            false => Next::Close,
+        }
     }
 
     /// Sends the request to the pool's backends in turn (another one after a connect
@@ -622,7 +649,7 @@ impl FastPath {
             let to = Backend { route, pool, id };
             match self.exchange(conn, head, &to, &out, last, tries).await {
                 Exchange::Done(status) => {
-                    tries.upstream_time = Some(upstream_started.elapsed());
+                    tries.answered_from = Some(upstream_started);
                     return Ok(status);
                 }
                 Exchange::ConnectFailed(e) => {
@@ -699,12 +726,7 @@ impl FastPath {
             .as_inet()
             .copied()
             .ok_or(std::io::ErrorKind::Unsupported)?;
-        let stream = pingora_timeout::fast_timeout::fast_timeout(
-            connect_timeout,
-            TcpStream::connect(address),
-        )
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
+        let stream = within(connect_timeout, TcpStream::connect(address)).await?;
         stream.set_nodelay(true)?;
         conn.upstream = Some(Upstream {
             pool: pool_id,
@@ -892,7 +914,8 @@ struct Backend<'a> {
 #[derive(Default)]
 struct Tries {
     tried: Vec<BackendId>,
-    upstream_time: Option<Duration>,
+    /// When the try whose backend answered began.
+    answered_from: Option<Instant>,
     /// Response body bytes sent to the client.
     bytes_sent: usize,
     /// The response told the client the connection closes.

@@ -108,6 +108,8 @@ impl Lifecycle {
     async fn drain(self: &Arc<Self>, handed_over: bool) -> ShutdownSignal {
         let window = if handed_over {
             self.traffic.start_draining();
+            // Logged once responses close their connections, which tests wait for.
+            info!("the new process serves; this one drains");
             DRAIN_WINDOW
         } else {
             notify::stopping();
@@ -225,10 +227,7 @@ impl ShutdownSignalWatch for Signals {
                 result = async { handoff.as_mut().expect("guarded").await }, if handoff.is_some() => {
                     handoff = None;
                     match result {
-                        Ok(Ok(())) => {
-                            info!("the new process serves; this one drains");
-                            return lifecycle.drain(true).await;
-                        }
+                        Ok(Ok(())) => return lifecycle.drain(true).await,
                         Ok(Err(e)) => error!("upgrade failed: {e}; this process keeps serving"),
                         Err(_) => error!("upgrade failed: the handoff thread died; this process keeps serving"),
                     }

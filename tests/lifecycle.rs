@@ -388,6 +388,11 @@ fn a_draining_process_closes_on_the_final_response_not_on_an_early_hint() {
         .expect("the request reached the backend");
     let outcome = lb.reload(&[]);
     assert_eq!(outcome.code, 0, "{outcome:?}\n{}", lb.error_log());
+    // The reload ends when the new process is ready, which may be before the old one
+    // has heard that it serves.
+    assert!(eventually(Duration::from_secs(5), || lb
+        .error_log()
+        .contains("this one drains")));
     go.send(()).unwrap();
 
     let mut answer = Vec::new();
