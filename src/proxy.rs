@@ -236,6 +236,7 @@ fn host_of(request: &RequestHeader) -> Option<String> {
             .map(|v| v.as_bytes()),
         request.uri.authority().map(|a| a.as_str()),
     )
+    .map(|host| host.into_owned())
 }
 
 /// 413, as nginx answers a body over `client_max_body_size`.

@@ -4,6 +4,7 @@
 //! longest path prefix. When no route of the most specific host matches the path, the
 //! next host group is tried.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -176,8 +177,12 @@ pub fn apply(rules: &HeaderRules, message: &mut impl EditHeaders) -> pingora::Re
 }
 
 /// The host a request names, as routes compare it: its `Host` header (or the authority of
-/// an absolute target), lower-case, without port or trailing dot.
-pub fn request_host(header: Option<&[u8]>, authority: Option<&str>) -> Option<String> {
+/// an absolute target), lower-case, without port or trailing dot. Borrowed when already
+/// lower-case, as nearly every client sends it: no allocation per request.
+pub fn request_host<'a>(
+    header: Option<&'a [u8]>,
+    authority: Option<&'a str>,
+) -> Option<Cow<'a, str>> {
     let raw = match header {
         Some(value) => std::str::from_utf8(value).ok()?,
         None => authority?,
@@ -188,7 +193,11 @@ pub fn request_host(header: Option<&[u8]>, authority: Option<&str>) -> Option<St
     } else {
         raw.rsplit_once(':').map_or(raw, |(host, _)| host)
     };
-    Some(host.trim_end_matches('.').to_ascii_lowercase())
+    let host = host.trim_end_matches('.');
+    Some(match host.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => Cow::Owned(host.to_ascii_lowercase()),
+        false => Cow::Borrowed(host),
+    })
 }
 
 #[cfg(test)]

@@ -285,6 +285,35 @@ fn health_checks_remove_and_restore_a_backend() {
 }
 
 #[test]
+fn health_checks_run_whatever_the_selection_algorithm() {
+    for algorithm in [
+        "round_robin",
+        "random",
+        "consistent_hash",
+        "least_connections",
+        "power_of_two_choices",
+    ] {
+        let a = Backend::start("a");
+        let b = Backend::start("b");
+        let b_addr = b.addr;
+        let lb = Lb::start(
+            listen_address(),
+            &format!(
+                "{}selection: {{algorithm: {algorithm}}}\nhealth_check:\n  interval: 200ms\n  fall: 1\n",
+                upstreams(&[a.addr, b.addr])
+            ),
+        );
+        b.stop();
+        lb.wait_for_log(
+            &format!("backend {b_addr} becomes unhealthy"),
+            Duration::from_secs(3),
+        );
+        let counts = count_backends(&lb, 4, &[]);
+        assert_eq!(counts.get("a"), Some(&4), "{algorithm}: {counts:?}");
+    }
+}
+
+#[test]
 fn all_backends_down_is_answered_fast() {
     let lb = Lb::start(
         listen_address(),

@@ -1,6 +1,6 @@
-//! Selection algorithms: pingora's (round robin, random, consistent hash) and the two it
-//! lacks (least connections, power of two choices), behind one trait, picked once when the
-//! pool is built.
+//! Selection algorithms: pingora's (random, consistent hash), weighted round robin, and
+//! the two pingora lacks (least connections, power of two choices), behind one trait,
+//! picked once when the pool is built.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::FutureExt;
-use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
+use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random};
 use pingora::lb::{Backend, Backends, LoadBalancer};
 
 use super::health::BackendState;
@@ -33,16 +33,31 @@ pub fn build(
     states: Vec<Arc<BackendState>>,
 ) -> Box<dyn Selector> {
     match selection {
-        Selection::RoundRobin => pingora_selector::<RoundRobin>(backends, ids),
+        Selection::RoundRobin => Box::new(RoundRobin::new(discovered(backends), &states)),
         Selection::Random => pingora_selector::<Random>(backends, ids),
         Selection::ConsistentHash { .. } => pingora_selector::<Consistent>(backends, ids),
         Selection::LeastConnections => Box::new(LeastConnections {
-            backends,
+            backends: discovered(backends),
             states,
             next: AtomicUsize::new(0),
         }),
-        Selection::PowerOfTwoChoices => Box::new(PowerOfTwoChoices { backends, states }),
+        Selection::PowerOfTwoChoices => Box::new(PowerOfTwoChoices {
+            backends: discovered(backends),
+            states,
+        }),
     }
+}
+
+/// `backends` with their list read in, which their health checks go through; pingora's
+/// own selectors read it as they are built.
+fn discovered(backends: Backends) -> Backends {
+    // Static discovery never waits: the list is there before the first health check.
+    backends
+        .update(|_| {})
+        .now_or_never()
+        .expect("static discovery does not block")
+        .expect("static discovery does not fail");
+    backends
 }
 
 /// pingora's [LoadBalancer] with one of its algorithms.
@@ -87,6 +102,67 @@ where
 
     fn backends(&self) -> &Backends {
         self.balancer.backends()
+    }
+}
+
+/// Weighted round robin over a fixed cycle of the backends, interleaved as nginx's smooth
+/// weighted round robin interleaves them (weights 5, 1, 1 give a a b a c a a). A backend that
+/// cannot be used is passed over and its turn goes to the next in the cycle, so the usable
+/// ones keep their shares between them.
+///
+/// pingora's round robin would do as well, but each of its selections allocates a set of the
+/// backends it visited and hashes an address to find the backend's id: a cost on every request.
+struct RoundRobin {
+    backends: Backends,
+    cycle: Vec<BackendId>,
+    next: AtomicUsize,
+}
+
+impl RoundRobin {
+    fn new(backends: Backends, states: &[Arc<BackendState>]) -> RoundRobin {
+        let common = states.iter().fold(0, |divisor, s| gcd(divisor, s.weight));
+        let weights: Vec<usize> = states.iter().map(|s| s.weight / common.max(1)).collect();
+        let total: usize = weights.iter().sum();
+        let mut current = vec![0; weights.len()];
+        let cycle = (0..total)
+            .map(|_| {
+                for (credit, weight) in current.iter_mut().zip(&weights) {
+                    *credit += *weight as isize;
+                }
+                // The most credit; the first in the list of those tied.
+                let pick = (0..current.len())
+                    .max_by_key(|&id| (current[id], std::cmp::Reverse(id)))
+                    .expect("a pool has backends");
+                current[pick] -= total as isize;
+                pick
+            })
+            .collect();
+        RoundRobin {
+            backends,
+            cycle,
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl Selector for RoundRobin {
+    fn select(&self, _key: &[u8], usable: &dyn Fn(BackendId) -> bool) -> Option<BackendId> {
+        let len = self.cycle.len();
+        (0..len)
+            .map(|_| self.cycle[self.next.fetch_add(1, Ordering::Relaxed) % len])
+            .find(|id| usable(*id))
+    }
+
+    fn backends(&self) -> &Backends {
+        &self.backends
     }
 }
 
@@ -200,6 +276,45 @@ mod tests {
 
     fn empty_backends() -> Backends {
         Backends::new(pingora::lb::discovery::Static::new(Default::default()))
+    }
+
+    fn picks(
+        selector: &dyn Selector,
+        usable: &dyn Fn(BackendId) -> bool,
+        n: usize,
+    ) -> Vec<BackendId> {
+        (0..n)
+            .map(|_| selector.select(b"", usable).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_interleaves_weights_as_nginx_does() {
+        let selector = RoundRobin::new(empty_backends(), &states(&[5, 1, 1]));
+        assert_eq!(
+            picks(&selector, &|_| true, 14),
+            [0, 0, 1, 0, 2, 0, 0].repeat(2)
+        );
+        // Weights with a common divisor make the same, shorter cycle.
+        let selector = RoundRobin::new(empty_backends(), &states(&[200, 400]));
+        assert_eq!(selector.cycle, [1, 0, 1]);
+    }
+
+    #[test]
+    fn round_robin_gives_an_unusable_backend_s_turns_to_the_others_evenly() {
+        let selector = RoundRobin::new(empty_backends(), &states(&[1, 1, 1]));
+        let chosen = picks(&selector, &|id| id != 1, 6);
+        assert_eq!(
+            chosen.iter().filter(|&&id| id == 0).count(),
+            3,
+            "{chosen:?}"
+        );
+        assert_eq!(
+            chosen.iter().filter(|&&id| id == 2).count(),
+            3,
+            "{chosen:?}"
+        );
+        assert_eq!(selector.select(b"", &|_| false), None);
     }
 
     #[test]
