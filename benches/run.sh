@@ -1006,11 +1006,31 @@ median() { # numbers on stdin -> median
 }
 maxof() { sort -g | tail -n 1; }
 
-# stat SCEN I COLUMN_EXPR -> median over rounds of an awk expression over the raw columns
-# raw columns: 1 scen 2 round 3 i 4 requests 5 duration_us 6 p50 7 p99 8 errors 9 ticks 10 busy 11 util 12 other
+# The figures of a wrk run, as awk expressions over the raw columns:
+# 1 scen 2 round 3 i 4 requests 5 duration_us 6 p50 7 p99 8 errors 9 ticks 10 busy 11 util 12 other
+# shellcheck disable=SC2016  # awk expressions
+declare -A FIGURE=(
+    [rps]='$4 / ($5 / 1e6)'
+    [p50]='$6 / 1000'
+    [p99]='$7 / 1000'
+    [cpu]='($4 > 0 ? $9 / hz * 1e6 / $4 : "nan")'
+    [util]='$11 * 100'
+    [busy]='$10 * 100'
+)
+# med_of SCEN I FIGURE -> the median over rounds of balancer I's figure
 med_of() {
     awk -F'\t' -v s="$1" -v i="$2" -v hz="$CLK_TCK" \
-        '$1 == s && $3 == i { print '"$3"' }' "$RAW" | median
+        '$1 == s && $3 == i { print '"${FIGURE[$3]}"' }' "$RAW" | median
+}
+# paired_ratio SCEN I J FIGURE -> the median over rounds of I's figure ÷ J's in the same round.
+# The balancers take turns within a round, and this VM's speed drifts more between rounds than
+# within one (the same binary swings by up to ±20% from round to round): a ratio within each round
+# cancels that drift, which a ratio of the two medians keeps.
+paired_ratio() {
+    awk -F'\t' -v s="$1" -v i="$2" -v j="$3" -v hz="$CLK_TCK" '
+        $1 == s && ($3 == i || $3 == j) { v[$3 "," $2] = '"${FIGURE[$4]}"'; round[$2] = 1 }
+        END { for (r in round) { a = v[i "," r]; b = v[j "," r]
+            if (a != "" && b != "" && a != "nan" && b != "nan" && b + 0 != 0) print a / b } }' "$RAW" | median
 }
 sum_errors() { awk -F'\t' -v s="$1" -v i="$2" '$1 == s && $3 == i { e += $8 } END { print e + 0 }' "$RAW"; }
 
@@ -1123,22 +1143,22 @@ REPORT="$TMP/report.md"
         echo
         echo "| balancer | $rate | p50 ms | p99 ms | CPU µs/$per | balancer CPU use | peak RSS MiB | load CPUs busy | errors |"
         echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-        # shellcheck disable=SC2016  # awk expressions
         for i in "${!KIND[@]}"; do
-            rps=$(med_of "$scen" "$i" '$4 / ($5 / 1e6)')
-            p50=$(med_of "$scen" "$i" '$6 / 1000')
-            p99=$(med_of "$scen" "$i" '$7 / 1000')
-            cpu=$(med_of "$scen" "$i" '($4 > 0 ? $9 / hz * 1e6 / $4 : "nan")')
-            util=$(med_of "$scen" "$i" '$11 * 100')
-            busy=$(med_of "$scen" "$i" '$10 * 100')
+            rps=$(med_of "$scen" "$i" rps)
+            p50=$(med_of "$scen" "$i" p50)
+            p99=$(med_of "$scen" "$i" p99)
+            cpu=$(med_of "$scen" "$i" cpu)
+            util=$(med_of "$scen" "$i" util)
+            busy=$(med_of "$scen" "$i" busy)
             rss=$(awk -v k="${RSS_KB[$scen,$i]}" 'BEGIN { print k / 1024 }')
             procs=${NPROCS[$scen,$i]}
-            V[$scen,$i,rps]=$rps V[$scen,$i,p50]=$p50 V[$scen,$i,p99]=$p99 V[$scen,$i,cpu]=$cpu V[$scen,$i,rss]=$rss
+            V[$scen,$i,rss]=$rss
             echo "| ${NAME[$i]} | $(fmt "$rps" %.0f) | $(fmt "$p50" %.3f) | $(fmt "$p99" %.3f) | $(fmt "$cpu" %.2f) | $(fmt "$util" %.0f)% | $(fmt "$rss" %.1f)$(if ((procs > 1)); then echo " ($procs proc.)"; fi) | $(fmt "$busy" %.0f)% | $(sum_errors "$scen" "$i") |"
         done
         if ((HAP >= 0 || NGX >= 0)); then
             echo
-            echo "Ratios ($rate: higher is better; the others: lower is better)"
+            echo "Ratios ($rate: higher is better; the others: lower is better): for $rate, latency and CPU, the median"
+            echo "over the rounds of the ratio within each round; for RSS, of the peaks."
             echo
             hdr="| balancer |" sep="|---|"
             for m in "$rate" "p50" "p99" "CPU/$per" "RSS"; do
@@ -1149,10 +1169,12 @@ REPORT="$TMP/report.md"
             echo "$sep"
             for i in "${!KIND[@]}"; do
                 row="| ${NAME[$i]} |"
-                for m in rps p50 p99 cpu rss; do
-                    if ((HAP >= 0)); then row+=" $(ratio "${V[$scen,$i,$m]}" "${V[$scen,$HAP,$m]}") |"; fi
-                    if ((NGX >= 0)); then row+=" $(ratio "${V[$scen,$i,$m]}" "${V[$scen,$NGX,$m]}") |"; fi
+                for m in rps p50 p99 cpu; do
+                    if ((HAP >= 0)); then row+=" $(fmt "$(paired_ratio "$scen" "$i" "$HAP" "$m")" %.2f) |"; fi
+                    if ((NGX >= 0)); then row+=" $(fmt "$(paired_ratio "$scen" "$i" "$NGX" "$m")" %.2f) |"; fi
                 done
+                if ((HAP >= 0)); then row+=" $(ratio "${V[$scen,$i,rss]}" "${V[$scen,$HAP,rss]}") |"; fi
+                if ((NGX >= 0)); then row+=" $(ratio "${V[$scen,$i,rss]}" "${V[$scen,$NGX,rss]}") |"; fi
                 echo "$row"
             done
         fi
