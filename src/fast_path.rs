@@ -151,7 +151,12 @@ fn content_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    // 18 digits cannot overflow a u64.
+    Some(
+        value
+            .iter()
+            .fold(0, |n, digit| n * 10 + u64::from(digit - b'0')),
+    )
 }
 
 /// Header fields the fast path does not forward: hop-by-hop, as pingora-proxy strips them.
@@ -824,9 +829,13 @@ impl FastPath {
         let upstream = conn.upstream.as_mut().expect("connected");
         // The client is watched meanwhile: one that goes away abandons the request, as
         // on the proxy path (and with nginx and HAProxy). Bytes it pipelines are kept.
+        // The response is polled first, so that the wake-up it brings does not also poll
+        // the client: on TLS, an `SSL_read` that finds nothing costs about 2,800
+        // instructions (its 16 KiB record buffer allocated and freed, the error queue read).
         let response = loop {
             let watch_client = conn.read.len() < self.balancer.client.max_header_size;
             tokio::select! {
+                biased;
                 response = read_response_head(upstream, read_timeout) => break response,
                 read = read_some(&mut conn.client, &mut conn.read, None), if watch_client => {
                     if !matches!(read, Ok(n) if n > 0) {

@@ -39,6 +39,11 @@ fn connection_tokens_and_lengths() {
     assert_eq!(connection_tokens(b"upgrade"), None);
     assert_eq!(connection_tokens(b"x-secret"), None);
     assert_eq!(content_length(b"12"), Some(12));
+    assert_eq!(content_length(b"007"), Some(7));
+    assert_eq!(
+        content_length(b"999999999999999999"),
+        Some(999_999_999_999_999_999)
+    );
     for bad in [&b""[..], b"+1", b"1,1", b" 1", b"99999999999999999999"] {
         assert_eq!(content_length(bad), None, "{bad:?}");
     }
@@ -93,6 +98,23 @@ mod properties {
     use proptest::prelude::*;
 
     proptest! {
+        /// A Content-Length is read as the decimal number std reads, and anything but 1
+        /// to 18 ASCII digits is refused (18 digits are far beyond any body size, and
+        /// cannot overflow).
+        #[test]
+        fn content_lengths_read_as_std_reads_them(value in prop_oneof![
+            "[0-9]{0,20}".prop_map(String::into_bytes),
+            prop::collection::vec(any::<u8>(), 0..21),
+        ]) {
+            let expected = match value.len() {
+                1..=18 if value.iter().all(u8::is_ascii_digit) => {
+                    std::str::from_utf8(&value).ok().and_then(|text| text.parse::<u64>().ok())
+                }
+                _ => None,
+            };
+            prop_assert_eq!(content_length(&value), expected);
+        }
+
         /// Whatever the bytes, a request the fast path takes has exactly one Host, a
         /// Content-Length that is the only framing, and a head within the bytes.
         #[test]
