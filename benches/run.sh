@@ -42,7 +42,7 @@ BACKEND_WORKERS=2
 OUT="$BENCH_DIR/results/latest.md"
 ONLY="pingora,haproxy,nginx"
 SCENARIOS="keepalive,close,tls-keepalive,tls-handshake"
-ALL_SCENARIOS="keepalive,close,tls-keepalive,tls-handshake,tls-resume,idle-memory"
+ALL_SCENARIOS="keepalive,close,tls-keepalive,tls-handshake,tls-resume,idle-memory,instructions,tls-instructions"
 IDLE_CONNECTIONS=10000
 IDLE_CONCURRENCY=64
 # TLS scenarios: every balancer and wrk settle on exactly this (see openssl-client.cnf.in).
@@ -71,8 +71,9 @@ Usage: benches/run.sh [options]
   --scenarios LIST     from keepalive, close (plain HTTP), tls-keepalive, tls-handshake (a
                        full TLS handshake per request, resumption off), tls-resume (a
                        resumed one per request), idle-memory (memory per idle keep-alive
-                       client connection); "plain", "tls" and "all" name groups
-                       (default $SCENARIOS)
+                       client connection), instructions and tls-instructions (user-space
+                       instructions per keep-alive request, counted by callgrind);
+                       "plain", "tls" and "all" name groups (default $SCENARIOS)
   --idle-connections N idle-memory: idle keep-alive connections held open (default $IDLE_CONNECTIONS;
                        the open file limit must allow it)
   --idle-concurrency C idle-memory: connections opened (and requests made) at once (default $IDLE_CONCURRENCY)
@@ -130,7 +131,8 @@ for scen in "${_scens[@]}"; do
         plain) SCEN_LIST+=(keepalive close) ;;
         tls) SCEN_LIST+=(tls-keepalive tls-handshake tls-resume) ;;
         all) IFS=',' read -r -a _all <<<"$ALL_SCENARIOS"; SCEN_LIST+=("${_all[@]}") ;;
-        keepalive|close|tls-keepalive|tls-handshake|tls-resume|idle-memory) SCEN_LIST+=("$scen") ;;
+        keepalive|close|tls-keepalive|tls-handshake|tls-resume|idle-memory|instructions|tls-instructions)
+            SCEN_LIST+=("$scen") ;;
         *) die "--scenarios: unknown scenario $scen" ;;
     esac
 done
@@ -140,17 +142,24 @@ is_tls() { [[ $1 == tls-* ]]; }                                   # over TLS
 closes() { [[ $1 == close || $1 == tls-handshake || $1 == tls-resume ]]; }  # Connection: close
 ANY_TLS=0
 for scen in "${SCEN_LIST[@]}"; do if is_tls "$scen"; then ANY_TLS=1; fi; done
-# idle-memory is no wrk scenario: it runs after the others, with its own report section.
+# idle-memory and the instruction counts are no throughput scenarios: they run after the
+# others, each with its own report section.
 IDLE_MEMORY=0
 WRK_SCENS=()
+INSTR_SCENS=()
 for scen in "${SCEN_LIST[@]}"; do
-    if [[ $scen == idle-memory ]]; then IDLE_MEMORY=1; else WRK_SCENS+=("$scen"); fi
+    case "$scen" in
+        idle-memory) IDLE_MEMORY=1 ;;
+        instructions|tls-instructions) INSTR_SCENS+=("$scen") ;;
+        *) WRK_SCENS+=("$scen") ;;
+    esac
 done
 
 # ---------------------------------------------------------------- tools
 missing=()
 tools=(haproxy nginx taskset ss timeout getconf)
-if ((${#WRK_SCENS[@]} || RELOADS > 0 || KILLS > 0)); then tools+=(wrk); fi
+if ((${#WRK_SCENS[@]} || ${#INSTR_SCENS[@]} || RELOADS > 0 || KILLS > 0)); then tools+=(wrk); fi
+if ((${#INSTR_SCENS[@]})); then tools+=(valgrind callgrind_control callgrind_annotate); fi
 if ((ANY_TLS)); then tools+=(openssl); fi
 if ((IDLE_MEMORY)); then tools+=(python3); fi
 for tool in "${tools[@]}"; do
@@ -158,7 +167,7 @@ for tool in "${tools[@]}"; do
 done
 if ((${#missing[@]})); then
     echo "run.sh: missing: ${missing[*]}" >&2
-    echo "  on Debian: apt-get install -y haproxy nginx-light wrk util-linux iproute2 coreutils openssl python3" >&2
+    echo "  on Debian: apt-get install -y haproxy nginx-light wrk util-linux iproute2 coreutils openssl python3 valgrind" >&2
     exit 1
 fi
 
@@ -352,9 +361,10 @@ https_status() {
 }
 
 # wait_ready PORT PID LOG [tls]: until GET / answers 200
+READY_SECONDS=15   # a balancer must answer within this after its start
 wait_ready() {
     local port=$1 pid=$2 logf=$3 tls=${4:-} i code
-    for ((i = 0; i < 150; i++)); do
+    for ((i = 0; i < READY_SECONDS * 10; i++)); do
         if ! kill -0 "$pid" 2>/dev/null; then
             echo "--- $logf" >&2
             tail -n 30 "$logf" >&2 2>/dev/null || true
@@ -365,7 +375,7 @@ wait_ready() {
         sleep 0.1
     done
     tail -n 30 "$logf" >&2 2>/dev/null || true
-    die "nothing answers 200 on port $port after 15 s"
+    die "nothing answers 200 on port $port after $READY_SECONDS s"
 }
 
 # The process and all its descendants.
@@ -546,7 +556,9 @@ pingora_listeners() {
         "      http2: false"
 }
 
-# start_balancer I SCENARIO: start balancer I pinned to the balancer CPUs; sets LB_PID[I].
+# start_balancer I SCENARIO: start balancer I pinned to the balancer CPUs, its command
+# prefixed by LB_WRAP (valgrind, for the instruction counts); sets LB_PID[I].
+LB_WRAP=()
 # In a TLS scenario its listener terminates TLS (the backends stay plain HTTP) and its
 # OpenSSL configuration (OPENSSL_CONF, read by the libssl all three link) is the scenario's.
 declare -A LB_PID=()
@@ -574,7 +586,8 @@ start_balancer() {
                 "DIR=$dir" "LISTENERS=$(pingora_listeners "${PORT[$i]}" "$tls")" "THREADS=$THREADS" \
                 "USER=$ME" "LOG_LEVEL=warn" "UPSTREAMS=$(pingora_upstreams "$B1_PORT" "$B2_PORT")"
             "${run_env[@]+"${run_env[@]}"}" \
-                taskset -c "$LB_CPUS" "${BIN[$i]}" -c "$dir/pingora-lb.yaml" >"$dir/stdout.log" 2>&1 &
+                taskset -c "$LB_CPUS" "${LB_WRAP[@]+"${LB_WRAP[@]}"}" "${BIN[$i]}" -c "$dir/pingora-lb.yaml" \
+                >"$dir/stdout.log" 2>&1 &
             pid=$!
             LB_LOG[$i]="$dir/error.log"
             ;;
@@ -584,18 +597,24 @@ start_balancer() {
                 "MAXCONN=$maxconn" "STRICT_LIMITS=$strict_limits"
             # -db: foreground, one process (its threads); no master-worker.
             "${run_env[@]+"${run_env[@]}"}" \
-                taskset -c "$LB_CPUS" haproxy -db -f "$dir/haproxy.cfg" >"$dir/stdout.log" 2>&1 &
+                taskset -c "$LB_CPUS" "${LB_WRAP[@]+"${LB_WRAP[@]}"}" haproxy -db -f "$dir/haproxy.cfg" \
+                >"$dir/stdout.log" 2>&1 &
             pid=$!
             LB_LOG[$i]="$dir/stdout.log"
             ;;
         nginx)
             if [[ $ME == root ]]; then user_line="user root;"; fi
+            local globals="daemon off;"
+            # callgrind_control cannot reach a forked worker: under callgrind nginx serves
+            # from its one process.
+            if ((${#LB_WRAP[@]})); then globals+=" master_process off;"; fi
             render "$BENCH_DIR/nginx-lb.conf.in" "$dir/nginx.conf" \
                 "DIR=$dir" "PORT=${PORT[$i]}" "LISTEN_TLS=$listen_tls" "TLS_LINES=$tls_lines" \
                 "THREADS=$THREADS" "B1=$B1_PORT" "B2=$B2_PORT" "USER_LINE=$user_line" \
                 "WORKER_CONNECTIONS=$maxconn"
             "${run_env[@]+"${run_env[@]}"}" \
-                taskset -c "$LB_CPUS" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g 'daemon off;' \
+                taskset -c "$LB_CPUS" "${LB_WRAP[@]+"${LB_WRAP[@]}"}" \
+                nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g "$globals" \
                 >"$dir/stdout.log" 2>&1 &
             pid=$!
             LB_LOG[$i]="$dir/error.log"
@@ -870,6 +889,69 @@ if ((IDLE_MEMORY)); then
         done
     done
 fi
+
+# ---------------------------------------------------------------- instructions per request
+# instructions, tls-instructions: each balancer in turn runs under callgrind (valgrind), which
+# counts the instructions it executes in user space: its own code and its libraries (libssl,
+# libcrypto, libc), not the kernel's. wrk runs keep-alive requests; once its connections are
+# open (and, over TLS, their handshakes done), counting is switched on for DURATION seconds,
+# and the count is divided by the requests the backends answered meanwhile (nginx
+# stub_status). Unlike time, the count does not drift with the machine: one round is enough.
+# INSTR_RAW columns: 1 scenario 2 i 3 requests 4 instructions
+INSTR_RAW="$TMP/instructions.tsv"
+printf '' >"$INSTR_RAW"
+INSTR_WARMUP=3
+
+# Requests both backends have answered so far, the two asking for it included.
+backend_requests() {
+    local port sum=0 n
+    for port in "$B1_PORT" "$B2_PORT"; do
+        # shellcheck disable=SC2016  # the inner script's own expansions
+        n=$(timeout 3 bash -c '
+            exec 3<>/dev/tcp/127.0.0.1/'"$port"' || exit 1
+            printf "GET /bench-status HTTP/1.0\r\n\r\n" >&3
+            cat <&3' 2>/dev/null | awk 'f { print $3; exit } /^server accepts handled requests/ { f = 1 }')
+        [[ $n =~ ^[0-9]+$ ]] || die "backend on port $port gave no request count (stub_status)"
+        sum=$((sum + n))
+    done
+    echo "$sum"
+}
+
+measure_instructions() {
+    local i=$1 scen=$2 dir="$TMP/lb$1-$2" pids pid wrk_pid before after total=0 f
+    pids=$(proc_tree "${LB_PID[$i]}")
+    run_wrk "$TMP/wrk-$scen-lb$i.txt" "$(wrk_target "$i" "$scen")" $((INSTR_WARMUP + DURATION + 2)) \
+        "$CONNECTIONS" &
+    wrk_pid=$!
+    sleep "$INSTR_WARMUP"
+    before=$(backend_requests)
+    for pid in $pids; do callgrind_control -i on "$pid" >/dev/null; done
+    sleep "$DURATION"
+    for pid in $pids; do callgrind_control -i off "$pid" >/dev/null; done
+    after=$(backend_requests)
+    wait "$wrk_pid" || true
+    for pid in $pids; do callgrind_control -d "$pid" >/dev/null; done
+    for f in "$dir"/callgrind.out.*.1; do
+        [[ -e $f ]] && total=$((total + $(awk '/^totals:/ { print $2; exit }' "$f")))
+    done
+    # The two requests asking for the count after it.
+    local requests=$((after - before - 2))
+    ((requests > 0 && total > 0)) || die "no request or no instruction counted for ${NAME[$i]} under callgrind ($scen)"
+    printf '%s\t%s\t%s\t%s\n' "$scen" "$i" "$requests" "$total" >>"$INSTR_RAW"
+    log "  $(printf '%-12s' "${NAME[$i]}") $requests requests, $((total / requests)) instructions per request"
+}
+
+for scen in "${INSTR_SCENS[@]+"${INSTR_SCENS[@]}"}"; do
+    log "scenario $scen: user-space instructions per keep-alive request, under callgrind"
+    for i in "${!KIND[@]}"; do
+        LB_WRAP=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$TMP/lb$i-$scen/callgrind.out.%p")
+        READY_SECONDS=120
+        start_balancer "$i" "$scen"
+        LB_WRAP=() READY_SECONDS=15
+        measure_instructions "$i" "$scen"
+        stop_balancer "$i"
+    done
+done
 
 # ---------------------------------------------------------------- reload and dead backend
 # One pingora-lb per binary over backend1, backend2 and a third, dedicated backend: timed
@@ -1220,6 +1302,32 @@ REPORT="$TMP/report.md"
             echo "**Warning**: ${early% *} connection(s) closed by a balancer before the measurement and ${early#* } failed (all rounds; see below)."
         fi
     fi
+    for scen in "${INSTR_SCENS[@]+"${INSTR_SCENS[@]}"}"; do
+        echo
+        if is_tls "$scen"; then
+            echo "## User-space instructions per TLS keep-alive request (callgrind, $TLS_PROTOCOL $TLS_CIPHER)"
+        else
+            echo "## User-space instructions per keep-alive request (callgrind)"
+        fi
+        echo
+        echo "Each balancer under callgrind, with wrk's $CONNECTIONS keep-alive connections open (over TLS, their"
+        echo "handshakes done): the instructions it executed in user space (its code, libssl, libcrypto, libc; not the"
+        echo "kernel's) in ${DURATION} s, divided by the requests its backends answered meanwhile. The count is exact and does"
+        echo "not drift with the machine, but it is not time: cache misses and the kernel's share (about half of a"
+        echo "request's CPU here) are not in it. nginx serves from its one process here (\`master_process off\`)."
+        echo
+        echo "| balancer | requests counted | instructions per request |$(
+            if ((HAP >= 0)); then echo " ÷ HAProxy |"; fi)$(if ((NGX >= 0)); then echo " ÷ nginx |"; fi)"
+        echo "|---|---:|---:|$(if ((HAP >= 0)); then echo "---:|"; fi)$(if ((NGX >= 0)); then echo "---:|"; fi)"
+        per_request() { awk -F'\t' -v s="$scen" -v i="$1" '$1 == s && $2 == i && $3 > 0 { print $4 / $3 }' "$INSTR_RAW"; }
+        for i in "${!KIND[@]}"; do
+            row=$(awk -F'\t' -v s="$scen" -v i="$i" -v n="${NAME[$i]}" '$1 == s && $2 == i {
+                printf "| %s | %d | %.0f |", n, $3, $4 / $3 }' "$INSTR_RAW")
+            if ((HAP >= 0)); then row+=" $(ratio "$(per_request "$i")" "$(per_request "$HAP")") |"; fi
+            if ((NGX >= 0)); then row+=" $(ratio "$(per_request "$i")" "$(per_request "$NGX")") |"; fi
+            echo "$row"
+        done
+    done
     if ((${#RELOAD_MS[@]} || ${#KILL_MS[@]})); then
         echo
         echo "## pingora-lb lifecycle"
