@@ -1312,9 +1312,10 @@ REPORT="$TMP/report.md"
         echo
         echo "Each balancer under callgrind, with wrk's $CONNECTIONS keep-alive connections open (over TLS, their"
         echo "handshakes done): the instructions it executed in user space (its code, libssl, libcrypto, libc; not the"
-        echo "kernel's) in ${DURATION} s, divided by the requests its backends answered meanwhile. The count is exact and does"
-        echo "not drift with the machine, but it is not time: cache misses and the kernel's share (about half of a"
-        echo "request's CPU here) are not in it. nginx serves from its one process here (\`master_process off\`)."
+        echo "kernel's) in ${DURATION} s, divided by the requests its backends answered meanwhile. The count does not drift"
+        echo "with the machine (it moves by about 2% between runs, with how many requests each wake-up finds), but it is"
+        echo "not time: cache misses and the kernel's share (about half of a request's CPU here) are not in it. nginx"
+        echo "serves from its one process here (\`master_process off\`)."
         echo
         echo "| balancer | requests counted | instructions per request |$(
             if ((HAP >= 0)); then echo " ÷ HAProxy |"; fi)$(if ((NGX >= 0)); then echo " ÷ nginx |"; fi)"
