@@ -590,7 +590,6 @@ impl FastPath {
         let finished = Instant::now();
         let destination = tries.tried.last().map(|&id| pool.destination(id));
         let total = finished - started;
-        let upstream_time = tries.answered_from.map(|from| finished - from);
         let entry = request.map(|request| Entry {
             time: SystemTime::now() - total,
             client: conn.peer,
@@ -603,14 +602,14 @@ impl FastPath {
             user_agent: request.user_agent,
             upstream: destination.map(|d| d.name().to_string()),
             total,
-            upstream_time,
+            upstream_time: tries.upstream_time,
             retries: tries.tried.len().saturating_sub(1),
             tls: conn.tls.as_deref().map(tls_facts),
         });
         balancer.request_done(Done {
             status,
             total,
-            upstream_time,
+            upstream_time: tries.upstream_time,
             route: Some(route),
             destination,
             entry,
@@ -644,7 +643,7 @@ impl FastPath {
             tries.tried.push(id);
             let destination = pool.destination(id);
             let _load = destination.state.start_request();
-            let upstream_started = Instant::now();
+            tries.try_started = Some(Instant::now());
             let out = self
                 .upstream_header(conn, head, route, destination)
                 .map_err(|e| {
@@ -653,10 +652,7 @@ impl FastPath {
                 })?;
             let to = Backend { route, pool, id };
             match self.exchange(conn, head, &to, &out, last, tries).await {
-                Exchange::Done(status) => {
-                    tries.answered_from = Some(upstream_started);
-                    return Ok(status);
-                }
+                Exchange::Done(status) => return Ok(status),
                 Exchange::ConnectFailed(e) => {
                     destination.metrics.connect_failed();
                     pool.request_failed(id);
@@ -774,7 +770,10 @@ impl FastPath {
                     && e.kind() != std::io::ErrorKind::TimedOut
             };
             let response = match self.send(conn, head, out, read_timeout).await {
-                Ok(response) => response,
+                Ok(response) => {
+                    tries.upstream_time = tries.try_started.map(|started| started.elapsed());
+                    response
+                }
                 Err(SendError::Stale(e)) if can_retry(&e) => {
                     log::info!(
                         "backend {} had closed a kept-alive connection; sending the request again",
@@ -923,8 +922,11 @@ struct Backend<'a> {
 #[derive(Default)]
 struct Tries {
     tried: Vec<BackendId>,
-    /// When the try whose backend answered began.
-    answered_from: Option<Instant>,
+    /// When the current try chose its backend.
+    try_started: Option<Instant>,
+    /// From choosing the backend that answered to its response header, as the proxy
+    /// path measures it.
+    upstream_time: Option<Duration>,
     /// Response body bytes sent to the client.
     bytes_sent: usize,
     /// The response told the client the connection closes.

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -107,6 +108,56 @@ fn access_log_file_is_written_and_reopened_on_sighup() {
     assert!(!std::fs::read_to_string(&rotated)
         .unwrap()
         .contains("/second"));
+}
+
+/// A backend that answers every request with its header at once and its 5-byte body
+/// `delay` later.
+fn slow_body_backend(delay: Duration) -> SocketAddr {
+    let listener = held_port();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buffer = [0u8; 4096];
+                // Health checks connect and send nothing.
+                while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {
+                    let header = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+                    if stream.write_all(header).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(delay);
+                    if stream.write_all(b"hello").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `upstream_time` runs from choosing the backend to its response header, on either path
+/// (the suite also runs with the fast path off), not to the end of the body.
+#[test]
+fn upstream_time_ends_at_the_response_header() {
+    let backend = slow_body_backend(Duration::from_millis(500));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let lb = Lb::start(
+        listen_address(),
+        &format!(
+            "{}access_log:\n  destination: {}\n  format: json\n",
+            upstreams(&[backend]),
+            log.display()
+        ),
+    );
+    let response = get(lb.listen, "/slow-body", &[]).unwrap();
+    assert_eq!(response.body, "hello");
+    let line = first_json_log_line(&log, "/slow-body");
+    let upstream_time = line["upstream_time"].as_f64().unwrap();
+    assert!(line["request_time"].as_f64().unwrap() >= 0.5, "{line}");
+    assert!(upstream_time < 0.4, "{line}");
 }
 
 #[test]
