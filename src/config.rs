@@ -21,8 +21,8 @@ use crate::runtime_files::check_private_parent;
 pub use error::ConfigError;
 pub use listener::{Certificate, Listener, TlsListener, TlsVersion, EXPIRY_WARNING_DAYS};
 pub use pool::{
-    HealthCheck, HealthCheckKind, PassiveHealth, PoolConfig, ProxyProtocolVersion, Selection,
-    Timeouts, Upstream, MAX_UPSTREAMS, MIN_HEALTH_INTERVAL,
+    round_robin_turns, HealthCheck, HealthCheckKind, PassiveHealth, PoolConfig,
+    ProxyProtocolVersion, Selection, Timeouts, Upstream, MAX_UPSTREAMS, MIN_HEALTH_INTERVAL,
 };
 pub use routes::{HeaderRules, RouteConfig, RouteTimeouts};
 pub use values::{
@@ -806,6 +806,33 @@ mod tests {
         assert!(err.contains("test.yaml:4"), "{err}");
         assert!(err.contains("upstreams[0]"), "{err}");
         assert!(err.contains("wieght"), "{err}");
+    }
+
+    #[test]
+    fn a_round_robin_cycle_too_long_to_work_out_is_rejected_with_its_key() {
+        // 70 backends of weights 1000, 999, ...: 67,585 turns a cycle.
+        let pool = |selection: &str| {
+            let upstreams: String = (0..70)
+                .map(|i| {
+                    format!(
+                        "      - address: 127.0.0.1:{}\n        weight: {}\n",
+                        1000 + i,
+                        1000 - i
+                    )
+                })
+                .collect();
+            format!(
+                "listeners: [\"127.0.0.1:1\"]\npools:\n  big:\n    selection:\n      \
+                 algorithm: {selection}\n    upstreams:\n{upstreams}"
+            )
+        };
+        let err = Config::parse("x.yaml", &pool("round_robin"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `pools.big.upstreams`"), "{err}");
+        assert!(err.contains("67585 turns"), "{err}");
+        assert!(err.contains("x.yaml:6:"), "{err}");
+        Config::parse("x.yaml", &pool("least_connections")).unwrap();
     }
 
     #[test]

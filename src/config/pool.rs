@@ -12,6 +12,24 @@ pub const MIN_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_m
 /// Backends one process may balance over, in all its pools.
 pub const MAX_UPSTREAMS: usize = 10_000;
 
+/// The most turns one cycle of a pool's weighted round robin may take. The cycle is worked
+/// out whole when the configuration is loaded (and on each reload), at two bytes a turn.
+pub const MAX_ROUND_ROBIN_CYCLE: usize = 65_536;
+
+/// Each weight divided by the weights' greatest common divisor: the turns each backend takes
+/// in one cycle of weighted round robin (weights 200 and 400 take turns 1 and 2).
+pub fn round_robin_turns(weights: &[usize]) -> Vec<usize> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let common = weights.iter().fold(0, |divisor, &w| gcd(divisor, w)).max(1);
+    weights.iter().map(|w| w / common).collect()
+}
+
 /// A named pool (`pools.NAME`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,7 +84,29 @@ impl PoolConfig {
                 .check()
                 .map_err(|(key, message)| (format!("upstreams[{i}].{key}"), message))?;
         }
+        self.check_round_robin_cycle()?;
         self.health_check.check()
+    }
+
+    /// Round robin's cycle is short enough to be worked out whole.
+    fn check_round_robin_cycle(&self) -> Result<(), (String, String)> {
+        if self.selection != Selection::RoundRobin {
+            return Ok(());
+        }
+        let weights: Vec<usize> = self.upstreams.iter().map(|u| u.weight.0).collect();
+        let turns: usize = round_robin_turns(&weights).iter().sum();
+        if turns <= MAX_ROUND_ROBIN_CYCLE {
+            return Ok(());
+        }
+        Err((
+            "upstreams".to_string(),
+            format!(
+                "round robin over these weights takes {turns} turns a cycle (their sum \
+                 divided by their greatest common divisor); at most {MAX_ROUND_ROBIN_CYCLE} are \
+                 accepted: give weights with a larger common divisor, or choose another \
+                 `selection.algorithm`"
+            ),
+        ))
     }
 }
 

@@ -13,7 +13,7 @@ use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random};
 use pingora::lb::{Backend, Backends, LoadBalancer};
 
 use super::health::BackendState;
-use crate::config::Selection;
+use crate::config::{round_robin_turns, Selection};
 
 /// A backend's place in its pool's `upstreams` list.
 pub type BackendId = usize;
@@ -114,50 +114,87 @@ where
 /// backends it visited and hashes an address to find the backend's id: a cost on every request.
 struct RoundRobin {
     backends: Backends,
-    cycle: Vec<BackendId>,
+    /// Backend ids, which fit in two bytes: a pool has at most `MAX_UPSTREAMS`.
+    cycle: Vec<u16>,
     next: AtomicUsize,
 }
 
 impl RoundRobin {
     fn new(backends: Backends, states: &[Arc<BackendState>]) -> RoundRobin {
-        let common = states.iter().fold(0, |divisor, s| gcd(divisor, s.weight));
-        let weights: Vec<usize> = states.iter().map(|s| s.weight / common.max(1)).collect();
-        let total: usize = weights.iter().sum();
-        let mut current = vec![0; weights.len()];
-        let cycle = (0..total)
-            .map(|_| {
-                for (credit, weight) in current.iter_mut().zip(&weights) {
-                    *credit += *weight as isize;
-                }
-                // The most credit; the first in the list of those tied.
-                let pick = (0..current.len())
-                    .max_by_key(|&id| (current[id], std::cmp::Reverse(id)))
-                    .expect("a pool has backends");
-                current[pick] -= total as isize;
-                pick
-            })
-            .collect();
+        let weights: Vec<usize> = states.iter().map(|s| s.weight).collect();
         RoundRobin {
             backends,
-            cycle,
+            cycle: smooth_cycle(&round_robin_turns(&weights)),
             next: AtomicUsize::new(0),
         }
     }
 }
 
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
+/// Backends of one weight, which take their turns among themselves in id order.
+struct SameWeight {
+    turns: isize,
+    ids: Vec<u16>,
+    /// Turns the group has taken so far in the cycle.
+    taken: usize,
+    /// The group's next backend in line: `ids[taken % ids.len()]`.
+    next_in_line: u16,
+    /// The credit of the next in line.
+    credit: isize,
+}
+
+/// One cycle of nginx's smooth weighted round robin: at each turn every backend gains its
+/// weight in credit, and the one with the most credit (the first in the list of those tied)
+/// is chosen and gives up the cycle's length.
+///
+/// Worked out over groups of backends of equal weight rather than over backends: the members
+/// of a group gain alike, so they take their turns in id order, and each turn costs one step
+/// per distinct weight instead of one per backend.
+fn smooth_cycle(turns: &[usize]) -> Vec<u16> {
+    let length: usize = turns.iter().sum();
+    let mut groups: Vec<SameWeight> = Vec::new();
+    for (id, &weight) in turns.iter().enumerate() {
+        let id = u16::try_from(id).expect("a pool has at most MAX_UPSTREAMS backends");
+        match groups.iter_mut().find(|g| g.turns == weight as isize) {
+            Some(group) => group.ids.push(id),
+            None => groups.push(SameWeight {
+                turns: weight as isize,
+                ids: vec![id],
+                taken: 0,
+                next_in_line: id,
+                credit: 0,
+            }),
+        }
     }
+    (0..length)
+        .map(|_| {
+            for group in &mut groups {
+                group.credit += group.turns;
+            }
+            let group = groups
+                .iter_mut()
+                // The most credit, then the lowest id, as one number: this loop is most
+                // of the work.
+                .max_by_key(|g| (g.credit << 16) | (u16::MAX - g.next_in_line) as isize)
+                .expect("a pool has backends");
+            let chosen = group.next_in_line;
+            group.taken += 1;
+            let place = group.taken % group.ids.len();
+            group.next_in_line = group.ids[place];
+            // The next in line has had as many turns as the chosen one had, so it has
+            // the same credit, unless the group has come round to its first again.
+            if place == 0 {
+                group.credit -= length as isize;
+            }
+            chosen
+        })
+        .collect()
 }
 
 impl Selector for RoundRobin {
     fn select(&self, _key: &[u8], usable: &dyn Fn(BackendId) -> bool) -> Option<BackendId> {
         let len = self.cycle.len();
         (0..len)
-            .map(|_| self.cycle[self.next.fetch_add(1, Ordering::Relaxed) % len])
+            .map(|_| BackendId::from(self.cycle[self.next.fetch_add(1, Ordering::Relaxed) % len]))
             .find(|id| usable(*id))
     }
 
@@ -298,6 +335,36 @@ mod tests {
         // Weights with a common divisor make the same, shorter cycle.
         let selector = RoundRobin::new(empty_backends(), &states(&[200, 400]));
         assert_eq!(selector.cycle, [1, 0, 1]);
+    }
+
+    /// nginx's smooth weighted round robin as it is written: one credit per backend.
+    fn smooth_cycle_backend_by_backend(weights: &[usize]) -> Vec<u16> {
+        let total: usize = weights.iter().sum();
+        let mut credits = vec![0isize; weights.len()];
+        (0..total)
+            .map(|_| {
+                for (credit, weight) in credits.iter_mut().zip(weights) {
+                    *credit += *weight as isize;
+                }
+                let pick = (0..credits.len())
+                    .max_by_key(|&id| (credits[id], std::cmp::Reverse(id)))
+                    .unwrap();
+                credits[pick] -= total as isize;
+                pick as u16
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn smooth_cycle_by_weight_groups_is_nginx_s_order(
+            weights in proptest::collection::vec(1usize..=6, 1..=12),
+        ) {
+            proptest::prop_assert_eq!(
+                smooth_cycle(&weights),
+                smooth_cycle_backend_by_backend(&weights)
+            );
+        }
     }
 
     #[test]
