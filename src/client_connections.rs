@@ -35,9 +35,7 @@ use crate::tls::TlsListeners;
 /// The proxy's [ServerApp]: HTTP/1 connections here, anything else to pingora's own loop.
 pub struct ClientConnections<P> {
     proxy: Arc<HttpProxy<P>>,
-    header_timeout: Duration,
-    keepalive_timeout: Duration,
-    keepalive_requests: u32,
+    limits: ClientLimits,
     proxy_protocol: Option<ProxyProtocolIn>,
     tls: TlsListeners,
     /// Serves the common HTTP/1.1 requests, when on.
@@ -54,9 +52,7 @@ impl<P> ClientConnections<P> {
     ) -> Self {
         ClientConnections {
             proxy: Arc::new(proxy),
-            header_timeout: limits.header_timeout.0,
-            keepalive_timeout: limits.keepalive_timeout.0,
-            keepalive_requests: limits.keepalive_requests,
+            limits: limits.clone(),
             proxy_protocol,
             tls,
             fast_path,
@@ -83,7 +79,7 @@ impl<P> ClientConnections<P> {
             return Some(stream);
         }
         let header = tokio::time::timeout(
-            self.header_timeout,
+            self.limits.header_timeout.0,
             proxy_protocol::read_header(&mut stream),
         )
         .await;
@@ -140,11 +136,12 @@ where
         if let Some(read) = read.filter(|read| !read.is_empty()) {
             session.set_pipelined_prefix(read);
         }
-        let keepalive = (!*shutdown.borrow()).then(|| keepalive_seconds(self.keepalive_timeout));
+        let keepalive =
+            (!*shutdown.borrow()).then(|| keepalive_seconds(self.limits.keepalive_timeout.0));
         session.set_keepalive(keepalive);
         // pingora allows one request more than the number of reuses it is given. The fast
         // path hands a connection over only before its last request.
-        let reuses = self.keepalive_requests.saturating_sub(served + 1);
+        let reuses = self.limits.requests_after(served);
         session.set_keepalive_reuses_remaining(Some(reuses));
         loop {
             let parsed = Arc::new(AtomicBool::new(false));
@@ -171,7 +168,7 @@ where
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
             }
-            header_deadline = self.keepalive_timeout + self.header_timeout;
+            header_deadline = self.limits.keepalive_timeout.0 + self.limits.header_timeout.0;
         }
     }
 
@@ -206,7 +203,9 @@ where
             };
             let stream = match local {
                 Some(local) => {
-                    let terminated = self.tls.terminate(stream, local, self.header_timeout);
+                    let terminated =
+                        self.tls
+                            .terminate(stream, local, self.limits.header_timeout.0);
                     match Box::pin(terminated).await {
                         Some(stream) => stream,
                         None => return,
@@ -238,7 +237,7 @@ where
                         ),
                     }
                 }
-                None => (stream, None, self.header_timeout, 0),
+                None => (stream, None, self.limits.header_timeout.0, 0),
             };
             let http1 = self.proxy_http1(stream, read, header_deadline, served, &shutdown);
             Box::pin(http1).await;

@@ -304,6 +304,14 @@ pub struct ClientLimits {
     pub max_header_count: usize,
 }
 
+impl ClientLimits {
+    /// The requests a connection may still carry after the one it has read, when it has
+    /// served `served` before: with none, that request is its last.
+    pub fn requests_after(&self, served: u32) -> u32 {
+        self.keepalive_requests.saturating_sub(served + 1)
+    }
+}
+
 impl Default for ClientLimits {
     fn default() -> Self {
         ClientLimits {

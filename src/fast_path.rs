@@ -315,7 +315,7 @@ async fn within<T>(
     }
     tokio::time::timeout(limit, io)
         .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        .unwrap_or_else(timed_out)
 }
 
 /// Reads from `stream` into `buf` within `limit`; `Ok(0)` at end of stream.
@@ -358,7 +358,12 @@ async fn read_start(
         buf.reserve(READ_SIZE);
         tokio::time::timeout_at(deadline, stream.read_buf(buf)).await
     };
-    read.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    read.unwrap_or_else(timed_out)
+}
+
+/// A wait past its limit, as an I/O error.
+fn timed_out<T>(_: tokio::time::error::Elapsed) -> std::io::Result<T> {
+    Err(std::io::ErrorKind::TimedOut.into())
 }
 
 async fn write_all(
@@ -425,7 +430,7 @@ impl FastPath {
                     NextHead::Closed => return Outcome::Closed,
                 };
                 let last = head.close
-                    || served + 1 >= limits.keepalive_requests
+                    || limits.requests_after(served) == 0
                     || *shutdown.borrow()
                     || self.balancer.traffic.draining();
                 let next = match self.route(&conn, &head) {
@@ -770,10 +775,7 @@ impl FastPath {
                     && e.kind() != std::io::ErrorKind::TimedOut
             };
             let response = match self.send(conn, head, out, read_timeout).await {
-                Ok(response) => {
-                    tries.upstream_time = tries.try_started.map(|started| started.elapsed());
-                    response
-                }
+                Ok(response) => response,
                 Err(SendError::Stale(e)) if can_retry(&e) => {
                     log::info!(
                         "backend {} had closed a kept-alive connection; sending the request again",
@@ -924,8 +926,8 @@ struct Tries {
     tried: Vec<BackendId>,
     /// When the current try chose its backend.
     try_started: Option<Instant>,
-    /// From choosing the backend that answered to its response header, as the proxy
-    /// path measures it.
+    /// From choosing the backend that answered to its final (not 1xx) response header,
+    /// as the proxy path measures it.
     upstream_time: Option<Duration>,
     /// Response body bytes sent to the client.
     bytes_sent: usize,
@@ -1283,6 +1285,7 @@ impl FastPath {
                 return Exchange::Failed(failure);
             }
         };
+        tries.upstream_time = tries.try_started.map(|started| started.elapsed());
         let upstream = conn.upstream.as_mut().expect("connected");
         // Decided when the response goes out, not when the request came: a process that
         // started draining meanwhile must close the connection with it (LIFECYCLE.md).

@@ -484,9 +484,15 @@ impl ProxyHttp for Balancer {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestContext,
     ) -> Result<()> {
+        let status = upstream_response.status;
+        // An informational response comes before the one the upstream time and passive
+        // health are about, as on the fast path; a 101 is the last the backend sends.
+        if status.is_informational() && status != http::StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(());
+        }
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
         if let Some((pool, id)) = self.chosen(ctx) {
-            pool.response_received(id, upstream_response.status.as_u16());
+            pool.response_received(id, status.as_u16());
         }
         Ok(())
     }

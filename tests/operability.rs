@@ -112,7 +112,7 @@ fn access_log_file_is_written_and_reopened_on_sighup() {
 
 /// A backend that answers every request with its header at once and its 5-byte body
 /// `delay` later.
-fn slow_body_backend(delay: Duration) -> SocketAddr {
+fn slow_backend(hints_delay: Duration, body_delay: Duration) -> SocketAddr {
     let listener = held_port();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -122,13 +122,16 @@ fn slow_body_backend(delay: Duration) -> SocketAddr {
                 let mut buffer = [0u8; 4096];
                 // Health checks connect and send nothing.
                 while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {
-                    let header = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
-                    if stream.write_all(header).is_err() {
-                        return;
-                    }
-                    std::thread::sleep(delay);
-                    if stream.write_all(b"hello").is_err() {
-                        return;
+                    let parts: [(&[u8], Duration); 3] = [
+                        (b"HTTP/1.1 103 Early Hints\r\n\r\n", hints_delay),
+                        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", body_delay),
+                        (b"hello", Duration::ZERO),
+                    ];
+                    for (part, then_wait) in parts {
+                        if stream.write_all(part).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(then_wait);
                     }
                 }
             });
@@ -137,11 +140,12 @@ fn slow_body_backend(delay: Duration) -> SocketAddr {
     addr
 }
 
-/// `upstream_time` runs from choosing the backend to its response header, on either path
-/// (the suite also runs with the fast path off), not to the end of the body.
+/// `upstream_time` runs from choosing the backend to its final response header, on either
+/// path (the suite also runs with the fast path off): not to an informational response
+/// before it, nor to the end of the body.
 #[test]
-fn upstream_time_ends_at_the_response_header() {
-    let backend = slow_body_backend(Duration::from_millis(500));
+fn upstream_time_ends_at_the_final_response_header() {
+    let backend = slow_backend(Duration::from_millis(300), Duration::from_millis(600));
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let lb = Lb::start(
@@ -152,12 +156,12 @@ fn upstream_time_ends_at_the_response_header() {
             log.display()
         ),
     );
-    let response = get(lb.listen, "/slow-body", &[]).unwrap();
+    let response = get(lb.listen, "/slow", &[]).unwrap();
     assert_eq!(response.body, "hello");
-    let line = first_json_log_line(&log, "/slow-body");
+    let line = first_json_log_line(&log, "/slow");
     let upstream_time = line["upstream_time"].as_f64().unwrap();
-    assert!(line["request_time"].as_f64().unwrap() >= 0.5, "{line}");
-    assert!(upstream_time < 0.4, "{line}");
+    assert!(line["request_time"].as_f64().unwrap() >= 0.9, "{line}");
+    assert!((0.3..0.8).contains(&upstream_time), "{line}");
 }
 
 #[test]

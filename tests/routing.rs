@@ -209,6 +209,26 @@ fn a_failing_backend_is_ejected_and_comes_back_but_the_last_one_never_goes() {
     assert_eq!(backend_status(metrics, lonely)["ejected"], false);
 }
 
+/// Passive health judges the final response, not an informational one before it (on
+/// either path: the suite also runs with the fast path off).
+#[test]
+fn an_informational_response_does_not_hide_the_failure_after_it() {
+    let good = Backend::start("good");
+    let failing = broken_backend(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+          HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        false,
+    );
+    let (lb, metrics) = with_metrics(&format!(
+        "{}health_check: {{kind: none}}\npassive_health: {{consecutive_failures: 2, on_5xx: true}}\n",
+        upstreams(&[good.addr, failing])
+    ));
+    for _ in 0..6 {
+        lb.get("/").unwrap();
+    }
+    assert_eq!(backend_status(metrics, failing)["ejected"], true);
+}
+
 #[test]
 fn a_connection_refused_counts_as_a_failure_but_the_request_is_served() {
     let good = Backend::start("good");

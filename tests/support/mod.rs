@@ -466,27 +466,8 @@ impl Client {
         }
     }
 
-    pub fn request(
-        &mut self,
-        path: &str,
-        extra_headers: &[(&str, &str)],
-        close: bool,
-    ) -> std::io::Result<Response> {
-        let mut request = format!("GET {path} HTTP/1.1\r\n");
-        if !extra_headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("host"))
-        {
-            request.push_str("Host: lb.test\r\n");
-        }
-        for (k, v) in extra_headers {
-            request.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if close {
-            request.push_str("Connection: close\r\n");
-        }
-        request.push_str("\r\n");
-        self.reader.get_mut().write_all(request.as_bytes())?;
+    /// A response's status and header fields (names in lower case).
+    fn response_head(&mut self) -> std::io::Result<(u16, HashMap<String, String>)> {
         let mut status_line = String::new();
         if self.reader.read_line(&mut status_line)? == 0 {
             return Err(std::io::Error::new(
@@ -511,6 +492,37 @@ impl Client {
                 headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
             }
         }
+        Ok((status, headers))
+    }
+
+    pub fn request(
+        &mut self,
+        path: &str,
+        extra_headers: &[(&str, &str)],
+        close: bool,
+    ) -> std::io::Result<Response> {
+        let mut request = format!("GET {path} HTTP/1.1\r\n");
+        if !extra_headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("host"))
+        {
+            request.push_str("Host: lb.test\r\n");
+        }
+        for (k, v) in extra_headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if close {
+            request.push_str("Connection: close\r\n");
+        }
+        request.push_str("\r\n");
+        self.reader.get_mut().write_all(request.as_bytes())?;
+        // As browsers and curl do, informational responses (but a 101) are read past.
+        let (status, headers) = loop {
+            let (status, headers) = self.response_head()?;
+            if !(100..200).contains(&status) || status == 101 {
+                break (status, headers);
+            }
+        };
         let body = if let Some(length) = headers.get("content-length").and_then(|l| l.parse().ok())
         {
             let mut body = vec![0; length];
