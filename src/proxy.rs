@@ -57,6 +57,9 @@ pub struct RequestContext {
     /// The next try goes to the backend just tried (its kept-alive connection was stale).
     retry_same_backend: bool,
     stale_retries: usize,
+    /// No route took the request: its connection may carry the next request (on the fast
+    /// path too, which hands such a request over).
+    unrouted: bool,
     /// What to answer when no backend is left: 504 after a timeout, else 502.
     failure_status: u16,
     /// The request came to a listener that answers with a redirect to HTTPS.
@@ -210,6 +213,7 @@ impl Balancer {
                 .copied(),
         };
         let Some(id) = self.router.route(&target) else {
+            ctx.unrouted = true;
             return Error::e_explain(
                 ErrorType::HTTPStatus(self.no_route_status),
                 "no route matches the request",
@@ -270,6 +274,7 @@ impl ProxyHttp for Balancer {
             retry_same_backend: false,
             stale_retries: 0,
             failure_status: 502,
+            unrouted: false,
             redirect_to_https: false,
             _in_flight: InFlight::new(&self.traffic),
         }
@@ -593,7 +598,7 @@ impl ProxyHttp for Balancer {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestContext,
+        ctx: &mut RequestContext,
     ) -> FailToProxy {
         let code = match (e.etype(), e.esource()) {
             (ErrorType::HTTPStatus(code), _) => *code,
@@ -606,14 +611,26 @@ impl ProxyHttp for Balancer {
             (_, ErrorSource::Downstream) => 400,
             (_, ErrorSource::Internal | ErrorSource::Unset) => 500,
         };
-        if code > 0 {
-            if let Err(error) = session.respond_error(code).await {
-                info!("cannot send the error response to the client: {error}");
+        // As nginx and HAProxy do after a 404, a connection whose request no route took,
+        // and had no body left unread, stays open. Every other failure closes it (pingora's
+        // `respond_error` says so).
+        let keep = code > 0 && ctx.unrouted && session.is_body_done() && !self.traffic.draining();
+        let answered = match (code, keep) {
+            (0, _) => Ok(()),
+            (_, true) => {
+                let response = pingora::protocols::http::ServerSession::generate_error(code);
+                session
+                    .write_response_header(Box::new(response), true)
+                    .await
             }
+            (_, false) => session.respond_error(code).await,
+        };
+        if let Err(error) = &answered {
+            info!("cannot send the error response to the client: {error}");
         }
         FailToProxy {
             error_code: code,
-            can_reuse_downstream: false,
+            can_reuse_downstream: keep && answered.is_ok(),
         }
     }
 

@@ -71,6 +71,29 @@ fn requests_follow_host_and_longest_path() {
     assert_eq!(a.served() + b.served() + c.served(), before);
 }
 
+/// A request refused for want of a route leaves its connection open for the next, as
+/// nginx's and HAProxy's do after a 404; one with a body it did not read closes it, so that
+/// body is never taken for a request.
+#[test]
+fn a_request_without_a_route_keeps_its_connection() {
+    let (backend, lb) = balancer_with_one_backend("routes:\n  - {path: /a/, pool: default}\n");
+    let mut client = Client::connect(lb.listen).unwrap();
+    let refused = client.request("/nowhere", &[], false).unwrap();
+    assert_eq!(refused.status, 404);
+    assert!(!client.closed_by_server, "{:?}", refused.headers);
+    let served = client.request("/a/x", &[], false).unwrap();
+    assert_eq!((served.status, served.backend()), (200, "a"));
+
+    let pipelined = b"POST /nowhere HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 24\r\n\r\n\
+                      GET /a/smuggled HTTP/1.1\
+                      GET /a/y HTTP/1.1\r\nHost: lb.test\r\nConnection: close\r\n\r\n";
+    let answer = exchange(lb.listen, pipelined, Duration::from_secs(3));
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("Connection: close"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+    assert_eq!(backend.served(), 1, "the body was taken for a request");
+}
+
 #[test]
 fn the_seed_shape_is_the_default_pool_and_no_route_status_is_configurable() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
@@ -247,13 +270,8 @@ fn a_connection_refused_counts_as_a_failure_but_the_request_is_served() {
 
 #[test]
 fn bodies_over_the_route_limit_get_413() {
-    let backend = Backend::start("a");
-    let lb = Lb::start(
-        listen_address(),
-        &format!(
-            "{}routes:\n  - {{path: /upload/, pool: default, max_body_size: 16}}\n  - {{pool: default}}\n",
-            upstreams(&[backend.addr])
-        ),
+    let (_backend, lb) = balancer_with_one_backend(
+        "routes:\n  - {path: /upload/, pool: default, max_body_size: 16}\n  - {pool: default}\n",
     );
     let post = |path: &str, body: &str| {
         let request = format!(
