@@ -134,9 +134,9 @@ impl RoundRobin {
 struct SameWeight {
     turns: isize,
     ids: Vec<u16>,
-    /// Turns the group has taken so far in the cycle.
-    taken: usize,
-    /// The group's next backend in line: `ids[taken % ids.len()]`.
+    /// Where in `ids` the group's next backend in line is.
+    place: usize,
+    /// `ids[place]`, kept at hand for the choice of each turn.
     next_in_line: u16,
     /// The credit of the next in line.
     credit: isize,
@@ -159,7 +159,7 @@ fn smooth_cycle(turns: &[usize]) -> Vec<u16> {
             None => groups.push(SameWeight {
                 turns: weight as isize,
                 ids: vec![id],
-                taken: 0,
+                place: 0,
                 next_in_line: id,
                 credit: 0,
             }),
@@ -177,12 +177,11 @@ fn smooth_cycle(turns: &[usize]) -> Vec<u16> {
                 .max_by_key(|g| (g.credit << 16) | (u16::MAX - g.next_in_line) as isize)
                 .expect("a pool has backends");
             let chosen = group.next_in_line;
-            group.taken += 1;
-            let place = group.taken % group.ids.len();
-            group.next_in_line = group.ids[place];
+            group.place = (group.place + 1) % group.ids.len();
+            group.next_in_line = group.ids[group.place];
             // The next in line has had as many turns as the chosen one had, so it has
             // the same credit, unless the group has come round to its first again.
-            if place == 0 {
+            if group.place == 0 {
                 group.credit -= length as isize;
             }
             chosen
