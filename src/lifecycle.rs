@@ -60,6 +60,9 @@ pub struct Lifecycle {
     /// 1 for a fresh start, one more than the predecessor's after a handoff.
     pub generation: u64,
     pub access_log: Option<Arc<AccessLog>>,
+    /// Told once [Signals] listens: until then SIGQUIT and SIGHUP are ignored (see
+    /// [ignore_signals_until_ready]), so readiness waits for it.
+    pub signals_armed: tokio::sync::Notify,
 }
 
 impl Lifecycle {
@@ -136,6 +139,10 @@ impl BackgroundService for Announcer {
         let mut health = lifecycle.pools.health().subscribe();
         // The sender lives as long as the pools: waiting cannot fail.
         let _ = health.wait_for(|summary| summary.checked).await;
+        // pingora starts the services before it polls [Signals]: a SIGQUIT sent the moment
+        // systemd or a script hears READY=1 would otherwise fall into the ignored window and
+        // be lost, and the successor waiting for the sockets would time out.
+        lifecycle.signals_armed.notified().await;
         let predecessor = lifecycle.predecessor.lock().expect("not poisoned").take();
         let took_over = predecessor.is_some();
         if let Some(predecessor) = predecessor {
@@ -190,6 +197,7 @@ impl ShutdownSignalWatch for Signals {
             listen(SignalKind::quit()),
             listen(SignalKind::hangup()),
         );
+        lifecycle.signals_armed.notify_one();
         let mut handoff: Option<tokio::sync::oneshot::Receiver<Result<(), upgrade::HandoffError>>> =
             None;
         loop {

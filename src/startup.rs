@@ -273,6 +273,7 @@ fn run(config: &Config, prepared: Prepared, readiness: Readiness) {
         readiness: Mutex::new(readiness),
         generation: prepared.generation,
         access_log: access_log.clone(),
+        signals_armed: tokio::sync::Notify::new(),
     });
     let balancer = Balancer {
         pools: pools.clone(),

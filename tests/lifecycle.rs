@@ -513,6 +513,21 @@ fn the_manual_upgrade_works_with_sigquit_first() {
 }
 
 #[test]
+fn a_sigquit_sent_the_moment_it_is_ready_is_not_lost() {
+    // READY=1 is what `pingora-lb reload` and scripts wait for before SIGQUIT; until the
+    // handler listens the signal is ignored, so READY=1 must not come before it. The window
+    // is narrow: several starts give a loaded machine the chance to show it.
+    for _ in 0..6 {
+        let (_backend, lb) = balancer_with_one_backend("");
+        signal(lb.pid, Signal::SIGQUIT);
+        lb.wait_for_log(
+            "SIGQUIT: handing the listening sockets over",
+            Duration::from_secs(3),
+        );
+    }
+}
+
+#[test]
 fn a_missing_user_is_a_failure_no_restart_can_fix() {
     require_root();
     let (_dir, config) = config_in_new_directory(&format!(
