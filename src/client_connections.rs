@@ -72,7 +72,7 @@ impl<P> ClientConnections<P> {
     /// the client it names the connection's client. `None`: the connection is closed (no
     /// valid header in time).
     async fn take_proxy_header(&self, mut stream: Stream) -> Option<Stream> {
-        let (Some(peer), Some(local)) = addresses(&stream) else {
+        let (Some(peer), Some(local)) = (peer_address(&stream), local_address(&stream)) else {
             return Some(stream);
         };
         if !self.expects_proxy_header(peer, local) {
@@ -106,14 +106,17 @@ impl<P> ClientConnections<P> {
     }
 }
 
-/// The client's and the listener's address of a TCP connection (`None` for others).
-fn addresses(stream: &Stream) -> (Option<SocketAddr>, Option<SocketAddr>) {
-    let digest = stream.get_socket_digest();
-    let inet = |addr: Option<&PingoraAddr>| addr.and_then(PingoraAddr::as_inet).copied();
-    (
-        inet(digest.as_ref().and_then(|d| d.peer_addr())),
-        inet(digest.as_ref().and_then(|d| d.local_addr())),
-    )
+/// The client's address of a TCP connection (`None` for others), known since the accept.
+fn peer_address(stream: &Stream) -> Option<SocketAddr> {
+    let digest = stream.get_socket_digest()?;
+    digest.peer_addr().and_then(PingoraAddr::as_inet).copied()
+}
+
+/// The listener's address of a TCP connection (`None` for others): a `getsockname` the
+/// first time, so read only when something compares it.
+fn local_address(stream: &Stream) -> Option<SocketAddr> {
+    let digest = stream.get_socket_digest()?;
+    digest.local_addr().and_then(PingoraAddr::as_inet).copied()
 }
 
 impl<P> ClientConnections<P>
@@ -199,7 +202,7 @@ where
             // After the PROXY header, which comes before the TLS handshake.
             let local = match self.tls.is_empty() {
                 true => None,
-                false => addresses(&stream).1,
+                false => local_address(&stream),
             };
             let stream = match local {
                 Some(local) => {
@@ -221,7 +224,11 @@ where
             }
             let (stream, read, header_deadline, served) = match &self.fast_path {
                 Some(fast_path) => {
-                    let (peer, local) = addresses(&stream);
+                    let peer = peer_address(&stream);
+                    let local = match local {
+                        None if fast_path.compares_listeners() => local_address(&stream),
+                        local => local,
+                    };
                     match fast_path.serve(stream, peer, local, &shutdown).await {
                         Outcome::Closed => return,
                         Outcome::HandOver {

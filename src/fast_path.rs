@@ -266,6 +266,7 @@ struct Connection {
     /// with the worker thread's idle ones, for any client connection.
     upstream: Option<Upstream>,
     peer: Option<SocketAddr>,
+    /// `None` too when no rule compares it ([FastPath::compares_listeners]).
     local: Option<SocketAddr>,
     tls: Option<Arc<SslDigest>>,
     /// Fields of the request being served (kept for their allocation while requests
@@ -389,6 +390,12 @@ fn failure_status(e: &std::io::Error) -> u16 {
 impl FastPath {
     pub fn new(balancer: Balancer) -> FastPath {
         FastPath { balancer }
+    }
+
+    /// Whether [FastPath::serve] needs the connection's local address, which otherwise
+    /// may be `None`.
+    pub fn compares_listeners(&self) -> bool {
+        self.balancer.compares_listeners()
     }
 
     /// Serves the connection's requests from its first, handing it to pingora-proxy at

@@ -144,6 +144,12 @@ pub struct Done<'a> {
 }
 
 impl Balancer {
+    /// Whether a rule looks at the address a request arrived at (a route's `listeners`, a
+    /// listener's `redirect_to_https`): reading it costs a system call per connection.
+    pub fn compares_listeners(&self) -> bool {
+        self.https_redirect.is_some() || self.router.compares_listeners()
+    }
+
     /// The edits of a request on its way to `destination`, on either path: forwarding
     /// headers naming `client` (`tls`: it came over HTTPS; `host`: the host it asked
     /// for), the backend's `Host`, the route's header rules.
@@ -207,10 +213,13 @@ impl Balancer {
         let target = RequestTarget {
             host: host.as_deref(),
             path: request.uri.path(),
-            local: session
-                .server_addr()
-                .and_then(PingoraAddr::as_inet)
-                .copied(),
+            local: match self.router.compares_listeners() {
+                true => session
+                    .server_addr()
+                    .and_then(PingoraAddr::as_inet)
+                    .copied(),
+                false => None,
+            },
         };
         let Some(id) = self.router.route(&target) else {
             ctx.unrouted = true;

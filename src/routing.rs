@@ -41,6 +41,8 @@ pub struct Router {
     /// Longest suffix first.
     wildcard: Vec<(String, Vec<RouteId>)>,
     any_host: Vec<RouteId>,
+    /// Whether a route names listeners: only then is a connection's local address read.
+    compares_listeners: bool,
 }
 
 /// Where a request arrived and what it asks for.
@@ -48,7 +50,8 @@ pub struct RequestTarget<'a> {
     /// Lower-case, without port.
     pub host: Option<&'a str>,
     pub path: &'a str,
-    /// The listener's address (its port, and its IP unless it listens on all addresses).
+    /// The listener's address (its port, and its IP unless it listens on all addresses);
+    /// it may be left out when no route compares it ([Router::compares_listeners]).
     pub local: Option<SocketAddr>,
 }
 
@@ -67,6 +70,7 @@ impl Router {
             exact: HashMap::new(),
             wildcard: Vec::new(),
             any_host: Vec::new(),
+            compares_listeners: configs.iter().any(|route| !route.listeners.is_empty()),
         };
         for (id, route) in configs.iter().enumerate() {
             router.routes.push(Route::build(id, route, pools, metrics));
@@ -120,6 +124,11 @@ impl Router {
                     .copied()
                     .find(|id| self.routes[*id].accepts(target))
             })
+    }
+
+    /// Whether routing needs [RequestTarget::local]: without it, `None` routes the same.
+    pub fn compares_listeners(&self) -> bool {
+        self.compares_listeners
     }
 
     pub fn get(&self, id: RouteId) -> &Route {

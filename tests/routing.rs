@@ -71,6 +71,29 @@ fn requests_follow_host_and_longest_path() {
     assert_eq!(a.served() + b.served() + c.served(), before);
 }
 
+#[test]
+fn a_route_for_some_listeners_takes_only_their_requests() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let (public, internal) = (listen_address(), listen_address());
+    let _lb = Lb::start_with_listeners(
+        &format!(
+            "listeners: [\"{public}\", \"{internal}\"]\npools:\n{}{}routes:\n\
+             - {{path: /admin/, pool: b, listeners: [\"{internal}\"]}}\n\
+             - {{pool: a}}\n",
+            pool("a", &[&a], ""),
+            pool("b", &[&b], "")
+        ),
+        public,
+    );
+    let backend_at = |listener: SocketAddr, path: &str| {
+        let response = get(listener, path, &[("Host", "x.test")]).unwrap();
+        (response.status, response.backend().to_string())
+    };
+    assert_eq!(backend_at(internal, "/admin/x"), (200, "b".to_string()));
+    assert_eq!(backend_at(public, "/admin/x"), (200, "a".to_string()));
+    assert_eq!(backend_at(internal, "/other"), (200, "a".to_string()));
+}
+
 /// A request refused for want of a route leaves its connection open for the next, as
 /// nginx's and HAProxy's do after a 404; one with a body it did not read closes it, so that
 /// body is never taken for a request.
