@@ -444,7 +444,9 @@ impl ProxyHttp for Balancer {
         ctx.upstream_started = Some(Instant::now());
         ctx.backend_load = Some(pool.destination(id).state.start_request());
         let inet = |addr: Option<&PingoraAddr>| addr.and_then(PingoraAddr::as_inet).copied();
-        let mut peer = pool.peer(id, inet(session.client_addr()), inet(session.server_addr()));
+        let mut peer = pool.peer(id, inet(session.client_addr()), || {
+            inet(session.server_addr())
+        });
         if let Some(timeout) = route.connect_timeout {
             peer.options.connection_timeout = Some(timeout);
             peer.options.total_connection_timeout = Some(timeout);

@@ -232,16 +232,17 @@ impl Pool {
 
     /// The peer a request reaches a backend through: the backend's, with the PROXY header
     /// naming `client` (which connected to `listener`) when the pool sends one. Connections
-    /// carrying different headers are never shared (`group_key`).
+    /// carrying different headers are never shared (`group_key`). `listener` is called only
+    /// for that header: reading the address costs a system call per connection.
     pub fn peer(
         &self,
         id: BackendId,
         client: Option<SocketAddr>,
-        listener: Option<SocketAddr>,
+        listener: impl FnOnce() -> Option<SocketAddr>,
     ) -> Box<HttpPeer> {
         let mut peer = Box::new(self.destinations[id].peer.clone());
         if let Some(version) = self.send_proxy_protocol {
-            let proxied = client.zip(listener);
+            let proxied = client.zip(listener());
             let header = proxy_protocol::encode(version, proxied);
             peer.group_key = {
                 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
