@@ -214,10 +214,7 @@ impl Balancer {
             host: host.as_deref(),
             path: request.uri.path(),
             local: match self.router.compares_listeners() {
-                true => session
-                    .server_addr()
-                    .and_then(PingoraAddr::as_inet)
-                    .copied(),
+                true => listener_address(session),
                 false => None,
             },
         };
@@ -238,6 +235,23 @@ impl Balancer {
             _ => Ok(()),
         }
     }
+}
+
+/// The client's address of a session over TCP, after any PROXY header.
+fn client_address(session: &Session) -> Option<SocketAddr> {
+    session
+        .client_addr()
+        .and_then(PingoraAddr::as_inet)
+        .copied()
+}
+
+/// The listener's address of a session over TCP: a system call the first time it is read
+/// on a connection, so read only where a rule compares it.
+fn listener_address(session: &Session) -> Option<SocketAddr> {
+    session
+        .server_addr()
+        .and_then(PingoraAddr::as_inet)
+        .copied()
 }
 
 /// The host a request names, as routes compare it.
@@ -337,11 +351,7 @@ impl ProxyHttp for Balancer {
             },
         )?;
         if let Some(redirect) = &self.https_redirect {
-            let local = session
-                .server_addr()
-                .and_then(PingoraAddr::as_inet)
-                .copied();
-            if redirect.applies(local, session.req_header().uri.path()) {
+            if redirect.applies(listener_address(session), session.req_header().uri.path()) {
                 ctx.redirect_to_https = true;
                 return Ok(());
             }
@@ -410,10 +420,7 @@ impl ProxyHttp for Balancer {
                 let request = session.req_header();
                 hash_input(
                     key,
-                    session
-                        .client_addr()
-                        .and_then(PingoraAddr::as_inet)
-                        .copied(),
+                    client_address(session),
                     request.uri.path().as_bytes(),
                     |name| request.headers.get(name).map(|v| v.as_bytes()),
                     &mut client_ip,
@@ -443,10 +450,7 @@ impl ProxyHttp for Balancer {
         }
         ctx.upstream_started = Some(Instant::now());
         ctx.backend_load = Some(pool.destination(id).state.start_request());
-        let inet = |addr: Option<&PingoraAddr>| addr.and_then(PingoraAddr::as_inet).copied();
-        let mut peer = pool.peer(id, inet(session.client_addr()), || {
-            inet(session.server_addr())
-        });
+        let mut peer = pool.peer(id, client_address(session), || listener_address(session));
         if let Some(timeout) = route.connect_timeout {
             peer.options.connection_timeout = Some(timeout);
             peer.options.total_connection_timeout = Some(timeout);
@@ -471,10 +475,7 @@ impl ProxyHttp for Balancer {
         let (Some(route), Some(destination)) = (self.route(ctx), self.destination(ctx)) else {
             return Ok(());
         };
-        let client = session
-            .client_addr()
-            .and_then(PingoraAddr::as_inet)
-            .map(|a| a.ip());
+        let client = client_address(session).map(|a| a.ip());
         let tls = session
             .digest()
             .is_some_and(|digest| digest.ssl_digest.is_some());
@@ -688,10 +689,7 @@ impl ProxyHttp for Balancer {
             };
             Entry {
                 time: SystemTime::now() - total,
-                client: session
-                    .client_addr()
-                    .and_then(PingoraAddr::as_inet)
-                    .copied(),
+                client: client_address(session),
                 method: request.method.clone(),
                 target: request
                     .uri
