@@ -104,6 +104,26 @@ impl<P> ClientConnections<P> {
             }
         }
     }
+
+    /// What comes before HTTP on a connection: the PROXY header, then the TLS handshake.
+    /// The connection, and the listener's address if TLS needed it; `None`: it is closed.
+    async fn handshakes(&self, stream: Stream) -> Option<(Stream, Option<SocketAddr>)> {
+        let stream = match &self.proxy_protocol {
+            Some(_) => self.take_proxy_header(stream).await?,
+            None => stream,
+        };
+        let local = match self.tls.is_empty() {
+            true => None,
+            false => local_address(&stream),
+        };
+        let Some(local) = local else {
+            return Some((stream, None));
+        };
+        let terminated = self
+            .tls
+            .terminate(stream, local, self.limits.header_timeout.0);
+        Some((terminated.await?, Some(local)))
+    }
 }
 
 /// The client's address of a TCP connection (`None` for others), known since the accept.
@@ -186,50 +206,45 @@ where
     fn serve(
         self: Arc<Self>,
         stream: Stream,
-        shutdown: ShutdownWatch,
+        mut shutdown: ShutdownWatch,
     ) -> impl Future<Output = ()> + Send + 'static {
         async move {
-            // Boxed, as the later stages: a connection's task then holds only the state of
-            // the stage it is in (an idle kept-alive connection: the wait for its next
-            // request).
-            let stream = match &self.proxy_protocol {
-                Some(_) => match Box::pin(self.take_proxy_header(stream)).await {
-                    Some(stream) => stream,
-                    None => return,
-                },
-                None => stream,
-            };
-            // After the PROXY header, which comes before the TLS handshake.
-            let local = match self.tls.is_empty() {
-                true => None,
-                false => local_address(&stream),
-            };
-            let stream = match local {
-                Some(local) => {
-                    let terminated =
-                        self.tls
-                            .terminate(stream, local, self.limits.header_timeout.0);
-                    match Box::pin(terminated).await {
-                        Some(stream) => stream,
+            // The stages before the fast path in a block of their own: a local borrowed in
+            // a stage stays in the task's state until its block ends, and an idle
+            // kept-alive connection waits in the fast path.
+            let (stream, peer, local) = {
+                let (stream, local) = match self.proxy_protocol.is_none() && self.tls.is_empty() {
+                    true => (stream, None),
+                    // Boxed, as the later stages: a connection's task then holds only the
+                    // state of the stage it is in (an idle kept-alive connection: the wait
+                    // for its next request).
+                    false => match Box::pin(self.handshakes(stream)).await {
+                        Some(opened) => opened,
                         None => return,
-                    }
+                    },
+                };
+                if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1)) {
+                    // HTTP/2: pingora's loop serves every request of the connection, which
+                    // it never hands back.
+                    Box::pin(ServerApp::process_new(&self.proxy, stream, &shutdown)).await;
+                    return;
                 }
-                None => stream,
+                let local = match local {
+                    None if self
+                        .fast_path
+                        .as_ref()
+                        .is_some_and(FastPath::compares_listeners) =>
+                    {
+                        local_address(&stream)
+                    }
+                    local => local,
+                };
+                let peer = peer_address(&stream);
+                (stream, peer, local)
             };
-            if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1)) {
-                // HTTP/2: pingora's loop serves every request of the connection, which it
-                // never hands back.
-                Box::pin(ServerApp::process_new(&self.proxy, stream, &shutdown)).await;
-                return;
-            }
             let (stream, read, header_deadline, served) = match &self.fast_path {
                 Some(fast_path) => {
-                    let peer = peer_address(&stream);
-                    let local = match local {
-                        None if fast_path.compares_listeners() => local_address(&stream),
-                        local => local,
-                    };
-                    match fast_path.serve(stream, peer, local, &shutdown).await {
+                    match fast_path.serve(stream, peer, local, &mut shutdown).await {
                         Outcome::Closed => return,
                         Outcome::HandOver {
                             stream,

@@ -23,11 +23,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, BytesMut};
-use pingora::protocols::tls::SslDigest;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::Peer;
@@ -40,7 +38,8 @@ use crate::header_edits::{visible_ascii, Fields};
 use crate::proxy::{tls_facts, Balancer, Done, MAX_STALE_RETRIES};
 use crate::request_rules::{self, RequestShape};
 use crate::routing::{self, RequestTarget, Route};
-use crate::upstreams::{BackendId, Destination, Pool, PoolId};
+use crate::upstreams::{BackendId, Destination, Pool};
+use idle_backends::BackendConnection;
 
 /// Most header fields the fast path parses; a request with more goes to pingora.
 const MAX_FIELDS: usize = 128;
@@ -249,14 +248,6 @@ fn parse_request(buf: &[u8], limits: &ClientLimits, fields: Vec<FieldAt>) -> Par
     }
 }
 
-/// A backend connection, for one exchange.
-struct Upstream {
-    pool: PoolId,
-    backend: BackendId,
-    stream: TcpStream,
-    read: BytesMut,
-}
-
 /// One client connection on the fast path.
 struct Connection {
     client: Stream,
@@ -264,11 +255,10 @@ struct Connection {
     read: BytesMut,
     /// The backend connection of the request being served; between requests it waits
     /// with the worker thread's idle ones, for any client connection.
-    upstream: Option<Upstream>,
+    upstream: Option<Box<BackendConnection>>,
     peer: Option<SocketAddr>,
     /// `None` too when no rule compares it ([FastPath::compares_listeners]).
     local: Option<SocketAddr>,
-    tls: Option<Arc<SslDigest>>,
     /// Fields of the request being served (kept for their allocation while requests
     /// follow each other without a wait).
     fields: Vec<FieldAt>,
@@ -332,34 +322,28 @@ async fn read_some(
     }
 }
 
-/// Reads the start of a request (or more of it) by `deadline`.
+/// Reads what arrived of a request (its start, or more of it) into the connection's read
+/// buffer by `deadline`: `Ok(0)` at end of stream, `Elapsed` past the deadline.
 ///
-/// With nothing read yet, the connection may be an idle kept-alive one, so the wait holds
-/// neither a buffer nor a heap-allocated timer: each poll reads into a buffer on the stack,
-/// and only bytes that arrived are copied into `buf`, which grows to fit them rather than
-/// to a whole read's size (a request usually arrives whole). A read that is not ready leaves
-/// that buffer untouched, so nothing is lost between polls. The timer is tokio's, kept
-/// inside the future, and its deadline is the connection's own, so waiting reads no clock.
-async fn read_start(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
+/// An idle kept-alive connection waits here, so the wait holds neither a buffer nor a
+/// heap-allocated timer: each poll reads into a buffer on the stack, and only bytes that
+/// arrived are copied into the read buffer, which grows to fit them rather than to a whole
+/// read's size (a request usually arrives whole). A read that is not ready leaves that
+/// buffer untouched, so nothing is lost between polls. The timer is tokio's, kept inside
+/// the future, and its deadline is the connection's own, so waiting reads no clock. Not an
+/// `async fn`, which would keep its arguments in its state beside the timer holding them.
+fn read_request(
+    conn: &mut Connection,
     deadline: Instant,
-) -> std::io::Result<usize> {
-    let deadline = tokio::time::Instant::from_std(deadline);
-    let read = if buf.is_empty() {
-        let first_read = std::future::poll_fn(|cx| {
-            let mut first = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
-            let mut first = tokio::io::ReadBuf::uninit(&mut first);
-            std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut first))?;
-            buf.extend_from_slice(first.filled());
-            std::task::Poll::Ready(Ok(first.filled().len()))
-        });
-        tokio::time::timeout_at(deadline, first_read).await
-    } else {
-        buf.reserve(READ_SIZE);
-        tokio::time::timeout_at(deadline, stream.read_buf(buf)).await
-    };
-    read.unwrap_or_else(timed_out)
+) -> impl Future<Output = Result<std::io::Result<usize>, tokio::time::error::Elapsed>> + Send + '_ {
+    let read = std::future::poll_fn(move |cx| {
+        let mut arrived = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
+        let mut arrived = tokio::io::ReadBuf::uninit(&mut arrived);
+        std::task::ready!(std::pin::Pin::new(&mut conn.client).poll_read(cx, &mut arrived))?;
+        conn.read.extend_from_slice(arrived.filled());
+        std::task::Poll::Ready(Ok(arrived.filled().len()))
+    });
+    tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), read)
 }
 
 /// A wait past its limit, as an I/O error.
@@ -409,35 +393,33 @@ impl FastPath {
         client: Stream,
         peer: Option<SocketAddr>,
         local: Option<SocketAddr>,
-        shutdown: &ShutdownWatch,
+        shutdown: &'a mut ShutdownWatch,
     ) -> impl Future<Output = Outcome> + Send + 'a {
-        let limits = &self.balancer.client;
-        let tls = client.get_ssl_digest();
         let mut conn = Connection {
             client,
             read: BytesMut::new(),
             upstream: None,
             peer,
             local,
-            tls,
             fields: Vec::new(),
         };
-        let mut shutdown = shutdown.clone();
+        // `self.balancer.client` is read where it is used: a reference to it kept in a
+        // local would be one more field of the state an idle connection waits in.
         async move {
-            let mut header_deadline = Instant::now() + limits.header_timeout.0;
-            // Between requests, the next one must start within the keep-alive timeout.
-            let mut idle_deadline = header_deadline;
+            let mut header_deadline = Instant::now() + self.balancer.client.header_timeout.0;
             let mut served = 0u32;
             loop {
-                let deadlines = (idle_deadline, header_deadline);
-                let next_head = self.next_head(&mut conn, deadlines, served > 0, &mut shutdown);
-                let head = match next_head.await {
+                let kept_alive = served > 0;
+                let head = match self
+                    .next_head(&mut conn, header_deadline, kept_alive, shutdown)
+                    .await
+                {
                     NextHead::Fast(head) => head,
                     NextHead::HandOver => return conn.hand_over(header_deadline, served),
                     NextHead::Closed => return Outcome::Closed,
                 };
                 let last = head.close
-                    || limits.requests_after(served) == 0
+                    || self.balancer.client.requests_after(served) == 0
                     || *shutdown.borrow()
                     || self.balancer.traffic.draining();
                 let next = match self.route(&conn, &head) {
@@ -458,55 +440,70 @@ impl FastPath {
                     Next::Close => return Outcome::Closed,
                 };
                 conn.release_buffers();
-                idle_deadline = finished + limits.keepalive_timeout.0;
-                header_deadline = idle_deadline + limits.header_timeout.0;
+                // The next request must start within the keep-alive timeout, and its header
+                // end within the header timeout after that.
+                let limits = &self.balancer.client;
+                header_deadline = finished + limits.keepalive_timeout.0 + limits.header_timeout.0;
             }
         }
     }
 
-    /// Reads until a whole request header is there. A kept-alive connection waiting for
-    /// its next request (`kept_alive`) is closed when the process shuts down, as
-    /// pingora-proxy closes its own.
-    async fn next_head(
-        &self,
-        conn: &mut Connection,
-        (idle_deadline, header_deadline): (Instant, Instant),
+    /// Reads until a whole request header is there, by `header_deadline`. A kept-alive
+    /// connection waiting for its next request (`kept_alive`) must start it a header
+    /// timeout before that (the keep-alive timeout after its previous response), and is
+    /// closed when the process shuts down, as pingora-proxy closes its own.
+    ///
+    /// Not an `async fn`, for the reason given at [`FastPath::serve`]: an idle connection
+    /// waits in this future.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments beside their copies"
+    )]
+    fn next_head<'a>(
+        &'a self,
+        conn: &'a mut Connection,
+        header_deadline: Instant,
         kept_alive: bool,
-        shutdown: &mut ShutdownWatch,
-    ) -> NextHead {
-        let limits = &self.balancer.client;
-        loop {
-            if !conn.read.is_empty() {
-                let fields = std::mem::take(&mut conn.fields);
-                match parse_request(&conn.read, limits, fields) {
-                    Parse::Fast(head) => return NextHead::Fast(head),
-                    Parse::Partial if conn.read.len() <= limits.max_header_size => {}
-                    Parse::Partial | Parse::Other => return NextHead::HandOver,
+        shutdown: &'a mut ShutdownWatch,
+    ) -> impl Future<Output = NextHead> + Send + 'a {
+        async move {
+            loop {
+                if !conn.read.is_empty() {
+                    let limits = &self.balancer.client;
+                    let fields = std::mem::take(&mut conn.fields);
+                    match parse_request(&conn.read, limits, fields) {
+                        Parse::Fast(head) => return NextHead::Fast(head),
+                        Parse::Partial if conn.read.len() <= limits.max_header_size => {}
+                        Parse::Partial | Parse::Other => return NextHead::HandOver,
+                    }
                 }
-            }
-            let idle = conn.read.is_empty();
-            let deadline = match idle && kept_alive {
-                true => idle_deadline.min(header_deadline),
-                false => header_deadline,
-            };
-            let watch_shutdown = idle && kept_alive;
-            if watch_shutdown && *shutdown.borrow() {
-                return NextHead::Closed;
-            }
-            // One select for both cases: a read future built in several places takes a
-            // slot of its own in this future's state for each, and an idle connection
-            // holds this state for as long as it is idle.
-            let read = tokio::select! {
-                biased;
-                read = read_start(&mut conn.client, &mut conn.read, deadline) => read,
-                _ = shutdown.changed(), if watch_shutdown => return NextHead::Closed,
-            };
-            match read {
-                Ok(0) => return NextHead::Closed,
-                Ok(_) => {}
-                Err(e) => {
-                    log::debug!("closing a client connection: {e}");
+                let idle = conn.read.is_empty() && kept_alive;
+                let deadline = match idle {
+                    true => header_deadline - self.balancer.client.header_timeout.0,
+                    false => header_deadline,
+                };
+                if idle && *shutdown.borrow() {
                     return NextHead::Closed;
+                }
+                // One select for both cases: a read future built in several places takes a
+                // slot of its own in this future's state for each, and an idle connection
+                // holds this state for as long as it is idle.
+                let read = tokio::select! {
+                    biased;
+                    read = read_request(conn, deadline) => read,
+                    _ = shutdown.changed(), if idle => return NextHead::Closed,
+                };
+                match read {
+                    Ok(Ok(0)) => return NextHead::Closed,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        log::debug!("closing a client connection: {e}");
+                        return NextHead::Closed;
+                    }
+                    Err(_) => {
+                        log::debug!("closing a client connection: no complete request in time");
+                        return NextHead::Closed;
+                    }
                 }
             }
         }
@@ -557,7 +554,7 @@ impl FastPath {
         let host = visible_ascii(at(buf, head.fields[head.host].value));
         self.balancer.edit_upstream_request(
             conn.peer.map(|p| p.ip()),
-            conn.tls.is_some(),
+            conn.client.get_ssl().is_some(),
             host,
             destination,
             route,
@@ -616,7 +613,7 @@ impl FastPath {
             total,
             upstream_time: tries.upstream_time,
             retries: tries.tried.len().saturating_sub(1),
-            tls: conn.tls.as_deref().map(tls_facts),
+            tls: conn.client.get_ssl_digest().as_deref().map(tls_facts),
         });
         balancer.request_done(Done {
             status,
@@ -720,13 +717,8 @@ impl FastPath {
         let idle = idle_allowed
             .then(|| idle_backends::take(pool_id, to.id, max_idle))
             .flatten();
-        if let Some(stream) = idle {
-            conn.upstream = Some(Upstream {
-                pool: pool_id,
-                backend: to.id,
-                stream,
-                read: BytesMut::new(),
-            });
+        if idle.is_some() {
+            conn.upstream = idle;
             return Ok(true);
         }
         let connect_timeout = to
@@ -741,12 +733,12 @@ impl FastPath {
             .ok_or(std::io::ErrorKind::Unsupported)?;
         let stream = within(connect_timeout, TcpStream::connect(address)).await?;
         stream.set_nodelay(true)?;
-        conn.upstream = Some(Upstream {
+        conn.upstream = Some(Box::new(BackendConnection {
             pool: pool_id,
             backend: to.id,
             stream,
             read: BytesMut::new(),
-        });
+        }));
         Ok(false)
     }
 
@@ -821,7 +813,7 @@ impl FastPath {
         read_timeout: Option<Duration>,
     ) -> Result<ResponseHead, SendError> {
         let body_now = (conn.read.len() - head.len).min(head.content_length as usize);
-        let upstream = conn.upstream.as_mut().expect("connected");
+        let upstream = conn.upstream.as_deref_mut().expect("connected");
         let body = &conn.read[head.len..head.len + body_now];
         send_request(upstream, out, body, read_timeout)
             .await
@@ -834,7 +826,7 @@ impl FastPath {
                 .await
                 .map_err(SendError::Client)?;
         }
-        let upstream = conn.upstream.as_mut().expect("connected");
+        let upstream = conn.upstream.as_deref_mut().expect("connected");
         // The client is watched meanwhile: one that goes away abandons the request, as
         // on the proxy path (and with nginx and HAProxy). Bytes it pipelines are kept.
         // The response is polled first, so that the wake-up it brings does not also poll
@@ -867,7 +859,7 @@ impl FastPath {
         mut rest: u64,
     ) -> Result<(), BackendFailure> {
         let limits = &self.balancer.client;
-        let upstream = conn.upstream.as_mut().expect("connected");
+        let upstream = conn.upstream.as_deref_mut().expect("connected");
         while rest > 0 {
             conn.read.clear();
             match read_some(
@@ -1043,7 +1035,7 @@ fn error_response(status: u16) -> Vec<u8> {
 
 /// Writes the request header, and the part of the body already read, to the backend.
 async fn send_request(
-    upstream: &mut Upstream,
+    upstream: &mut BackendConnection,
     header: &[u8],
     body: &[u8],
     limit: Option<Duration>,
@@ -1120,7 +1112,7 @@ fn status_digits(status: u16) -> [u8; 3] {
 
 /// Reads a response header from the backend.
 async fn read_response_head(
-    upstream: &mut Upstream,
+    upstream: &mut BackendConnection,
     limit: Option<Duration>,
 ) -> std::io::Result<ResponseHead> {
     loop {
@@ -1293,7 +1285,7 @@ impl FastPath {
             }
         };
         tries.upstream_time = tries.try_started.map(|started| started.elapsed());
-        let upstream = conn.upstream.as_mut().expect("connected");
+        let upstream = conn.upstream.as_deref_mut().expect("connected");
         // Decided when the response goes out, not when the request came: a process that
         // started draining meanwhile must close the connection with it (LIFECYCLE.md).
         let last = last || self.balancer.traffic.draining();
@@ -1330,7 +1322,7 @@ impl FastPath {
         // may carry another request, of any client.
         if let Some(upstream) = conn.upstream.take() {
             if copied.is_ok() && reusable && upstream.read.is_empty() {
-                idle_backends::put(upstream.pool, upstream.backend, upstream.stream);
+                idle_backends::put(upstream);
             }
         }
         body_outcome(copied, response.status, to)
@@ -1345,7 +1337,7 @@ impl FastPath {
         route: &Route,
         read_timeout: Option<Duration>,
     ) -> Result<ResponseHead, BackendFailure> {
-        let upstream = conn.upstream.as_mut().expect("connected");
+        let upstream = conn.upstream.as_deref_mut().expect("connected");
         while response.status < 200 {
             if response.status == 101 {
                 // Never asked for: the fast path sends no Upgrade.
@@ -1462,7 +1454,7 @@ enum BodyError {
 /// Copies a response body from the backend to the client, after the header in `out`.
 async fn copy_body(
     client: &mut Stream,
-    upstream: &mut Upstream,
+    upstream: &mut BackendConnection,
     out: &mut Vec<u8>,
     framing: Framing,
     (read_timeout, send_timeout): (Option<Duration>, Duration),

@@ -10,10 +10,23 @@
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use futures::FutureExt;
 use tokio::net::TcpStream;
 
 use crate::upstreams::{BackendId, PoolId};
+
+/// A connection to one backend of one pool, boxed once when it is opened: a client
+/// connection holds a pointer to the one it is using (an idle client connection holds
+/// that pointer's room, not the connection's), and handing it here and back moves no
+/// more than the pointer.
+pub struct BackendConnection {
+    pub pool: PoolId,
+    pub backend: BackendId,
+    pub stream: TcpStream,
+    /// Read from the backend and not yet forwarded.
+    pub read: BytesMut,
+}
 
 /// Idle connections kept per backend and thread; more are closed.
 const PER_BACKEND: usize = 128;
@@ -21,14 +34,17 @@ const PER_BACKEND: usize = 128;
 /// Indexed by pool, then backend: both are small indices from the configuration, and
 /// two lookups per request cost less than hashing a key (SipHash, about 400 instructions
 /// per request).
-type Idle = Vec<Vec<Vec<(TcpStream, Instant)>>>;
+type Idle = Vec<Vec<Vec<(Box<BackendConnection>, Instant)>>>;
 
 thread_local! {
     static IDLE: RefCell<Idle> = const { RefCell::new(Vec::new()) };
 }
 
-/// Keeps a connection that carried complete exchanges and holds no unread byte.
-pub fn put(pool: PoolId, backend: BackendId, stream: TcpStream) {
+/// Keeps a connection that carried complete exchanges and holds no unread byte. Its
+/// read buffer is freed: idle, it holds only the socket.
+pub fn put(mut connection: Box<BackendConnection>) {
+    connection.read = BytesMut::new();
+    let (pool, backend) = (connection.pool, connection.backend);
     IDLE.with_borrow_mut(|idle| {
         if idle.len() <= pool {
             idle.resize_with(pool + 1, Vec::new);
@@ -39,19 +55,23 @@ pub fn put(pool: PoolId, backend: BackendId, stream: TcpStream) {
         }
         let kept = &mut backends[backend];
         if kept.len() < PER_BACKEND {
-            kept.push((stream, Instant::now()));
+            kept.push((connection, Instant::now()));
         }
     });
 }
 
 /// The most recently used idle connection to the backend that is still open and was
 /// idle less than `max_idle`.
-pub fn take(pool: PoolId, backend: BackendId, max_idle: Duration) -> Option<TcpStream> {
+pub fn take(
+    pool: PoolId,
+    backend: BackendId,
+    max_idle: Duration,
+) -> Option<Box<BackendConnection>> {
     IDLE.with_borrow_mut(|idle| {
         let kept = idle.get_mut(pool)?.get_mut(backend)?;
-        while let Some((stream, since)) = kept.pop() {
-            if since.elapsed() < max_idle && still_open(&stream) {
-                return Some(stream);
+        while let Some((connection, since)) = kept.pop() {
+            if since.elapsed() < max_idle && still_open(&connection.stream) {
+                return Some(connection);
             }
         }
         None
