@@ -322,6 +322,43 @@ async fn read_some(
     }
 }
 
+/// Reads from a backend into its read buffer within `limit`; `Ok(0)` at end of stream.
+/// As with [`within`], a read that is ready at once arms no timer; one that waits moves
+/// the connection's own timer (see [`BackendConnection::read_timer`]).
+async fn read_backend(
+    upstream: &mut BackendConnection,
+    limit: Option<Duration>,
+) -> std::io::Result<usize> {
+    let BackendConnection {
+        stream,
+        read,
+        read_timer,
+        ..
+    } = upstream;
+    read.reserve(READ_SIZE);
+    let mut io = std::pin::pin!(stream.read_buf(read));
+    let Some(limit) = limit else {
+        return io.await;
+    };
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(done) = io.as_mut().poll(cx) {
+            return std::task::Poll::Ready(done);
+        }
+        if !armed {
+            read_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limit);
+            armed = true;
+        }
+        read_timer
+            .as_mut()
+            .poll(cx)
+            .map(|()| Err(std::io::ErrorKind::TimedOut.into()))
+    })
+    .await
+}
+
 /// Reads what arrived of a request (its start, or more of it) into the connection's read
 /// buffer by `deadline`: `Ok(0)` at end of stream, `Elapsed` past the deadline.
 ///
@@ -733,12 +770,7 @@ impl FastPath {
             .ok_or(std::io::ErrorKind::Unsupported)?;
         let stream = within(connect_timeout, TcpStream::connect(address)).await?;
         stream.set_nodelay(true)?;
-        conn.upstream = Some(Box::new(BackendConnection {
-            pool: pool_id,
-            backend: to.id,
-            stream,
-            read: BytesMut::new(),
-        }));
+        conn.upstream = Some(BackendConnection::new(pool_id, to.id, stream));
         Ok(false)
     }
 
@@ -1131,7 +1163,7 @@ async fn read_response_head(
                 ResponseParse::Partial => {}
             }
         }
-        if read_some(&mut upstream.stream, &mut upstream.read, limit).await? == 0 {
+        if read_backend(upstream, limit).await? == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "the backend closed the connection before a complete response header",
@@ -1503,7 +1535,7 @@ async fn copy_body(
         if done {
             return Ok(());
         }
-        match read_some(&mut upstream.stream, &mut upstream.read, read_timeout).await {
+        match read_backend(upstream, read_timeout).await {
             Ok(0) if framing == Framing::UntilClose => {
                 write_all(client, b"0\r\n\r\n", send_timeout)
                     .await

@@ -325,6 +325,10 @@ fn a_route_has_its_own_timeouts() {
             upstreams(&[backend.addr])
         ),
     );
+    // A backend connection's read timer is kept between requests: armed here for the
+    // pool's 60 s, it must be moved earlier for the next request's 300 ms.
+    let response = get(lb.listen, "/slow/200", &[("Host", "b.test")]).unwrap();
+    assert_eq!(response.status, 200);
     let started = Instant::now();
     let response = get(lb.listen, "/slow/1500", &[("Host", "a.test")]).unwrap();
     assert_eq!(response.status, 504);

@@ -8,11 +8,13 @@
 //! per thread when work stealing is off), and no lock is taken.
 
 use std::cell::RefCell;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::FutureExt;
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::upstreams::{BackendId, PoolId};
 
@@ -26,6 +28,27 @@ pub struct BackendConnection {
     pub stream: TcpStream,
     /// Read from the backend and not yet forwarded.
     pub read: BytesMut,
+    /// The deadline of a read from the backend that has to wait: one timer for the
+    /// connection's life, moved later for each wait rather than armed anew. tokio moves
+    /// a pending timer later without a lock or a change to its timer wheel, whereas a
+    /// timer armed anew that ends before every other one pending wakes the runtime's
+    /// driver with an eventfd write. That was every ninth keep-alive request: a backend's
+    /// read timeout (60 s) ends before a client's keep-alive wait (75 s).
+    pub read_timer: Pin<Box<Sleep>>,
+}
+
+impl BackendConnection {
+    /// A new connection, its read timer not yet armed.
+    pub fn new(pool: PoolId, backend: BackendId, stream: TcpStream) -> Box<Self> {
+        Box::new(BackendConnection {
+            pool,
+            backend,
+            stream,
+            read: BytesMut::new(),
+            // Armed by its first `reset`; until then it is only a deadline.
+            read_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        })
+    }
 }
 
 /// Idle connections kept per backend and thread; more are closed.
