@@ -7,7 +7,8 @@
 # configured as an equivalent round-robin balancer over them with the same thread/worker
 # count, pinned (taskset) to the same CPU set; the backends and wrk run on the other CPUs.
 # wrk runs in alternating rounds (pingora-lb, HAProxy, nginx, pingora-lb, ...) for
-# keep-alive clients and for a new connection per request, over plain HTTP and over TLS
+# keep-alive clients (also pausing between requests, for latency below saturation) and for a
+# new connection per request, over plain HTTP and over TLS
 # (issue 13: the same throwaway certificate, protocol and cipher for all three). On request
 # (--scenarios idle-memory) it measures the memory each balancer holds per idle keep-alive
 # client connection (benches/idle-clients.py). Then it times pingora-lb's reload and how
@@ -41,8 +42,11 @@ PORT_BASE=20100
 BACKEND_WORKERS=2
 OUT="$BENCH_DIR/results/latest.md"
 ONLY="pingora,haproxy,nginx"
-SCENARIOS="keepalive,close,tls-keepalive,tls-handshake"
-ALL_SCENARIOS="keepalive,close,tls-keepalive,tls-handshake,tls-resume,idle-memory,instructions,tls-instructions"
+SCENARIOS="keepalive,keepalive-paced,close,tls-keepalive,tls-handshake"
+ALL_SCENARIOS="keepalive,keepalive-paced,close,tls-keepalive,tls-handshake,tls-resume,idle-memory,instructions,tls-instructions"
+# keepalive-paced: each connection pauses this long (wrk's delay(), whole milliseconds) before
+# each request.
+PACE_MS=1
 IDLE_CONNECTIONS=10000
 IDLE_CONCURRENCY=64
 # TLS scenarios: every balancer and wrk settle on exactly this (see openssl-client.cnf.in).
@@ -68,7 +72,9 @@ Usage: benches/run.sh [options]
   --load-cpus LIST     CPUs for the backends and wrk (default: every other CPU)
   --reloads K          pingora-lb reloads timed (default $RELOADS; 0 skips)
   --kills K            times a backend is killed to time its removal (default $KILLS; 0 skips)
-  --scenarios LIST     from keepalive, close (plain HTTP), tls-keepalive, tls-handshake (a
+  --scenarios LIST     from keepalive, keepalive-paced (keep-alive clients pausing $PACE_MS ms
+                       before each request, so that neither the balancer nor the load side
+                       is saturated), close (plain HTTP), tls-keepalive, tls-handshake (a
                        full TLS handshake per request, resumption off), tls-resume (a
                        resumed one per request), idle-memory (memory per idle keep-alive
                        client connection), instructions and tls-instructions (user-space
@@ -128,10 +134,10 @@ SCEN_LIST=()
 IFS=',' read -r -a _scens <<<"$SCENARIOS"
 for scen in "${_scens[@]}"; do
     case "$scen" in
-        plain) SCEN_LIST+=(keepalive close) ;;
+        plain) SCEN_LIST+=(keepalive keepalive-paced close) ;;
         tls) SCEN_LIST+=(tls-keepalive tls-handshake tls-resume) ;;
         all) IFS=',' read -r -a _all <<<"$ALL_SCENARIOS"; SCEN_LIST+=("${_all[@]}") ;;
-        keepalive|close|tls-keepalive|tls-handshake|tls-resume|idle-memory|instructions|tls-instructions)
+        keepalive|keepalive-paced|close|tls-keepalive|tls-handshake|tls-resume|idle-memory|instructions|tls-instructions)
             SCEN_LIST+=("$scen") ;;
         *) die "--scenarios: unknown scenario $scen" ;;
     esac
@@ -635,6 +641,9 @@ stop_balancer() {
 
 # ---------------------------------------------------------------- wrk
 WRK_LUA="$BENCH_DIR/report.lua"
+# keepalive-paced's script: report.lua's hook, and a pause before each request.
+PACED_LUA="$TMP/paced.lua"
+printf 'dofile("%s")\ndelay = function() return %d end\n' "$WRK_LUA" "$PACE_MS" >"$PACED_LUA"
 # scenario round i requests duration_us p50_us p99_us errors ticks load_busy lb_util lb_other
 RAW="$TMP/raw.tsv"
 DISCARDED="$TMP/discarded.tsv"   # runs repeated because other processes disturbed them
@@ -642,7 +651,8 @@ printf '' >"$RAW"
 printf '' >"$DISCARDED"
 
 # run_wrk OUTFILE PORT SECONDS CONNECTIONS [wrk args...]; PORT may be "tls:PORT" (https,
-# with the pinned client TLS settings).
+# with the pinned client TLS settings). A script (-s) among the wrk args replaces report.lua:
+# wrk keeps the last one given.
 run_wrk() {
     local out=$1 port=$2 secs=$3 conns=$4 url
     shift 4
@@ -666,6 +676,7 @@ wrk_target() { if is_tls "$2"; then echo "tls:${PORT[$1]}"; else echo "${PORT[$1
 measure() {
     local i=$1 scen=$2 round=$3 out pids t0 t1 l0 l1 c0 c1 line extra=()
     if closes "$scen"; then extra=(-H "Connection: close"); fi
+    if [[ $scen == keepalive-paced ]]; then extra=(-s "$PACED_LUA"); fi
     out="$TMP/wrk-$scen-r$round-lb$i.txt"
     pids=$(proc_tree "${LB_PID[$i]}")
     # shellcheck disable=SC2086
@@ -1189,6 +1200,14 @@ REPORT="$TMP/report.md"
                     echo
                     echo "Load-side ceiling: wrk straight to one backend (no balancer, same CPUs) makes ${CEILING[$scen]} req/s."
                 fi
+                ;;
+            keepalive-paced)
+                echo "## Keep-alive clients pausing $PACE_MS ms before each request ($CONNECTIONS connections)"
+                echo
+                echo "Each connection waits $PACE_MS ms after a response before it sends its next request (wrk's \`delay()\`), so the"
+                echo "clients set the pace, below what the balancer or the load side can do. In the keep-alive scenario's closed"
+                echo "loop, whichever side is saturated queues the requests, and that queueing is in the latencies; here it is"
+                echo "not. req/s differ only as far as the latencies do."
                 ;;
             close)
                 echo "## New connection per request (\`Connection: close\`, $CONNECTIONS concurrent)"
