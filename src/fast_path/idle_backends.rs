@@ -33,7 +33,9 @@ pub struct BackendConnection {
     /// a pending timer later without a lock or a change to its timer wheel, whereas a
     /// timer armed anew that ends before every other one pending wakes the runtime's
     /// driver with an eventfd write. That was every ninth keep-alive request: a backend's
-    /// read timeout (60 s) ends before a client's keep-alive wait (75 s).
+    /// read timeout (60 s) ends before a client's keep-alive wait (75 s). The timer stays
+    /// armed after a read: if it ends before the next wait moves it, it wakes the task
+    /// that waited last, which finds nothing ready, and the next wait arms it again.
     pub read_timer: Pin<Box<Sleep>>,
 }
 
