@@ -300,8 +300,7 @@ async fn within<T>(
     io: impl Future<Output = std::io::Result<T>>,
 ) -> std::io::Result<T> {
     let mut io = std::pin::pin!(io);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(io.as_mut().poll(cx))).await;
-    if let std::task::Poll::Ready(done) = first {
+    if let std::task::Poll::Ready(done) = futures::poll!(io.as_mut()) {
         return done;
     }
     tokio::time::timeout(limit, io)
@@ -340,23 +339,17 @@ async fn read_backend(
     let Some(limit) = limit else {
         return io.await;
     };
-    let mut armed = false;
-    std::future::poll_fn(|cx| {
-        if let std::task::Poll::Ready(done) = io.as_mut().poll(cx) {
-            return std::task::Poll::Ready(done);
-        }
-        if !armed {
-            read_timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + limit);
-            armed = true;
-        }
-        read_timer
-            .as_mut()
-            .poll(cx)
-            .map(|()| Err(std::io::ErrorKind::TimedOut.into()))
-    })
-    .await
+    if let std::task::Poll::Ready(done) = futures::poll!(io.as_mut()) {
+        return done;
+    }
+    read_timer
+        .as_mut()
+        .reset(tokio::time::Instant::now() + limit);
+    tokio::select! {
+        biased;
+        done = io => done,
+        () = read_timer.as_mut() => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }
 
 /// Reads what arrived of a request (its start, or more of it) into the connection's read
